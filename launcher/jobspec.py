@@ -33,6 +33,8 @@ class JobSpec:
     container: str | None = None
     container_mounts: tuple[str, ...] = ()
     extra: tuple[tuple[str, str], ...] = field(default=())  # executor-neutral hints, e.g. ("signal", "USR1@120")
+    data_dir: str | None = None  # mounted into the container (Slurm/pyxis) next to the results
+    base_results_dir: str | None = None  # likewise; None: only this stage's results_dir is mounted
 
     @property
     def world_size(self) -> int:

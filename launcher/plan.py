@@ -46,6 +46,8 @@ def plan(cfg: DictConfig, stages: list[str]) -> list[PlannedJob]:
             name=name,
             results_dir=results_dir,
             launcher_scripts_path=root,
+            data_dir=os.path.abspath(str(cfg.data_dir)),
+            base_results_dir=os.path.abspath(str(cfg.base_results_dir)),
             python=str(cfg.python),
             entry=os.path.join(root, "stages", stage, "run.py"),
             config_path=os.path.join(results_dir, f"{name}_hydra.yaml"),

@@ -37,6 +37,11 @@ def env_lines(job: JobSpec) -> list[str]:
     return lines
 
 
+def env_names(job: JobSpec) -> list[str]:
+    """The variables ``env_lines`` exports, in the same order (for launchers that forward them by name)."""
+    return [k for k, _ in sorted(job.env)] + [name for name, _ in sorted(job.secret_files)]
+
+
 def check_env_names(names: Iterable[str]) -> list[str]:
     """Return the names that are not valid shell variable names."""
     return [n for n in names if not _ENV_NAME.match(n)]

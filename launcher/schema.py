@@ -31,6 +31,8 @@ class ClusterSchema:
     job_name_prefix: str = "promptlaunch-"
     srun_args: list[str] = field(default_factory=list)
     signal: Optional[str] = None
+    wait: bool = False
+    poll_seconds: float = 10.0
 
 
 @dataclass

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, MutableMapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,6 +40,59 @@ def load_stage_config(argv: Sequence[str] | None = None) -> DictConfig:
     return cfg
 
 
+def init_distributed_env(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Give torch.distributed and Lightning the same world, whichever launcher started this process.
+
+    Sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR and MASTER_PORT where
+    absent, from the first launcher found:
+      - torchrun (or a bcprun that sets torch's variables itself): kept, only the gaps are filled;
+      - Slurm's srun: SLURM_PROCID/NTASKS/LOCALID/NODEID, the first host of SLURM_NODELIST and port
+        15000 + job id % 10000, exactly what Lightning's SLURMEnvironment derives;
+      - Open MPI (bcprun with NGC_ARRAY_TYPE=MPIJob): OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK/LOCAL_SIZE;
+      - bcprun: NGC_ARRAY_INDEX (node), NGC_ARRAY_SIZE (nodes), NGC_MASTER_ADDR, and LOCAL_RANK per
+        process with LOCAL_WORLD_SIZE (the BCP script passes it) processes per node.
+    Lightning then computes the same global rank (NODE_RANK x devices + LOCAL_RANK, or Slurm's own).
+    Call it first in every stage process, before Lightning or torch.distributed read the environment.
+    Returns the variables it set.
+    """
+    env = os.environ if environ is None else environ
+    port = 29500  # torch's default; a BCP node belongs to one job
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", 0))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+        node = int(env.get("NODE_RANK", env.get("GROUP_RANK", rank // local_world)))
+        addr = env.get("NGC_MASTER_ADDR", "127.0.0.1")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local, node = int(env.get("SLURM_LOCALID", 0)), int(env.get("SLURM_NODEID", 0))
+        per_node = re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "")
+        local_world = int(per_node.group()) if per_node else world
+        nodes = env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"  # Lightning reads the first
+        nodes = re.sub(r"\[(.*?)\]", r"\1", re.sub(r"\[(.*?)[,-].*\]", r"\1", nodes))  # node[3-5] -> node3
+        addr = nodes.split(" ")[0].split(",")[0]
+        job_id = env.get("SLURM_JOB_ID", "")
+        port = 15000 + int(job_id) % 10000 if job_id.isdigit() else 12910
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
+        local_world = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", 1)))
+        node = int(env.get("NGC_ARRAY_INDEX", rank // local_world))
+        addr = env.get("NGC_MASTER_ADDR", "127.0.0.1")
+    elif "NGC_ARRAY_INDEX" in env:
+        node, local = int(env["NGC_ARRAY_INDEX"]), int(env.get("LOCAL_RANK", 0))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", 1))
+        rank, world = node * local_world + local, int(env.get("NGC_ARRAY_SIZE", 1)) * local_world
+        addr = env.get("NGC_MASTER_ADDR", "127.0.0.1")
+    else:  # a single process started by hand: nothing to agree on
+        return {}
+    wanted = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local, "LOCAL_WORLD_SIZE": local_world,
+              "NODE_RANK": node, "MASTER_ADDR": addr, "MASTER_PORT": port}
+    added = {k: str(v) for k, v in wanted.items() if k not in env}
+    env.update(added)
+    return added
+
+
 def setup_logging() -> None:
     """Plain timestamped log lines on stdout; only rank 0 logs at INFO so multi-process logs stay readable."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -52,6 +106,7 @@ def setup_logging() -> None:
 
 def run_stage(main: Callable[[DictConfig], None], argv: Sequence[str] | None = None) -> int:
     """Load the config, run ``main``; a UserError becomes one ``error:`` line and exit code 2."""
+    init_distributed_env()  # first: logging, Lightning and torch.distributed read the ranks it sets
     setup_logging()
     try:
         cfg = load_stage_config(argv)

@@ -1,0 +1,310 @@
+"""Slurm ("bcm") executor: one readable sbatch script per stage, submitted as an ``afterok`` chain.
+
+The script is a pure function of the JobSpec and the cluster config: ``#SBATCH`` lines (sorted), then
+``srun`` starting one task per process. Rank, world size and local rank come from Slurm's own
+variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), which Lightning's SLURMEnvironment and
+``stages.common.init_distributed_env`` both read; the script adds MASTER_ADDR/MASTER_PORT with the
+values Lightning would pick, so plain torch.distributed agrees with Lightning.
+
+Dependencies are added at submit time (``sbatch --dependency=afterok:<previous>[,singleton]``), so
+the scripts stay independent of job ids. Wait mode polls ``squeue`` until the chain ends.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import OmegaConf
+
+from launcher import io
+from launcher.errors import UserError
+from launcher.jobspec import JobSpec
+from launcher.render import check_env_names, comment, env_lines, env_names, header, join, q
+from launcher.schema import ClusterSchema, typed
+
+_SAFE_DIRECTIVE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_JOB_ID = re.compile(r"^(\d+)(?:;\S+)?$")
+
+TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                      "PREEMPTED", "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT"})
+
+
+def directive_value(value: str) -> str:
+    """Quote a value for an ``#SBATCH`` line the way sbatch parses it (double quotes, backslash escapes).
+
+    An ``#SBATCH`` line is a bash comment, so a newline in a value would end the comment and turn the
+    rest into a command: control characters are refused outright (``check`` reports them first).
+    """
+    if _CONTROL.search(value):
+        raise ValueError(f"control character in #SBATCH value {value!r}")
+    if _SAFE_DIRECTIVE.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def slurm_log(results_dir: str, name: str, suffix: str, job_id: str = "%j") -> str:
+    """``<results_dir>/log-<name>_<job id>.<suffix>``; as a pattern, a literal ``%`` is written ``%%``."""
+    folder = results_dir.replace("%", "%%") if job_id == "%j" else results_dir
+    return f"{folder}/log-{name}_{job_id}.{suffix}"
+
+
+def _settings(cluster_cfg: Any) -> ClusterSchema:
+    cfg = cluster_cfg if cluster_cfg is not None else {}
+    if not OmegaConf.is_config(cfg):
+        cfg = OmegaConf.create(dict(cfg))
+    return typed(ClusterSchema, cfg, "cluster")
+
+
+class SlurmExecutor:
+    """Render sbatch scripts, submit them as a dependency chain, optionally wait for the chain."""
+
+    name = "bcm"
+
+    def __init__(self, cluster_cfg: Any = None) -> None:
+        self.cfg = _settings(cluster_cfg)
+
+    # ---- pure part -------------------------------------------------------------------------
+    def check(self, job: JobSpec) -> None:
+        """Refuse what no sbatch script can express, before anything is written."""
+        fields = {
+            "base_results_dir / run.results_dir": job.results_dir,
+            "cluster.job_name_prefix": self.cfg.job_name_prefix,
+            "cluster.partition": self.cfg.partition or "",
+            "cluster.account": self.cfg.account or "",
+            "cluster.mem": str(self.cfg.mem or ""),
+            "cluster.signal": dict(job.extra).get("signal", ""),
+            "run.time_limit": job.time_limit,
+        }
+        for key, value in fields.items():
+            if _CONTROL.search(value):
+                raise UserError(f"{key}: {value!r} contains a newline or control character, which an #SBATCH line "
+                                f"cannot hold; remove it")
+        if "\\" in job.results_dir:
+            raise UserError(f"base_results_dir / run.results_dir: '{job.results_dir}' contains a backslash, which turns "
+                            f"off Slurm's %j in --output; choose a folder without '\\'")
+        bad = check_env_names(env_names(job))
+        if bad:
+            raise UserError(f"env_vars.{bad[0]}: not a valid environment variable name; use letters, digits and _")
+        if job.container:
+            for m in self._mounts(job):
+                if "," in m:
+                    raise UserError(f"container_mounts: '{m}' contains ',', which pyxis reads as a mount separator; "
+                                    f"rename the folder")
+
+    def directives(self, job: JobSpec) -> dict[str, str | None]:
+        """``#SBATCH`` options (name -> value, None for a bare flag); dependencies are added at submit time."""
+        c = self.cfg
+        d: dict[str, str | None] = {
+            "job-name": c.job_name_prefix + job.name,
+            "nodes": str(job.nodes),
+            "ntasks-per-node": str(job.tasks_per_node),
+            "time": job.time_limit,
+            "output": slurm_log(job.results_dir, job.name, "out"),
+            "error": slurm_log(job.results_dir, job.name, "err"),
+        }
+        if c.partition:
+            d["partition"] = c.partition
+        if c.account:
+            d["account"] = c.account
+        if c.gpus_per_task:
+            d["gpus-per-task"] = str(c.gpus_per_task)
+        elif c.gpus_per_node or job.gpus_per_node > 0:
+            d["gpus-per-node"] = str(c.gpus_per_node or job.gpus_per_node)
+        if c.mem is not None:
+            d["mem"] = str(c.mem)
+        if c.exclusive:
+            d["exclusive"] = None
+        if c.overcommit:
+            d["overcommit"] = None
+        signal = dict(job.extra).get("signal")
+        if signal:
+            d["signal"] = signal
+        return d
+
+    def _mounts(self, job: JobSpec) -> list[str]:
+        """Container mounts: the data and results folders at the same path, then the user's own."""
+        base = (job.base_results_dir or "").rstrip("/")
+        under_base = bool(base) and job.results_dir.startswith(base + "/")
+        folders = [job.data_dir, job.base_results_dir, None if under_base else job.results_dir]
+        mounts = [f"{p}:{p}" for p in dict.fromkeys(f for f in folders if f)]
+        return mounts + [m for m in job.container_mounts if m not in mounts]
+
+    def srun_command(self, job: JobSpec) -> list[str]:
+        """The srun line: one task per process, the container flags only when a container is set."""
+        cmd = ["srun", "--kill-on-bad-exit=1", f"--nodes={job.nodes}", f"--ntasks-per-node={job.tasks_per_node}",
+               *self.cfg.srun_args]
+        if job.container:
+            cmd += [f"--container-image={job.container}", f"--container-mounts={','.join(self._mounts(job))}",
+                    f"--container-workdir={job.launcher_scripts_path}", "--no-container-mount-home"]
+        return cmd + job.program
+
+    def render(self, job: JobSpec) -> str:
+        script = job.script_path(self.name)
+        lines = header(job, self.name, f"sbatch {q(script)}")
+        deps = ["afterok:<previous stage's job id>", *([job.dependency] if job.dependency else [])]
+        lines.append(comment(f"The launcher adds --dependency={','.join(deps)} when it submits the chain."))
+        for key, value in sorted(self.directives(job).items()):
+            lines.append(f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={directive_value(value)}")
+        lines.append("set -euo pipefail")
+        if not job.container:
+            lines.append(f"cd {q(job.launcher_scripts_path)}")
+        lines += env_lines(job)
+        lines += [
+            "# rank, world size and local rank come from srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID);",
+            "# the rendezvous address and port are the ones Lightning's SLURMEnvironment derives.",
+            'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+            "export MASTER_ADDR MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000))",
+            join(self.srun_command(job)),
+            "",
+        ]
+        return "\n".join(lines)
+
+    # ---- side effects ----------------------------------------------------------------------
+    def launch(self, jobs: Sequence[JobSpec]) -> int:
+        submitted: list[tuple[JobSpec, str]] = []
+        for job in jobs:
+            parts = [f"afterok:{submitted[-1][1]}"] if submitted else []
+            if job.dependency:
+                parts.append(job.dependency)
+            try:
+                job_id = submit(job.script_path(self.name), ",".join(parts) or None)
+            except UserError as exc:
+                done = ", ".join(f"{j.stage}={i}" for j, i in submitted)
+                raise UserError(f"{job.stage}: {exc}" + (f"; already submitted: {done} (scancel them if unwanted)" if done else ""))
+            io.write_text(Path(job.results_dir) / "job_id", job_id + "\n")
+            submitted.append((job, job_id))
+        _print_table(["stage", "job id", "script", "log"],
+                     [[j.stage, i, j.script_path(self.name), slurm_log(j.results_dir, j.name, "out", i)] for j, i in submitted])
+        if not self.cfg.wait:
+            print(f"submitted {len(submitted)} job(s); follow with: squeue -j {','.join(i for _, i in submitted)}", flush=True)
+            return 0
+        ids = [i for _, i in submitted]
+        try:
+            states = wait_for_chain(ids, poll_seconds=self.cfg.poll_seconds)
+        except KeyboardInterrupt:
+            print(f"\nstopped waiting; the jobs keep running: squeue -j {','.join(ids)}", file=sys.stderr, flush=True)
+            return 130
+        rows = [[j.stage, i, states[i].describe(), slurm_log(j.results_dir, j.name, "out", i)] for j, i in submitted]
+        _print_table(["stage", "job id", "final state", "log"], rows)
+        failed = [j.stage for j, i in submitted if states[i].state != "COMPLETED"]
+        if failed:
+            print(f"error: not completed: {', '.join(failed)}", file=sys.stderr, flush=True)
+            return 1
+        print(f"done: {len(submitted)} job(s) completed", flush=True)
+        return 0
+
+
+def submit(script: str, dependency: str | None = None) -> str:
+    """``sbatch --parsable`` one script; return its job id or raise a one-line UserError."""
+    cmd = ["sbatch", "--parsable", *([f"--dependency={dependency}"] if dependency else []), script]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise UserError("sbatch: not found on PATH; run on a Slurm login node or use cluster_type=interactive") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"sbatch {script}: no answer from Slurm in 120 s; check `sinfo` and retry") from None
+    if proc.returncode != 0:
+        why = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        raise UserError(f"sbatch {script} failed (exit {proc.returncode}): {why}")
+    lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()]
+    match = _JOB_ID.match(lines[-1]) if lines else None
+    if not match:
+        raise UserError(f"sbatch {script}: cannot read a job id from its output {proc.stdout.strip()!r}")
+    return match.group(1)
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A job's Slurm state (e.g. PENDING, COMPLETED) and Slurm's reason, or ours for a job we cancelled."""
+
+    job_id: str
+    state: str
+    reason: str = ""
+
+    def describe(self) -> str:
+        return f"{self.state} ({self.reason})" if self.reason and self.reason != "None" else self.state
+
+
+def query_states(job_ids: Sequence[str]) -> dict[str, JobState]:
+    """Current states from ``squeue --states=all`` (finished jobs stay there for MinJobAge), then ``sacct``
+    for any job slurmctld has already forgotten. Jobs neither knows are left out."""
+    out: dict[str, JobState] = {}
+    proc = subprocess.run(["squeue", "--noheader", "--states=all", f"--jobs={','.join(job_ids)}", "--format=%i|%T|%r"],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        raise RuntimeError(f"squeue failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    for line in proc.stdout.splitlines():
+        jid, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if jid in job_ids:
+            out[jid] = JobState(jid, state, reason)
+    missing = [j for j in job_ids if j not in out]
+    for extra in ([], ["-c"]):  # accounting database first, then the job-completion log (no slurmdbd)
+        if not missing:
+            break
+        acct = subprocess.run(["sacct", *extra, "-X", "--noheader", "--parsable2", "--format=JobID,State",
+                               f"--jobs={','.join(missing)}"], capture_output=True, text=True, timeout=60)
+        for line in acct.stdout.splitlines() if acct.returncode == 0 else []:
+            jid, _, state = line.strip().partition("|")
+            if jid in missing and state:
+                out[jid] = JobState(jid, state.split()[0])
+        missing = [j for j in missing if j not in out]
+    return out
+
+
+def wait_for_chain(job_ids: Sequence[str], poll_seconds: float = 10.0, timeout: float | None = None,
+                   report: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, JobState]:
+    """Poll until every job of an ``afterok`` chain (in submission order) has ended; return the final states.
+
+    A job that waits on a failed predecessor would stay PENDING forever, so as soon as one job ends
+    other than COMPLETED (or Slurm reports DependencyNeverSatisfied) the later jobs are cancelled and
+    reported as never run.
+    """
+    final: dict[str, JobState] = {}
+    unseen: dict[str, int] = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    polled = False
+    while len(final) < len(job_ids):
+        if polled:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"jobs still running after {timeout} s: {[j for j in job_ids if j not in final]}")
+            time.sleep(poll_seconds)
+        polled = True
+        live = [j for j in job_ids if j not in final]
+        try:
+            states = query_states(live)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:  # slurmctld busy or restarting: ask again
+            report(f"warning: {exc}; retrying")
+            continue
+        broken = next((final[j] for j in job_ids if j in final and final[j].state != "COMPLETED"), None)
+        for jid in live:
+            st = states.get(jid)
+            if st is None:
+                unseen[jid] = unseen.get(jid, 0) + 1
+                if unseen[jid] < 3:
+                    continue
+                final[jid] = JobState(jid, "UNKNOWN", "in neither squeue nor sacct")
+            elif st.state in TERMINAL:
+                final[jid] = st
+            elif st.state == "PENDING" and (broken or st.reason == "DependencyNeverSatisfied"):
+                subprocess.run(["scancel", jid], capture_output=True, timeout=60)
+                why = f"job {broken.job_id} ended {broken.state}" if broken else st.reason
+                final[jid] = JobState(jid, "CANCELLED", f"never ran: dependency never satisfied, {why}")
+            else:
+                continue
+            report(f"job {jid}: {final[jid].describe()}")
+            if broken is None and final[jid].state != "COMPLETED":
+                broken = final[jid]
+    return final
+
+
+def _print_table(head: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip(), flush=True)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# promptlaunch stage 'data_preparation', job 'download_squad', executor 'bcm'.
+# Config: /mount/results/data_preparation/download_squad_hydra.yaml
+# Rerun by hand: sbatch /mount/results/data_preparation/download_squad_bcm.sh
+# The launcher adds --dependency=afterok:<previous stage's job id>,singleton when it submits the chain.
+#SBATCH --error=/mount/results/data_preparation/log-download_squad_%j.err
+#SBATCH --exclusive
+#SBATCH --job-name=promptlaunch-download_squad
+#SBATCH --mem=0
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --output=/mount/results/data_preparation/log-download_squad_%j.out
+#SBATCH --time=01:00:00
+set -euo pipefail
+cd /opt/promptlaunch
+export PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false
+# rank, world size and local rank come from srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID);
+# the rendezvous address and port are the ones Lightning's SLURMEnvironment derives.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000))
+srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=1 python3 -u /opt/promptlaunch/stages/data_preparation/run.py --config /mount/results/data_preparation/download_squad_hydra.yaml

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# promptlaunch stage 'prompt_learning', job 'squad_gpt3_5b', executor 'bcm'.
+# Config: /mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_hydra.yaml
+# Rerun by hand: sbatch /mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_bcm.sh
+# The launcher adds --dependency=afterok:<previous stage's job id>,singleton when it submits the chain.
+#SBATCH --error=/mount/results/gpt3_5b/prompt_learning_squad/log-squad_gpt3_5b_%j.err
+#SBATCH --exclusive
+#SBATCH --gpus-per-node=8
+#SBATCH --job-name=promptlaunch-squad_gpt3_5b
+#SBATCH --mem=0
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --output=/mount/results/gpt3_5b/prompt_learning_squad/log-squad_gpt3_5b_%j.out
+#SBATCH --time=04:00:00
+set -euo pipefail
+cd /opt/promptlaunch
+export PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false
+# rank, world size and local rank come from srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID);
+# the rendezvous address and port are the ones Lightning's SLURMEnvironment derives.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000))
+srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=8 python3 -u /opt/promptlaunch/stages/prompt_learning/run.py --config /mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_hydra.yaml
