@@ -201,13 +201,27 @@ def _check_evaluation(sc: DictConfig, inputs: _Inputs) -> None:
         if not artifact:
             raise UserError("evaluation.model.artifact_path: missing; point it at a prompt artifact (or run prompt_learning first)")
         inputs.need(str(artifact), "evaluation.model.artifact_path", "run the prompt_learning stage first or point it at a prompt artifact")
-    if m.get("language_model_path") is not None:
+    if m.get("language_model_path") is not None or baseline_only:
         _check_model_path(m.get("language_model_path"), "evaluation.model.language_model_path", inputs)
+    if baseline_only:
+        parse_templates(OmegaConf.to_container(m.get("task_templates") or []), "evaluation.model.task_templates")
+    t = sc.trainer
+    if t.devices * t.get("num_nodes", 1) != 1:
+        raise UserError("evaluation.trainer.devices: evaluation runs as one process; set evaluation.trainer.devices=1 and num_nodes=1")
+    inf = sc.get("inference", {})
+    if inf.get("greedy", True) is not True:
+        raise UserError("evaluation.inference.greedy: only greedy decoding is supported (sampling hurts exact match); set it to true")
+    stops = inf.get("stop_strings") or []
+    if any(not isinstance(x, str) or not x for x in stops):
+        raise UserError(f"evaluation.inference.stop_strings: {list(stops)} must be a list of non-empty strings")
     data = sc.get("data")
     if data is None or not data.get("test_ds"):
         raise UserError("evaluation.data.test_ds: missing; give the test JSONL (e.g. squad_test_ground_truth.jsonl)")
     inputs.need(str(data.test_ds), "evaluation.data.test_ds", "run the data_preparation stage first or fix the path")
     _positive_int(data.get("batch_size", 1), "evaluation.data.batch_size")
+    offset = data.get("offset", 0)
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise UserError(f"evaluation.data.offset: must be an integer >= 0, got {offset!r}")
     mx = data.get("max_examples")
     if mx is not None:
         _positive_int(mx, "evaluation.data.max_examples")

@@ -1,0 +1,153 @@
+"""The evaluation stage's resolved config, checked once: every mistake is a UserError naming its key."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from launcher.errors import UserError
+from launcher.prompt_template import parse_templates
+
+PREFIX = "evaluation"
+ARTIFACT_FILE = "artifact.json"
+
+
+def _int(value: Any, key: str, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UserError(f"{PREFIX}.{key}: must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{PREFIX}.{key}: must be true or false, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the stage reads from its ``<name>_hydra.yaml`` (the resolved ``evaluation`` subtree)."""
+
+    run_name: str
+    results_dir: Path
+    device: str
+    artifact_path: Path | None            # None with inference.baseline_only
+    language_model_path: str | None       # None: the base model recorded in the artifact
+    task_templates: list[dict[str, Any]] | None  # used only with inference.baseline_only
+    test_ds: Path
+    batch_size: int
+    offset: int
+    max_examples: int | None
+    tokens_to_generate: int
+    stop_strings: tuple[str, ...]
+    compare_baseline: bool
+    baseline_only: bool
+    progress: bool
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> "Settings":
+        run = cfg.get("run") or {}
+        if not run.get("results_dir"):
+            raise UserError(f"{PREFIX}.run.results_dir: missing; the launcher sets it, pass the <name>_hydra.yaml it wrote")
+        trainer = cfg.get("trainer") or {}
+        model = cfg.get("model") or {}
+        data = cfg.get("data") or {}
+        inf = cfg.get("inference") or {}
+
+        accel = trainer.get("accelerator", "cpu")
+        if accel not in ("cpu", "gpu"):
+            raise UserError(f"{PREFIX}.trainer.accelerator: '{accel}' is not one of cpu, gpu")
+        world = _int(trainer.get("devices", 1), "trainer.devices", 1) * _int(trainer.get("num_nodes", 1), "trainer.num_nodes", 1)
+        if world != 1:
+            raise UserError(
+                f"{PREFIX}.trainer: devices x num_nodes = {world}, but evaluation runs in one process on one device; "
+                f"set {PREFIX}.trainer.devices=1 and {PREFIX}.trainer.num_nodes=1"
+            )
+        device = "cpu"
+        if accel == "gpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError(f"{PREFIX}.trainer.accelerator: gpu, but no CUDA device is visible; set {PREFIX}.trainer.accelerator=cpu")
+            device = "cuda"
+
+        baseline_only = _bool(inf.get("baseline_only", False), "inference.baseline_only")
+        compare_baseline = _bool(inf.get("compare_baseline", False), "inference.compare_baseline")
+        if inf.get("greedy", True) is not True:
+            raise UserError(f"{PREFIX}.inference.greedy: only greedy decoding is supported (sampling lowers exact match); set {PREFIX}.inference.greedy=true")
+
+        lm = model.get("language_model_path")
+        if lm is not None and (not isinstance(lm, str) or not lm.strip()):
+            raise UserError(f"{PREFIX}.model.language_model_path: must be a model path/hub id/embedded:<name> or null, got {lm!r}")
+        templates = model.get("task_templates")
+        if isinstance(templates, (DictConfig, ListConfig)):
+            templates = OmegaConf.to_container(templates, resolve=True)
+        artifact: Path | None = None
+        if baseline_only:
+            if lm is None:
+                raise UserError(
+                    f"{PREFIX}.model.language_model_path: required with {PREFIX}.inference.baseline_only=true (there is no artifact "
+                    f"to take the base model from); set e.g. {PREFIX}.model.language_model_path=embedded:smollm2-135m-instruct"
+                )
+            if not templates:
+                raise UserError(
+                    f"{PREFIX}.model.task_templates: required with {PREFIX}.inference.baseline_only=true; list the templates, "
+                    f"e.g. {PREFIX}.model.task_templates='${{prompt_learning.model.task_templates}}'"
+                )
+            if not isinstance(templates, list) or not all(isinstance(t, dict) for t in templates):
+                raise UserError(f"{PREFIX}.model.task_templates: must be a list of template entries (taskname, prompt_template, ...)")
+            parse_templates(templates, f"{PREFIX}.model.task_templates")  # same checks as prompt_learning
+        else:
+            artifact = _artifact(model.get("artifact_path"))
+
+        test_ds = data.get("test_ds")
+        if not test_ds or not isinstance(test_ds, str):
+            raise UserError(f"{PREFIX}.data.test_ds: missing; give the test JSONL (e.g. squad_test_ground_truth.jsonl)")
+        max_examples = data.get("max_examples")
+        if max_examples is not None:
+            max_examples = _int(max_examples, "data.max_examples", 1)
+
+        stops = inf.get("stop_strings", ["\n"])
+        if stops is None:
+            stops = []
+        if isinstance(stops, str):
+            stops = [stops]
+        if not isinstance(stops, (list, ListConfig)) or not all(isinstance(s, str) and s for s in stops):
+            raise UserError(f"{PREFIX}.inference.stop_strings: must be a list of non-empty strings such as [\"\\n\"], got {stops!r}")
+
+        return cls(
+            run_name=str(run.get("name") or "evaluation"),
+            results_dir=Path(str(run.get("results_dir"))).expanduser(),
+            device=device,
+            artifact_path=artifact,
+            language_model_path=lm,
+            task_templates=templates if baseline_only else None,
+            test_ds=Path(test_ds).expanduser(),
+            batch_size=_int(data.get("batch_size", 8), "data.batch_size", 1),
+            offset=_int(data.get("offset", 0) or 0, "data.offset", 0),
+            max_examples=max_examples,
+            tokens_to_generate=_int(inf.get("tokens_to_generate", 32), "inference.tokens_to_generate", 1),
+            stop_strings=tuple(stops),
+            compare_baseline=compare_baseline and not baseline_only,
+            baseline_only=baseline_only,
+            progress=_bool(inf.get("progress", True), "inference.progress"),
+        )
+
+
+def _artifact(value: Any) -> Path:
+    """The prompt artifact folder; missing or incomplete -> say to run prompt_learning first."""
+    key = f"{PREFIX}.model.artifact_path"
+    fix = (
+        f"run the prompt_learning stage first (stages=[prompt_learning,evaluation]), point {key} at a prompt artifact "
+        f"folder, or set {PREFIX}.inference.baseline_only=true to score the untuned model"
+    )
+    if not value or not isinstance(value, str):
+        raise UserError(f"{key}: missing; {fix}")
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise UserError(f"{key}: '{value}' does not exist; {fix}")
+    if not path.is_dir() or not (path / ARTIFACT_FILE).is_file():
+        raise UserError(f"{key}: '{value}' is not a prompt artifact folder (no {ARTIFACT_FILE}); {fix}")
+    return path
