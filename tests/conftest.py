@@ -13,6 +13,7 @@ import pytest
 MARKERS = {  # name -> description; append new markers here
     "slurm": "needs a running Slurm (bash .ci/slurm/start.sh && source /tmp/promptlaunch-slurm/env.sh); "
              "skipped when SLURM_CONF is unset or sinfo fails",
+    "slow": "loads the real SmolLM2-135M model (GGUF conversion on first use); a few minutes on CPU",
     "dist": "forks 2-8 gloo CPU processes (torch.distributed): TP/PP/DP prompt-learning equivalence; "
             "~1 min on 2 busy cores; deselect with -m 'not dist'",
 }

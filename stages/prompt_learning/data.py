@@ -1,0 +1,284 @@
+"""JSONL records -> token examples with virtual-token slots, and dynamic-padding collation.
+
+Tokenisation choices (the same code builds training examples and generation prompts, so they agree):
+  * Every template piece (literal text or a field value) is tokenised on its own, without special tokens,
+    so a field can be truncated exactly and a virtual marker sits between two known token runs.
+  * Whitespace that ends a piece is moved to the start of the next text piece ("Answer: " + "Paris" becomes
+    "Answer:" + " Paris"): BPE vocabularies attach the space to the following word, so the model sees
+    natural tokens and the answer tokens are exactly what greedy generation after "...Answer:" must produce.
+    The prefix is always tokenised separately from the answer.
+  * A BOS token is prepended only if the tokenizer itself adds one (SmolLM2's does not); it precedes
+    everything, including the first virtual tokens, in training and in generation alike.
+  * Virtual positions carry a placeholder token id (the pad id) and ``virtual_index`` = row of the task's
+    prompt table; the model replaces their input embeddings with those rows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from launcher.errors import UserError
+from launcher.prompt_template import Field, TaskTemplate, Text, Virtual
+
+log = logging.getLogger("promptlaunch.prompt_learning")
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    task: str
+    input_ids: list[int]
+    virtual_index: list[int]           # -1 for real tokens, else row in the task's prompt table
+    labels: list[int]                  # IGNORE where no loss
+    source: str = ""
+
+
+@dataclass
+class BuildStats:
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_too_short: int = 0
+    per_task: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept, "truncated": self.truncated, "dropped_too_long": self.dropped_too_long,
+                "dropped_too_short": self.dropped_too_short, "per_task": dict(self.per_task)}
+
+
+class TokenizerInfo:
+    """What example building needs from a HF tokenizer (cached token-id facts)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        probe = tokenizer("a").input_ids
+        bos = tokenizer.bos_token_id
+        self.bos_id = bos if (bos is not None and probe and probe[0] == bos) else None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False).input_ids) if text else []
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def record_value(record: dict[str, Any], name: str, where: str) -> str:
+    if name not in record or record[name] is None:
+        raise UserError(f"{where}: record has no field '{name}' used by the task template; add it to every record or fix the template")
+    v = record[name]
+    if isinstance(v, list):  # e.g. several gold answers: train on the first
+        if not v:
+            raise UserError(f"{where}: field '{name}' is an empty list; give at least one value")
+        v = v[0]
+    return str(v)
+
+
+def render_segments(template: TaskTemplate, record: dict[str, Any], where: str, *, with_answer: bool,
+                    use_virtual: bool = True) -> list[tuple[str, Any]]:
+    """Template -> [("text", str, field_name|None) | ("virtual", Virtual)] with whitespace moved forward.
+
+    ``with_answer=False`` stops before the answer field (generation prompt); trailing whitespace of the
+    prompt is dropped there, because the answer carries it (see module docstring).
+    """
+    segs: list[list[Any]] = []
+    for piece in template.pieces:
+        if isinstance(piece, Virtual):
+            if use_virtual and piece.count:
+                segs.append(["virtual", piece, None])
+            continue
+        if isinstance(piece, Field):
+            if not with_answer and piece.name == template.answer_field:
+                break
+            segs.append(["text", record_value(record, piece.name, where), piece.name])
+        else:
+            segs.append(["text", piece.text, None])
+    # move trailing whitespace of a text piece to the start of the next text piece
+    for i in range(len(segs) - 1):
+        a, b = segs[i], segs[i + 1]
+        if a[0] == "text" and b[0] == "text":
+            stripped = a[1].rstrip()
+            if stripped != a[1] and not b[1][:1].isspace():
+                b[1] = a[1][len(stripped):] + b[1]
+                a[1] = stripped
+    if not with_answer and segs and segs[-1][0] == "text":
+        segs[-1][1] = segs[-1][1].rstrip()
+    return [tuple(s) for s in segs]
+
+
+def build_example(template: TaskTemplate, record: dict[str, Any], info: TokenizerInfo, *, max_seq_length: int,
+                  add_eos: bool, where: str, stats: BuildStats | None = None) -> Example | None:
+    """One training/validation example; None when it cannot fit even after truncation (counted in stats)."""
+    segs = render_segments(template, record, where, with_answer=True)
+    parts: list[tuple[str, list[int], Any]] = []   # (kind, ids or Virtual, field)
+    for kind, val, name in segs:
+        if kind == "virtual":
+            parts.append(("virtual", val, None))
+        else:
+            parts.append(("text", info.encode(val), name))
+    eos = [info.eos_id] if (add_eos and info.eos_id is not None) else []
+    bos = [info.bos_id] if info.bos_id is not None else []
+
+    def length() -> int:
+        return len(bos) + len(eos) + sum(p[1].count if p[0] == "virtual" else len(p[1]) for p in parts)
+
+    truncated = False
+    excess = length() - max_seq_length
+    if excess > 0 and template.truncate_field is not None:
+        for i, (kind, ids, name) in enumerate(parts):
+            if kind == "text" and name == template.truncate_field:
+                keep = max(0, len(ids) - excess)
+                parts[i] = (kind, ids[:keep], name)
+                truncated = True
+                break
+    if length() > max_seq_length:
+        if stats is not None:
+            stats.dropped_too_long += 1
+        return None
+    input_ids, vidx, labels = list(bos), [-1] * len(bos), [IGNORE] * len(bos)
+    seen_virtual = False
+    for kind, val, name in parts:
+        if kind == "virtual":
+            input_ids += [info.pad_id] * val.count
+            vidx += list(range(val.start, val.start + val.count))
+            labels += [IGNORE] * val.count
+            seen_virtual = True
+            continue
+        input_ids += val
+        vidx += [-1] * len(val)
+        if template.answer_only_loss:
+            labels += list(val) if name == template.answer_field else [IGNORE] * len(val)
+        else:  # loss on every real token after the (last) virtual tokens
+            labels += list(val) if (seen_virtual or template.total_virtual_tokens == 0) else [IGNORE] * len(val)
+    input_ids += eos
+    vidx += [-1] * len(eos)
+    labels += list(eos)
+    if stats is not None:
+        stats.truncated += int(truncated)
+    return Example(template.taskname, input_ids, vidx, labels, where)
+
+
+def build_prompt(template: TaskTemplate, record: dict[str, Any], info: TokenizerInfo, *, where: str,
+                 use_virtual: bool = True, max_len: int | None = None) -> tuple[list[int], list[int]]:
+    """Generation prompt (everything before the answer field): (input_ids, virtual_index)."""
+    segs = render_segments(template, record, where, with_answer=False, use_virtual=use_virtual)
+    parts = [(k, v if k == "virtual" else info.encode(v), n) for k, v, n in segs]
+    total = sum(p[1].count if p[0] == "virtual" else len(p[1]) for p in parts) + (info.bos_id is not None)
+    if max_len is not None and total > max_len and template.truncate_field is not None:
+        for i, (k, ids, n) in enumerate(parts):
+            if k == "text" and n == template.truncate_field:
+                parts[i] = (k, ids[: max(0, len(ids) - (total - max_len))], n)
+                break
+    ids: list[int] = [info.bos_id] if info.bos_id is not None else []
+    vidx: list[int] = [-1] * len(ids)
+    for k, v, _ in parts:
+        if k == "virtual":
+            ids += [info.pad_id] * v.count
+            vidx += list(range(v.start, v.start + v.count))
+        else:
+            ids += v
+            vidx += [-1] * len(v)
+    return ids, vidx
+
+
+def read_jsonl(paths: Iterable[str], templates: dict[str, TaskTemplate], key: str) -> list[tuple[dict[str, Any], str]]:
+    """Read and validate records (taskname known, template fields present); return (record, 'file:line')."""
+    out: list[tuple[dict[str, Any], str]] = []
+    if isinstance(paths, str):
+        paths = [paths]
+    for path in paths:
+        p = Path(str(path))
+        if not p.is_file():
+            raise UserError(f"{key}: {p} does not exist; run the data_preparation stage first or fix the path")
+        with open(p, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{p}:{lineno}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{where}: not valid JSON ({exc.msg}); fix or remove the line") from None
+                if not isinstance(rec, dict):
+                    raise UserError(f"{where}: expected a JSON object per line")
+                task = rec.get("taskname")
+                if task not in templates:
+                    raise UserError(
+                        f"{where}: taskname {task!r} is not one of the tasks being trained ({sorted(templates)}); "
+                        "add it to model.new_tasks and model.task_templates or remove the record"
+                    )
+                for name in templates[task].fields:
+                    if name not in rec or rec[name] is None:
+                        raise UserError(f"{where}: record has no field '{name}' required by the template of task '{task}'; add it or fix the template")
+                out.append((rec, where))
+    return out
+
+
+def build_dataset(paths: Iterable[str], templates: dict[str, TaskTemplate], info: TokenizerInfo, *, key: str,
+                  max_seq_length: int, min_seq_length: int, add_eos: bool, max_examples: int | None,
+                  seed: int, records: list[tuple[dict[str, Any], str]] | None = None,
+                  sample: bool = True) -> tuple[list[Example], BuildStats]:
+    """Validate all records, keep ``max_examples`` of them, tokenise them.
+
+    ``sample=True`` keeps a seeded random sample (training: varied examples); ``sample=False`` keeps the first
+    ``max_examples`` records, a fixed slice, so validation never overlaps a held-out slice further down the file.
+    """
+    if records is None:
+        records = read_jsonl(paths, templates, key)
+    if max_examples is not None and max_examples < len(records) and not sample:
+        records = records[:max_examples]
+    elif max_examples is not None and max_examples < len(records):
+        rng = random.Random(seed)
+        idx = list(range(len(records)))
+        rng.shuffle(idx)
+        records = [records[i] for i in sorted(idx[:max_examples])]
+    stats = BuildStats()
+    examples: list[Example] = []
+    for rec, where in records:
+        ex = build_example(templates[rec["taskname"]], rec, info, max_seq_length=max_seq_length, add_eos=add_eos,
+                           where=where, stats=stats)
+        if ex is None:
+            continue
+        if len(ex.input_ids) < min_seq_length:
+            stats.dropped_too_short += 1
+            continue
+        examples.append(ex)
+        stats.per_task[ex.task] = stats.per_task.get(ex.task, 0) + 1
+    stats.kept = len(examples)
+    log.info("%s: %d examples kept, %d truncated (field cut), %d dropped (too long), %d dropped (too short)",
+             key, stats.kept, stats.truncated, stats.dropped_too_long, stats.dropped_too_short)
+    if not examples:
+        raise UserError(f"{key}: no usable examples (all {len(records)} dropped); raise model.data.max_seq_length or set truncate_field")
+    return examples, stats
+
+
+def collate(examples: Sequence[Example], task_ids: dict[str, int], pad_id: int, *, left: bool = False) -> dict[str, Any]:
+    """Pad to the longest in the batch (right padding for training, left for generation)."""
+    import torch
+
+    n = max(len(e.input_ids) for e in examples)
+    ids, vidx, labels, mask = [], [], [], []
+    for e in examples:
+        pad = n - len(e.input_ids)
+
+        def fill(seq: list[int], value: int) -> list[int]:
+            return [value] * pad + seq if left else seq + [value] * pad
+
+        ids.append(fill(e.input_ids, pad_id))
+        vidx.append(fill(e.virtual_index, -1))
+        labels.append(fill(e.labels, IGNORE))
+        mask.append(fill([1] * len(e.input_ids), 0))
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "virtual_index": torch.tensor(vidx, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "attention_mask": torch.tensor(mask, dtype=torch.long),
+        "task_ids": torch.tensor([task_ids[e.task] for e in examples], dtype=torch.long),
+    }

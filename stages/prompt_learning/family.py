@@ -1,0 +1,117 @@
+"""Model-family adapters: the seam between the engine and one kind of Hugging Face model.
+
+An adapter says how examples and prompts are built, how the training loss is computed and how greedy
+generation runs. ``DecoderOnlyFamily`` ("gpt") covers causal LMs (Llama, GPT-2, ...). An encoder-decoder
+adapter (T5/mT5 via AutoModelForSeq2SeqLM: virtual rows in the encoder input, answer as decoder labels)
+can be added with the same interface and registered in ``FAMILIES`` without touching the trainer or the
+inference API.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from launcher.prompt_template import TaskTemplate
+
+from . import data as D
+from .prompts import PromptStore
+
+
+class DecoderOnlyFamily:
+    name = "gpt"
+    auto_class = "AutoModelForCausalLM"
+
+    # ---- examples -------------------------------------------------------------------------------
+    def build_example(self, template: TaskTemplate, record: dict[str, Any], info: D.TokenizerInfo, **kw: Any) -> D.Example | None:
+        return D.build_example(template, record, info, **kw)
+
+    def build_prompt(self, template: TaskTemplate, record: dict[str, Any], info: D.TokenizerInfo, **kw: Any) -> tuple[list[int], list[int]]:
+        return D.build_prompt(template, record, info, **kw)
+
+    # ---- training -------------------------------------------------------------------------------
+    @staticmethod
+    def embed(model: Any, store: PromptStore | None, input_ids: torch.Tensor, virtual_index: torch.Tensor,
+              task_ids: torch.Tensor) -> torch.Tensor:
+        emb = model.get_input_embeddings()
+        if store is None:
+            return emb(input_ids)
+        return store.embed(emb, input_ids, virtual_index, task_ids)
+
+    def loss(self, model: Any, store: PromptStore, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token cross-entropies, number of label tokens); logits only where there are labels."""
+        x = self.embed(model, store, batch["input_ids"], batch["virtual_index"], batch["task_ids"])
+        mask = batch["attention_mask"]
+        labels = batch["labels"][:, 1:]
+        sel = labels != D.IGNORE
+        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        if body is not None and body is not model and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
+            hidden = body(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[:, :-1][sel])
+        else:  # generic path: full logits
+            logits = model(inputs_embeds=x, attention_mask=mask, use_cache=False).logits[:, :-1][sel]
+        target = labels[sel]
+        total = F.cross_entropy(logits.float(), target, reduction="sum")
+        return total, sel.sum()
+
+    # ---- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, model: Any, store: PromptStore | None, rows: Sequence[tuple[list[int], list[int], int]], *,
+                 pad_id: int, eos_ids: set[int], tokens_to_generate: int,
+                 is_done: Callable[[int, list[int]], bool]) -> list[list[int]]:
+        """Greedy decoding with the KV cache for one left-padded batch.
+
+        rows: (input_ids, virtual_index, task_id). Pads come first, then [virtual + text] in template order;
+        position ids are computed from the attention mask, so padding does not shift positions and a
+        padded row decodes exactly as it would alone. ``is_done(i, generated)`` implements stop strings.
+        """
+        device = next(model.parameters()).device
+        exs = [D.Example("", ids, vidx, [D.IGNORE] * len(ids)) for ids, vidx, _ in rows]
+        batch = D.collate(exs, {"": 0}, pad_id, left=True)
+        ids = batch["input_ids"].to(device)
+        vidx = batch["virtual_index"].to(device)
+        mask = batch["attention_mask"].to(device)
+        task_ids = torch.tensor([t for _, _, t in rows], dtype=torch.long, device=device)
+        x = self.embed(model, store, ids, vidx, task_ids)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        try:
+            out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        except TypeError:  # models without logits_to_keep
+            out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
+        past = out.past_key_values
+        generated: list[list[int]] = [[] for _ in rows]
+        done = [False] * len(rows)
+        logits = out.logits[:, -1]
+        for step in range(tokens_to_generate):
+            nxt = logits.argmax(-1)
+            for i, tok in enumerate(nxt.tolist()):
+                if done[i]:
+                    continue
+                if tok in eos_ids:
+                    done[i] = True
+                    continue
+                generated[i].append(tok)
+                if is_done(i, generated[i]):
+                    done[i] = True
+            if all(done) or step == tokens_to_generate - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1]
+        return generated
+
+
+FAMILIES = {"gpt": DecoderOnlyFamily}
+
+
+def family_for(model_config: Any) -> DecoderOnlyFamily:
+    if getattr(model_config, "is_encoder_decoder", False):
+        from launcher.errors import UserError
+
+        raise UserError(
+            "model.language_model_path: encoder-decoder models (T5/mT5) are not supported yet; use a decoder-only (GPT-style) model"
+        )
+    return DecoderOnlyFamily()

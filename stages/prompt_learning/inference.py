@@ -1,0 +1,155 @@
+"""Generation API used by the evaluation stage: a frozen base model + the tuned prompt tables.
+
+    pm = PromptedModel.load("results/prompt_artifact")                 # tuned
+    base = PromptedModel.load(None, "embedded:smollm2-135m-instruct", task_templates=[...])   # untuned baseline
+    answers = pm.generate([{"taskname": "squad", "context": ..., "question": ...}], tokens_to_generate=32)
+
+No prompt encoder is needed: p-tuning artifacts store the encoder output as a plain table.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from launcher.errors import UserError
+from launcher.prompt_template import TaskTemplate, parse_templates
+
+from . import data as D
+from .artifact import check_base, load_artifact
+from .family import family_for
+from .model_source import fingerprint, load_model, load_tokenizer, resolve
+from .prompts import PromptStore
+
+log = logging.getLogger("promptlaunch.prompt_learning")
+
+
+class PromptedModel:
+    templates: dict[str, TaskTemplate]
+
+    def __init__(self, model: Any, tokenizer: Any, templates: dict[str, TaskTemplate], store: PromptStore | None,
+                 info: dict[str, Any]) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tok = D.TokenizerInfo(tokenizer)
+        self.templates = templates
+        self.store = store
+        self.family = family_for(model.config)
+        self._info = info
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+
+    @classmethod
+    def load(cls, artifact_path: str | None, language_model_path: str | None = None,
+             task_templates: list[dict] | None = None, device: str = "cpu") -> "PromptedModel":
+        """artifact_path=None gives the untuned baseline: same templates (from task_templates), no virtual tokens.
+        language_model_path=None takes the base model recorded in the artifact. Errors are UserError."""
+        meta: dict[str, Any] | None = None
+        tables: dict[str, torch.Tensor] = {}
+        if artifact_path is not None:
+            meta, templates, tables = load_artifact(artifact_path, "artifact_path")
+            if task_templates:
+                given = parse_templates(task_templates, "task_templates")
+                for name, t in given.items():
+                    if name in templates and t.total_virtual_tokens != templates[name].total_virtual_tokens:
+                        raise UserError(
+                            f"task_templates[{name}]: {t.total_virtual_tokens} virtual tokens but artifact {artifact_path} "
+                            f"has {templates[name].total_virtual_tokens}; drop task_templates to use the artifact's templates"
+                        )
+                templates = {**templates, **{n: t for n, t in given.items() if n in templates}}
+            if language_model_path is None:
+                language_model_path = meta["base_model"]["language_model_path"]
+        else:
+            if not task_templates:
+                raise UserError("task_templates: required when artifact_path is None (the untuned baseline needs the task templates)")
+            templates = parse_templates(task_templates, "task_templates")
+            if language_model_path is None:
+                raise UserError("language_model_path: required when artifact_path is None (no artifact to take the base model from)")
+        key = "language_model_path"
+        resolved = resolve(language_model_path, key)
+        model = load_model(resolved.location, "AutoModelForCausalLM", key).to(device)
+        tokenizer = load_tokenizer(resolved.location, key)
+        fp = fingerprint(model)
+        store = None
+        if meta is not None:
+            check_base(meta, artifact_path, fp, str(language_model_path), key)
+            store = PromptStore(list(templates), fp["hidden_size"])
+            for task in templates:
+                store.add_frozen(task, tables[task])
+            store.to(device).eval()
+        info = {
+            "family": "gpt",
+            "language_model_path": str(language_model_path),
+            "resolved_model": resolved.location,
+            "fingerprint": fp["sha256"],
+            "artifact_path": str(artifact_path) if artifact_path is not None else None,
+            "virtual_prompt_style": meta.get("virtual_prompt_style") if meta else None,
+        }
+        return cls(model, tokenizer, templates, store, info)
+
+    def describe(self) -> dict:
+        d = dict(self._info)
+        d["virtual_tokens"] = {t: (tpl.total_virtual_tokens if self.store is not None else 0) for t, tpl in self.templates.items()}
+        d["tasks"] = sorted(self.templates)
+        return d
+
+    def _stopper(self, stop_strings: Sequence[str]):
+        def is_done(_i: int, generated: list[int]) -> bool:
+            if not stop_strings:
+                return False
+            text = self.tok.decode(generated).lstrip()   # leading whitespace/newlines never stop an answer
+            return any(s in text for s in stop_strings)
+        return is_done
+
+    def _cut(self, text: str, stop_strings: Sequence[str]) -> str:
+        text = text.lstrip()
+        for s in stop_strings:
+            if s and s in text:
+                text = text[: text.index(s)]
+        return text.strip()
+
+    def generate(self, records: list[dict], *, tokens_to_generate: int = 32, batch_size: int = 8,
+                 use_virtual_prompt: bool = True, stop_strings: tuple[str, ...] = ("\n",), progress: bool = True) -> list[str]:
+        """Greedy, batched (mixed tasks allowed), left padding with the virtual tokens kept adjacent to the real text
+        (pads come first, then [virtual+text] in template order), stops at EOS or a stop string; returns stripped answers
+        in input order. A record missing a template input field -> UserError naming the field and record index.
+        Stop strings are matched after the answer's leading whitespace, so an answer that starts with a newline
+        is not cut to nothing."""
+        use_virtual = bool(use_virtual_prompt) and self.store is not None
+        task_ids = {t: i for i, t in enumerate(self.store.tasks)} if self.store is not None else {t: i for i, t in enumerate(self.templates)}
+        rows = []
+        budget = self.max_positions - tokens_to_generate if self.max_positions else None
+        for i, rec in enumerate(records):
+            task = rec.get("taskname")
+            if task not in self.templates:
+                raise UserError(f"records[{i}]: taskname {task!r} is not one of {sorted(self.templates)}")
+            tpl = self.templates[task]
+            for name in tpl.input_fields:
+                if name not in rec or rec[name] is None:
+                    raise UserError(f"records[{i}]: missing field '{name}' required by the template of task '{task}'")
+            ids, vidx = self.family.build_prompt(tpl, rec, self.tok, where=f"records[{i}]", use_virtual=use_virtual, max_len=budget)
+            rows.append((ids, vidx, task_ids[task]))
+        eos_ids = {self.tok.eos_id} if self.tok.eos_id is not None else set()
+        stop = tuple(stop_strings or ())
+        out: list[str] = [""] * len(rows)
+        order = sorted(range(len(rows)), key=lambda k: len(rows[k][0]))  # similar lengths together: less padding
+        chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+        bar = None
+        if progress and chunks:
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(rows), desc="generate", unit="rec")
+            except ImportError:
+                bar = None
+        for chunk in chunks:
+            gen = self.family.generate(self.model, self.store if use_virtual else None, [rows[k] for k in chunk],
+                                       pad_id=self.tok.pad_id, eos_ids=eos_ids, tokens_to_generate=tokens_to_generate,
+                                       is_done=self._stopper(stop))
+            for k, g in zip(chunk, gen):
+                out[k] = self._cut(self.tok.decode(g), stop)
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        return out

