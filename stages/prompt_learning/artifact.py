@@ -11,6 +11,11 @@ Folder layout (written atomically as a whole)::
 
 Note on the PEFT export: PEFT prepends all virtual tokens before the input, so it matches our template only
 when the task has a single marker at the start of the template (the common case); ``artifact.json`` says so.
+For the encoder-decoder family ("t5") the adapter is SEQ_2_SEQ_LM with ``num_transformer_submodules: 1``:
+PEFT prompt tuning then prepends the table to the ENCODER input only, which is what the table was trained
+for (PEFT's default for seq2seq, 2, would expect a second block of rows for the decoder that PROMPT_TUNING
+never uses). With PEFT, the caller supplies the rest of the encoder input itself: the template text up to the
+answer followed by ``<extra_id_0>``; the generated answer starts after a leading ``<extra_id_0>``.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import Any
 import torch
 
 from launcher.errors import UserError
-from launcher.io import atomic_dir, atomic_path, write_json
+from launcher.io import atomic_dir, atomic_path, remove_stale_tmp, write_json
 from launcher.prompt_template import TaskTemplate, parse_templates
 
 FORMAT_VERSION = 1
@@ -56,15 +61,19 @@ def save_artifact(path: str | Path, *, tables: dict[str, torch.Tensor], template
         "max_seq_length": int(max_seq_length),
         "training": training,
     }
+    if family == "t5":
+        meta["encoder_decoder"] = {"encoder_input": "template up to the answer field, then <extra_id_0>",
+                                   "decoder_target": "<extra_id_0> answer" + (" </s>" if add_eos else "")}
+    remove_stale_tmp(path.parent, [path.name])   # a killed earlier write's leftovers (one writer: rank 0)
     with atomic_dir(path) as tmp:
         save_file({f"prompt_table.{k}": v.to(torch.float32).contiguous() for k, v in tables.items()}, str(tmp / TABLES),
                   metadata={"format": "promptlaunch", "format_version": str(FORMAT_VERSION)})
         write_json(tmp / META, meta)
-        _export(tmp / "export", tables, base)
+        _export(tmp / "export", tables, base, family)
     return path
 
 
-def _export(folder: Path, tables: dict[str, torch.Tensor], base: dict[str, Any]) -> None:
+def _export(folder: Path, tables: dict[str, torch.Tensor], base: dict[str, Any], family: str = "gpt") -> None:
     import numpy as np
     from safetensors.torch import save_file
 
@@ -78,10 +87,10 @@ def _export(folder: Path, tables: dict[str, torch.Tensor], base: dict[str, Any])
         peft.mkdir(parents=True, exist_ok=True)
         write_json(peft / "adapter_config.json", {
             "peft_type": "PROMPT_TUNING",
-            "task_type": "CAUSAL_LM",
+            "task_type": "SEQ_2_SEQ_LM" if family == "t5" else "CAUSAL_LM",
             "num_virtual_tokens": int(table.shape[0]),
             "token_dim": int(table.shape[1]),
-            "num_transformer_submodules": 1,
+            "num_transformer_submodules": 1,   # t5: the encoder only (see the module docstring)
             "num_attention_heads": base.get("num_attention_heads"),
             "num_layers": base.get("num_layers"),
             "prompt_tuning_init": "RANDOM",
@@ -119,9 +128,20 @@ def load_artifact(path: str | Path, key: str = "model.artifact_path") -> tuple[d
     return meta, templates, tables
 
 
+FAMILY_KINDS = {"gpt": "decoder-only", "t5": "encoder-decoder"}
+
+
 def check_base(meta: dict[str, Any], artifact_path: str | Path, fingerprint: dict[str, Any], language_model_path: str,
-               key: str = "model.language_model_path") -> None:
+               key: str = "model.language_model_path", family: str | None = None) -> None:
     want = meta.get("base_model", {})
+    have = meta.get("family", "gpt")
+    if family is not None and have != family:
+        raise UserError(
+            f"artifact {artifact_path} holds prompts for a {have} ({FAMILY_KINDS.get(have, '?')}) model "
+            f"({want.get('language_model_path')}), but {key} points to {language_model_path}, a {family} "
+            f"({FAMILY_KINDS.get(family, '?')}) model; prompts do not transfer between model families: use the base "
+            f"model the prompts were tuned on, or re-tune the prompts for this model"
+        )
     got_fp = fingerprint.get("sha256")
     if want.get("fingerprint", {}).get("sha256") != got_fp:
         raise UserError(

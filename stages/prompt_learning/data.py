@@ -224,11 +224,12 @@ def read_jsonl(paths: Iterable[str], templates: dict[str, TaskTemplate], key: st
 def build_dataset(paths: Iterable[str], templates: dict[str, TaskTemplate], info: TokenizerInfo, *, key: str,
                   max_seq_length: int, min_seq_length: int, add_eos: bool, max_examples: int | None,
                   seed: int, records: list[tuple[dict[str, Any], str]] | None = None,
-                  sample: bool = True) -> tuple[list[Example], BuildStats]:
+                  sample: bool = True, builder: Any = None) -> tuple[list[Example], BuildStats]:
     """Validate all records, keep ``max_examples`` of them, tokenise them.
 
     ``sample=True`` keeps a seeded random sample (training: varied examples); ``sample=False`` keeps the first
     ``max_examples`` records, a fixed slice, so validation never overlaps a held-out slice further down the file.
+    ``builder``: the model family's ``build_example`` (default: this module's decoder-only one).
     """
     if records is None:
         records = read_jsonl(paths, templates, key)
@@ -242,8 +243,8 @@ def build_dataset(paths: Iterable[str], templates: dict[str, TaskTemplate], info
     stats = BuildStats()
     examples: list[Example] = []
     for rec, where in records:
-        ex = build_example(templates[rec["taskname"]], rec, info, max_seq_length=max_seq_length, add_eos=add_eos,
-                           where=where, stats=stats)
+        ex = (builder or build_example)(templates[rec["taskname"]], rec, info, max_seq_length=max_seq_length,
+                                        add_eos=add_eos, where=where, stats=stats)
         if ex is None:
             continue
         if len(ex.input_ids) < min_seq_length:

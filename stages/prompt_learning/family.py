@@ -2,9 +2,8 @@
 
 An adapter says how examples and prompts are built, how the training loss is computed and how greedy
 generation runs. ``DecoderOnlyFamily`` ("gpt") covers causal LMs (Llama, GPT-2, ...). An encoder-decoder
-adapter (T5/mT5 via AutoModelForSeq2SeqLM: virtual rows in the encoder input, answer as decoder labels)
-can be added with the same interface and registered in ``FAMILIES`` without touching the trainer or the
-inference API.
+adapter ("t5": T5/mT5 via AutoModelForSeq2SeqLM, virtual rows in the encoder input, answer as decoder labels)
+lives in ``family_seq2seq.py`` with the same interface; ``family_for`` picks one from the model config.
 """
 from __future__ import annotations
 
@@ -29,6 +28,10 @@ class DecoderOnlyFamily:
 
     def build_prompt(self, template: TaskTemplate, record: dict[str, Any], info: D.TokenizerInfo, **kw: Any) -> tuple[list[int], list[int]]:
         return D.build_prompt(template, record, info, **kw)
+
+    @staticmethod
+    def collate(examples: Sequence[D.Example], task_ids: dict[str, int], pad_id: int) -> dict[str, Any]:
+        return D.collate(examples, task_ids, pad_id)
 
     # ---- training -------------------------------------------------------------------------------
     @staticmethod
@@ -104,14 +107,15 @@ class DecoderOnlyFamily:
         return generated
 
 
-FAMILIES = {"gpt": DecoderOnlyFamily}
+FAMILIES = {"gpt": DecoderOnlyFamily}   # "t5": family_seq2seq.EncoderDecoderFamily (imported lazily: it subclasses this one)
 
 
-def family_for(model_config: Any) -> DecoderOnlyFamily:
+def family_for(model_config: Any, tokenizer: Any = None) -> DecoderOnlyFamily:
+    """The adapter for a loaded model: encoder-decoder configs (T5/mT5) -> "t5", everything else -> "gpt".
+
+    ``tokenizer`` lets the encoder-decoder adapter look up its sentinel ids (UserError if there are none)."""
     if getattr(model_config, "is_encoder_decoder", False):
-        from launcher.errors import UserError
+        from .family_seq2seq import EncoderDecoderFamily
 
-        raise UserError(
-            "model.language_model_path: encoder-decoder models (T5/mT5) are not supported yet; use a decoder-only (GPT-style) model"
-        )
+        return EncoderDecoderFamily(tokenizer)
     return DecoderOnlyFamily()

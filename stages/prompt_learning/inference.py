@@ -35,7 +35,7 @@ class PromptedModel:
         self.tok = D.TokenizerInfo(tokenizer)
         self.templates = templates
         self.store = store
-        self.family = family_for(model.config)
+        self.family = family_for(model.config, tokenizer)
         self._info = info
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
 
@@ -67,18 +67,19 @@ class PromptedModel:
                 raise UserError("language_model_path: required when artifact_path is None (no artifact to take the base model from)")
         key = "language_model_path"
         resolved = resolve(language_model_path, key)
-        model = load_model(resolved.location, "AutoModelForCausalLM", key).to(device)
+        model = load_model(resolved.location, None, key).to(device)   # causal or seq2seq, from the config
         tokenizer = load_tokenizer(resolved.location, key)
+        family = family_for(model.config, tokenizer).name
         fp = fingerprint(model)
         store = None
         if meta is not None:
-            check_base(meta, artifact_path, fp, str(language_model_path), key)
+            check_base(meta, artifact_path, fp, str(language_model_path), key, family=family)
             store = PromptStore(list(templates), fp["hidden_size"])
             for task in templates:
                 store.add_frozen(task, tables[task])
             store.to(device).eval()
         info = {
-            "family": "gpt",
+            "family": family,
             "language_model_path": str(language_model_path),
             "resolved_model": resolved.location,
             "fingerprint": fp["sha256"],

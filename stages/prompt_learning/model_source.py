@@ -162,12 +162,26 @@ def load_tokenizer(location: str, key: str = "model.language_model_path") -> Any
     return tok
 
 
-def load_model(location: str, auto_class: str = "AutoModelForCausalLM", key: str = "model.language_model_path") -> Any:
-    """Load fp32, eval mode, every parameter frozen."""
+def auto_class_for(location: str, key: str = "model.language_model_path") -> str:
+    """``AutoModelForSeq2SeqLM`` for encoder-decoder configs (T5/mT5), else ``AutoModelForCausalLM``."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except Exception as exc:
+        raise UserError(
+            f"{key}={location}: cannot read its config ({type(exc).__name__}: {str(exc)[:200]}); "
+            "check the folder/hub id (hub ids need network access or a warm Hugging Face cache)"
+        ) from None
+    return "AutoModelForSeq2SeqLM" if getattr(config, "is_encoder_decoder", False) else "AutoModelForCausalLM"
+
+
+def load_model(location: str, auto_class: str | None = None, key: str = "model.language_model_path") -> Any:
+    """Load fp32, eval mode, every parameter frozen. ``auto_class=None``: chosen from the config (``auto_class_for``)."""
     import torch
     import transformers
 
-    cls = getattr(transformers, auto_class)
+    cls = getattr(transformers, auto_class or auto_class_for(location, key))
     try:
         model = cls.from_pretrained(location, dtype=torch.float32)
     except Exception as exc:

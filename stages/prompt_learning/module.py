@@ -161,7 +161,11 @@ class PromptLearningModule(pl.LightningModule):
     # ---- checkpoints: prompt state only -----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(BASE_PREFIX)}
-        checkpoint["promptlaunch"] = {"history": self.history, "epoch_batches": self.epoch_batches,
+        history = self.history
+        acc = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if self._acc and len(self._acc) >= acc:   # saved at train-batch end, before on_train_batch_end records the step
+            history = {**history, "train": [*history["train"], [int(self.global_step), sum(self._acc) / len(self._acc)]]}
+        checkpoint["promptlaunch"] = {"history": history, "epoch_batches": self.epoch_batches,
                                       "epoch": int(self.current_epoch)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

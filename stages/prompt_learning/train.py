@@ -31,16 +31,19 @@ def _files(x: Any) -> list[str]:
 
 def batch_plan(cfg: DictConfig) -> tuple[int, int, int]:
     """(micro_batch_size, accumulate_grad_batches, data_parallel_size) from global/micro batch sizes."""
-    m, tr = cfg.model, cfg.trainer
-    world = int(tr.get("devices", 1) or 1) * int(tr.get("num_nodes", 1) or 1)
-    mp = int(m.get("tensor_model_parallel_size", 1) or 1) * int(m.get("pipeline_model_parallel_size", 1) or 1)
-    if mp != 1:
-        raise UserError("model.tensor_model_parallel_size/pipeline_model_parallel_size: only 1 is supported by this engine (data parallel only); set both to 1")
-    dp = world
-    gbs, mbs = int(m.global_batch_size), int(m.micro_batch_size)
-    if gbs <= 0 or mbs <= 0 or gbs % (mbs * dp):
-        raise UserError(f"model.global_batch_size: {gbs} must be a positive multiple of micro_batch_size x data-parallel size = {mbs}x{dp}")
-    return mbs, gbs // (mbs * dp), dp
+    layout = batch_plan_layout(cfg)   # TP x PP x DP sizes checked (one-line UserErrors); torch-free
+    return layout.micro_batch_size, layout.n_microbatches, layout.dp
+
+
+def world_size_of(cfg: DictConfig) -> int:
+    return int(cfg.trainer.get("devices", 1) or 1) * int(cfg.trainer.get("num_nodes", 1) or 1)
+
+
+def batch_plan_layout(cfg: DictConfig) -> Any:
+    """The validated TP x PP x DP layout (``parallel.layout.ParallelLayout``) of the stage config."""
+    from .parallel.layout import layout_from_config
+
+    return layout_from_config(cfg.model, world_size_of(cfg), prefix="")
 
 
 def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
@@ -54,6 +57,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")   # the frozen base model, on purpose
     warnings.filterwarnings("ignore", message=r".*srun. command is available.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    # the batch sampler skips the batches already consumed (fault.py, module.ResumableBatchSampler)
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+    from .fault import FaultTolerance, install_preemption_handler
+
+    preempt_flag = install_preemption_handler()   # first: from here on the preemption signal cannot kill the process
     m = cfg.model
     seed = int(m.get("seed", 1234))
     style = str(m.get("virtual_prompt_style", "prompt-tuning"))
@@ -92,8 +100,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     from .model_source import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(resolved.location)
+    parallel = None
+    if world_size_of(cfg) > 1 or batch_plan_layout(cfg).is_model_parallel:   # TP/PP/DP: parallel_module.py
+        from . import parallel_module as parallel
+        parallel.precheck(cfg, batch_plan_layout(cfg), resolved.location, style)
     model = _load_base(resolved.location, m.get("attn_implementation"))
-    family = family_for(model.config)
+    family = family_for(model.config, tokenizer)   # "gpt" (causal LM) or "t5" (encoder-decoder)
     fp = fingerprint(model)
     base = base_info(resolved.given, resolved.location, model, fp)
     info = D.TokenizerInfo(tokenizer)
@@ -107,7 +119,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
         if not restore:
             raise UserError("model.restore_path: required with existing_tasks; point it at the prompt artifact to extend")
         meta, art_templates, tables = load_artifact(restore, "model.restore_path")
-        check_base(meta, restore, fp, resolved.given)
+        check_base(meta, restore, fp, resolved.given, family=family.name)
         for t in existing:
             if t not in tables:
                 raise UserError(f"model.existing_tasks: '{t}' is not in the artifact {restore} (has {sorted(tables)})")
@@ -138,37 +150,48 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     common = dict(max_seq_length=max_len, min_seq_length=int(d.get("min_seq_length", 1) or 1),
                   add_eos=bool(d.get("add_eos", True)), seed=seed)
     train_ex, train_stats = D.build_dataset(_files(d.get("train_ds")), templates, info, key="model.data.train_ds",
-                                            max_examples=d.get("max_train_examples"), records=train_records, **common)
+                                            max_examples=d.get("max_train_examples"), records=train_records,
+                                            builder=family.build_example, **common)
     val_ex, val_stats = ([], None)
     if val_files:
         val_ex, val_stats = D.build_dataset(val_files, templates, info, key="model.data.validation_ds",
                                             max_examples=d.get("max_val_examples"), records=val_records, sample=False,
-                                            **common)
+                                            builder=family.build_example, **common)
     task_ids = {t: i for i, t in enumerate(tasks)}
 
     def collate(batch: list[D.Example]) -> dict[str, Any]:
-        return D.collate(batch, task_ids, info.pad_id)
+        return family.collate(batch, task_ids, info.pad_id)
 
     # ---- trainer --------------------------------------------------------------------------------
     tr, em = cfg.trainer, cfg.exp_manager
     log_dir = Path(str(em.get("explicit_log_dir") or Path(str(cfg.run.results_dir)) / "results"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    module = PromptLearningModule(model, store, family, _cfg(m.optim))
-    trainer = pl.Trainer(**_trainer_kwargs(tr, em, log_dir, accumulate, callbacks, bool(val_ex)))
-    rank, world = trainer.global_rank, trainer.world_size
-    sampler = ResumableBatchSampler(len(train_ex), mbs, shuffle=bool(d.get("shuffle", True)), seed=seed,
-                                    epoch_fn=lambda: trainer.current_epoch, rank=rank, world=world)
-    module.sampler = sampler
     nw = int(d.get("num_workers", 0) or 0)
-    train_dl = DataLoader(train_ex, batch_sampler=sampler, collate_fn=collate, num_workers=nw)
-    val_dl = None
-    if val_ex:
-        shard = val_ex[rank::world]
-        val_dl = DataLoader(shard, batch_size=mbs, shuffle=False, collate_fn=collate, num_workers=nw)
-    ckpt = log_dir / "checkpoints" / "last.ckpt"
-    ckpt_path = str(ckpt) if (bool(em.get("resume_if_exists", False)) and ckpt.is_file()) else None
-    if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
+    ft = FaultTolerance(log_dir, layout={"train_examples": len(train_ex), "global_batch_size": mbs * accumulate * dp,
+                                         "shuffle": bool(d.get("shuffle", True)), "seed": seed},
+                        every_n_train_steps=(_cfg(em.get("checkpoint_callback_params")) or {}).get("every_n_train_steps"),
+                        flag=preempt_flag)
+    if parallel is not None:   # several processes or TP x PP > 1: global token-mean loss, manual optimisation
+        module, trainer, train_dl, val_dl = parallel.setup_parallel(
+            layout=batch_plan_layout(cfg), model=model, store=store, family=family, optim=_cfg(m.optim), train_ex=train_ex,
+            val_ex=val_ex, collate=collate, trainer_kwargs=_trainer_kwargs(tr, em, log_dir, 1, callbacks, bool(val_ex), ft),
+            micro_batch_size=mbs, shuffle=bool(d.get("shuffle", True)), seed=seed, num_workers=nw)
+    else:
+        module = PromptLearningModule(model, store, family, _cfg(m.optim))
+        trainer = pl.Trainer(**_trainer_kwargs(tr, em, log_dir, accumulate, callbacks, bool(val_ex), ft))
+        rank, world = trainer.global_rank, trainer.world_size
+        sampler = ResumableBatchSampler(len(train_ex), mbs, shuffle=bool(d.get("shuffle", True)), seed=seed,
+                                        epoch_fn=lambda: trainer.current_epoch, rank=rank, world=world)
+        module.sampler = sampler
+        train_dl = DataLoader(train_ex, batch_sampler=sampler, collate_fn=collate, num_workers=nw,
+                              generator=torch.Generator().manual_seed(seed))   # not the global RNG (fault.py)
+        val_dl = None
+        if val_ex:
+            shard = val_ex[rank::world]
+            val_dl = DataLoader(shard, batch_size=mbs, shuffle=False, collate_fn=collate, num_workers=nw,
+                                generator=torch.Generator().manual_seed(seed))
+    # last.ckpt checked (falls back to last.prev.ckpt if corrupt), or None: start from scratch
+    ckpt_path = ft.resume_path(module, trainer.global_rank, bool(em.get("resume_if_exists", False)))
     log.info("training: micro batch %d x accumulate %d x data-parallel %d = global batch %d; %d train / %d val examples",
              mbs, accumulate, dp, mbs * accumulate * dp, len(train_ex), len(val_ex))
     if val_dl is not None and ckpt_path is None and bool(m.get("validate_before_training", True)):
@@ -180,7 +203,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
             raise UserError(f"{ckpt_path}: checkpoint does not match this config ({str(exc)[:160]}); delete it or set exp_manager.resume_if_exists=false") from None
         raise
     if emb_before is not None:
-        assert torch.equal(emb_before, model.get_input_embeddings().weight), "base model changed during training"
+        emb = model.get_input_embeddings().weight
+        emb = emb.full_tensor() if hasattr(emb, "full_tensor") else emb   # a DTensor shard under TP
+        assert torch.equal(emb_before, emb.cpu()), "base model changed during training"
 
     # ---- artifact, exports, report (rank 0) ------------------------------------------------------
     summary: dict[str, Any] = {}
@@ -214,27 +239,31 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
 
 def _load_base(location: str, attn_implementation: str | None) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
-    from .model_source import freeze, load_model
+    from .model_source import auto_class_for, freeze, load_model
 
+    auto_class = auto_class_for(location)   # AutoModelForCausalLM, or AutoModelForSeq2SeqLM for T5/mT5
     if not attn_implementation:
-        return load_model(location)
+        return load_model(location, auto_class)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, attn_implementation=str(attn_implementation))
+        model = getattr(transformers, auto_class).from_pretrained(location, dtype=torch.float32,
+                                                                  attn_implementation=str(attn_implementation))
     except Exception as exc:
         raise UserError(f"model.attn_implementation={attn_implementation}: cannot load the model with it ({str(exc)[:160]}); use eager or sdpa") from None
     return freeze(model)
 
 
 def _trainer_kwargs(tr: DictConfig, em: DictConfig, log_dir: Path, accumulate: int, callbacks: Sequence[Any] | None,
-                    has_val: bool) -> dict[str, Any]:
+                    has_val: bool, fault: Any = None) -> dict[str, Any]:
+    """Lightning Trainer arguments; ``fault`` (fault.FaultTolerance) adds atomic checkpoints, RNG/data-position
+    state, preemption handling and an atomically written metrics.csv."""
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
     loggers: list[Any] = []
     if em.get("create_csv_logger", True):
-        loggers.append(CSVLogger(save_dir=str(log_dir), name="", version="csv"))
+        loggers.append(fault.logger(str(log_dir)) if fault is not None else CSVLogger(save_dir=str(log_dir), name="", version="csv"))
     if em.get("create_tensorboard_logger", False):
         try:
             import tensorboard  # noqa: F401
@@ -260,9 +289,10 @@ def _trainer_kwargs(tr: DictConfig, em: DictConfig, log_dir: Path, accumulate: i
         monitor=monitor,
         mode=cp.get("mode", "min"),
         save_top_k=int(cp.get("save_top_k", 1)) if monitor else 1,
-        save_last=True,
-        every_n_train_steps=cp.get("every_n_train_steps"),
+        save_last=fault is None,     # with fault tolerance, fault.LastCheckpoint writes last.ckpt (every_n_train_steps)
+        every_n_train_steps=None if fault is not None else cp.get("every_n_train_steps"),
         save_weights_only=False,
+        enable_version_counter=False,   # always last.ckpt (never last-v1.ckpt), the file a rerun resumes from
     )
     precision = str(tr.get("precision", "32"))
     if str(tr.get("accelerator", "cpu")) == "cpu" and "16" in precision:
@@ -288,11 +318,13 @@ def _trainer_kwargs(tr: DictConfig, em: DictConfig, log_dir: Path, accumulate: i
         enable_model_summary=False,
         num_sanity_val_steps=0,
         logger=loggers or False,
-        callbacks=[ckpt_cb, *(callbacks or [])],
+        callbacks=[ckpt_cb, *(fault.callbacks() if fault is not None else []), *(callbacks or [])],
         default_root_dir=str(log_dir),
         use_distributed_sampler=False,
         deterministic=False,
     )
+    if fault is not None:
+        kwargs["plugins"] = fault.plugins()
     world = int(tr.get("devices", 1) or 1) * int(tr.get("num_nodes", 1) or 1)
     if world > 1:
         kwargs["strategy"] = "ddp_find_unused_parameters_true"
