@@ -6,16 +6,19 @@ inputs are reported as warnings, since nothing will read them.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from launcher.errors import UserError
+from launcher.plan import SIGNAL_STAGES
 from launcher.prompt_template import parse_templates
 from launcher.render import check_env_names
 from launcher.schema import CLUSTER_TYPES, ClusterSchema, GlobalSchema, RunSchema, typed
@@ -104,6 +107,48 @@ def _check_model_path(path: Any, key: str, inputs: _Inputs) -> None:
     looks_local = path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf") or path.count("/") != 1
     if looks_local:
         inputs.need(path, key, f"give {MODEL_FORMATS}")
+    local = Path(path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise UserError(f"{key}: '{path}' is a folder without config.json, so not a Hugging Face model folder; point it "
+                        f"at the folder that holds config.json, the weights and the tokenizer files")
+    if local.is_file() and not path.endswith(".gguf"):
+        raise UserError(f"{key}: '{path}' is a file but not a .gguf; give {MODEL_FORMATS}")
+
+
+_SIGNAL = re.compile(r"^(?:SIG)?(USR1|USR2)@(\d+)$")
+
+
+def _seconds(time_limit: str) -> int:
+    days, _, hms = time_limit.rpartition("-")
+    h, m, sec = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def _check_signal(value: Any) -> int | None:
+    """``cluster.signal``: ``USR1@<seconds>`` (or USR2); returns the lead time in seconds, None when off."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    if text.upper().startswith("B:"):
+        raise UserError(f"cluster.signal: '{text}' would signal only the batch shell, but the checkpoint is written by "
+                        f"the srun tasks; use '{text[2:]}' (Slurm then signals every task)")
+    match = _SIGNAL.match(text.upper())
+    if not match or int(match.group(2)) < 1:
+        raise UserError(f"cluster.signal: '{text}' is not USR1@<seconds> or USR2@<seconds> (e.g. USR1@120: SIGUSR1 120 s "
+                        f"before the time limit); set it so, or to null to turn preemption handling off")
+    return int(match.group(2))
+
+
+def _check_exp_manager(sc: DictConfig) -> None:
+    em = sc.get("exp_manager")
+    if em is None:
+        return
+    every = (em.get("checkpoint_callback_params") or {}).get("every_n_train_steps")
+    if every is not None:
+        _positive_int(every, "prompt_learning.exp_manager.checkpoint_callback_params.every_n_train_steps")
+    resume = em.get("resume_if_exists", False)
+    if not isinstance(resume, bool):
+        raise UserError(f"prompt_learning.exp_manager.resume_if_exists: must be true or false, got {resume!r}")
 
 
 def _check_trainer(stage: str, sc: DictConfig, g: GlobalSchema, model: DictConfig) -> int:
@@ -132,6 +177,68 @@ def _check_trainer(stage: str, sc: DictConfig, g: GlobalSchema, model: DictConfi
             f"trainer.devices x trainer.num_nodes = {world}; change the devices or the parallel sizes"
         )
     return world // (tp * pp)
+
+
+# What check_model_for_layout needs from the embedded model's config.json (no conversion, no torch here).
+_EMBEDDED_CONFIGS = {
+    "embedded:smollm2-135m-instruct": {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3,
+                                       "intermediate_size": 1536, "num_hidden_layers": 30},
+}
+
+
+def _model_config(path: Any) -> SimpleNamespace | None:
+    """The architecture fields of a local HF folder's config.json (or of the embedded model); None when it is
+    only known at run time (hub id, .gguf, missing folder) -- the stage checks those before loading weights."""
+    if not isinstance(path, str):
+        return None
+    if path in _EMBEDDED_CONFIGS:
+        return SimpleNamespace(**_EMBEDDED_CONFIGS[path])
+    cfg_file = Path(path).expanduser() / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"prompt_learning.model.language_model_path: cannot read {cfg_file} ({exc}); fix or replace the model folder") from None
+    if not isinstance(raw, dict):
+        return None
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    keys = ("model_type", "num_attention_heads", "num_key_value_heads", "intermediate_size", "num_hidden_layers",
+            "sliding_window", "use_sliding_window")
+    return SimpleNamespace(**{k: text.get(k, raw.get(k)) for k in keys})
+
+
+def _check_parallel_layout(sc: DictConfig, style: Any) -> None:
+    """TP x PP x DP sizes (``stages.prompt_learning.parallel.layout``, torch-free) and, for a model whose
+    config.json can be read here, TP against its head counts -- a one-line error before anything is launched."""
+    from stages.prompt_learning.parallel.layout import check_model_for_layout, layout_from_config
+
+    m, t = sc.model, sc.trainer
+    world = int(t.get("devices", 1)) * int(t.get("num_nodes", 1) or 1)
+    layout = layout_from_config(m, world, prefix="prompt_learning.")
+    if not layout.is_model_parallel:
+        return
+    path = m.get("language_model_path")
+    config = _model_config(path)
+    if config is not None:
+        try:
+            check_model_for_layout(config, layout, prefix="prompt_learning.")
+        except UserError as exc:
+            if path in _EMBEDDED_CONFIGS and layout.tp > 1:
+                raise UserError(
+                    f"{str(exc).split(';')[0]}: {path} has 9 attention heads and 3 key/value heads, so only "
+                    f"tensor_model_parallel_size=1 or 3 fits it; to try tensor parallelism on CPU point "
+                    f"prompt_learning.model.language_model_path at a small Llama folder whose head counts TP divides "
+                    f"(e.g. a tiny random Llama with 4 heads and 2 KV heads)"
+                ) from None
+            raise
+    if style == "p-tuning":
+        dropout = float((m.get("p_tuning") or {}).get("dropout", 0.0) or 0.0)
+        if dropout > 0:
+            raise UserError(
+                f"prompt_learning.model.p_tuning.dropout={dropout}: P-tuning with tensor/pipeline parallelism needs "
+                f"dropout 0 (tensor-parallel ranks recompute the prompt encoder and must agree); set it to 0.0"
+            )
 
 
 def _check_prompt_learning(sc: DictConfig, dp: int, inputs: _Inputs) -> None:
@@ -178,6 +285,7 @@ def _check_prompt_learning(sc: DictConfig, dp: int, inputs: _Inputs) -> None:
             f"{mbs}x{dp}; change one of them"
         )
     _check_model_path(m.get("language_model_path"), "prompt_learning.model.language_model_path", inputs)
+    _check_parallel_layout(sc, style)
     data = m.get("data")
     if data is None:
         raise UserError("prompt_learning.model.data: missing; give train_ds and validation_ds")
@@ -190,6 +298,7 @@ def _check_prompt_learning(sc: DictConfig, dp: int, inputs: _Inputs) -> None:
         for f in files:
             inputs.need(str(f), f"prompt_learning.model.data.{key}", "run the data_preparation stage first or fix the path")
     _positive_int(data.get("max_seq_length", 1), "prompt_learning.model.data.max_seq_length")
+    _check_exp_manager(sc)
     inputs.produced.add(os.path.normpath(str(m.get("artifact_path"))))
 
 
@@ -251,6 +360,7 @@ def validate(cfg: DictConfig) -> Checked:
         raise UserError(f"cluster_type: '{cfg.get('cluster_type')}' is not one of {', '.join(CLUSTER_TYPES)}")
     g: GlobalSchema = typed(GlobalSchema, OmegaConf.merge(cfg, {"stages": stages}), "config")
     typed(ClusterSchema, cfg.get("cluster") or {}, "cluster")
+    signal_lead = _check_signal((cfg.get("cluster") or {}).get("signal")) if g.cluster_type == "bcm" else None
     bad_env = check_env_names(g.env_vars)
     if bad_env:
         raise UserError(f"env_vars.{bad_env[0]}: not a valid environment variable name; use letters, digits and _")
@@ -271,6 +381,10 @@ def validate(cfg: DictConfig) -> Checked:
         if not re.match(r"^[A-Za-z0-9_.-]+$", run.name):
             raise UserError(f"{stage}.run.name: '{run.name}' may only use letters, digits, '.', '_' and '-'")
         _check_writable(run.results_dir, f"{stage}.run.results_dir")
+        if signal_lead and stage in SIGNAL_STAGES and signal_lead >= _seconds(run.time_limit):
+            raise UserError(f"cluster.signal: {cfg.cluster.signal} asks for the signal {signal_lead} s before the time "
+                            f"limit, but {stage}.run.time_limit is {run.time_limit}, so the job would be told to "
+                            f"checkpoint and requeue at once, again and again; lower the lead time or raise the limit")
         if stage == "data_preparation":
             _check_data_preparation(sc, inputs)
             continue

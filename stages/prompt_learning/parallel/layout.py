@@ -135,10 +135,10 @@ def check_model_for_layout(config: Any, layout: ParallelLayout, prefix: str = "p
             " (GPT-2 uses Conv1D layers, which torch tensor parallelism does not shard)" if model_type == "gpt2" else ""
         )
         raise UserError(
-            f"{m}language_model_path: model_type '{model_type}'{hint} is not supported by the tensor/pipeline/"
-            f"data-parallel prompt-learning path (supported: {', '.join(SUPPORTED_MODEL_TYPES)} architecture, e.g. "
-            f"SmolLM2, TinyLlama, Llama); use such a checkpoint or set {m}tensor_model_parallel_size=1 and "
-            f"{m}pipeline_model_parallel_size=1"
+            f"{m}language_model_path: model_type '{model_type}'{hint} is not supported by tensor/pipeline-parallel "
+            f"prompt learning (supported: {', '.join(SUPPORTED_MODEL_TYPES)} architecture, e.g. SmolLM2, TinyLlama, "
+            f"Llama); use such a checkpoint or set {m}tensor_model_parallel_size=1 and "
+            f"{m}pipeline_model_parallel_size=1 (data parallelism alone works for every model)"
         )
     tp, pp = layout.tp, layout.pp
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
