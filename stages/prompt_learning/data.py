@@ -138,7 +138,8 @@ def build_example(template: TaskTemplate, record: dict[str, Any], info: Tokenize
                 parts[i] = (kind, ids[:keep], name)
                 truncated = True
                 break
-    if length() > max_seq_length:
+    no_room = truncated and not any(kind == "text" and name == template.truncate_field and ids for kind, ids, name in parts)
+    if length() > max_seq_length or no_room:   # without any of its truncate_field (the context), nothing to learn from
         if stats is not None:
             stats.dropped_too_long += 1
         return None
@@ -165,26 +166,41 @@ def build_example(template: TaskTemplate, record: dict[str, Any], info: Tokenize
     return Example(template.taskname, input_ids, vidx, labels, where)
 
 
+def layout_prompt(template: TaskTemplate, parts: list[tuple[str, Any, Any]], pad_id: int, *, prefix: Sequence[int] = (),
+                  suffix: Sequence[int] = (), max_len: int | None = None) -> tuple[list[int], list[int], bool]:
+    """Lay encoded template pieces out as ``prefix + pieces + suffix``: (input_ids, virtual_index, truncated).
+
+    Virtual markers become pad placeholders whose prompt-table rows are in virtual_index (-1 elsewhere). When the
+    result is longer than ``max_len`` only the template's truncate_field is cut, from its end; it may still be
+    too long when that does not help (the caller decides what to do then).
+    """
+    total = sum(p[1].count if p[0] == "virtual" else len(p[1]) for p in parts) + len(prefix) + len(suffix)
+    truncated = False
+    if max_len is not None and total > max_len and template.truncate_field is not None:
+        for i, (k, ids, n) in enumerate(parts):
+            if k == "text" and n == template.truncate_field:
+                parts[i] = (k, ids[: max(0, len(ids) - (total - max_len))], n)
+                truncated = True
+                break
+    out: list[int] = list(prefix)
+    vidx: list[int] = [-1] * len(out)
+    for k, v, _ in parts:
+        if k == "virtual":
+            out += [pad_id] * v.count
+            vidx += list(range(v.start, v.start + v.count))
+        else:
+            out += v
+            vidx += [-1] * len(v)
+    return out + list(suffix), vidx + [-1] * len(suffix), truncated
+
+
 def build_prompt(template: TaskTemplate, record: dict[str, Any], info: TokenizerInfo, *, where: str,
                  use_virtual: bool = True, max_len: int | None = None) -> tuple[list[int], list[int]]:
     """Generation prompt (everything before the answer field): (input_ids, virtual_index)."""
     segs = render_segments(template, record, where, with_answer=False, use_virtual=use_virtual)
     parts = [(k, v if k == "virtual" else info.encode(v), n) for k, v, n in segs]
-    total = sum(p[1].count if p[0] == "virtual" else len(p[1]) for p in parts) + (info.bos_id is not None)
-    if max_len is not None and total > max_len and template.truncate_field is not None:
-        for i, (k, ids, n) in enumerate(parts):
-            if k == "text" and n == template.truncate_field:
-                parts[i] = (k, ids[: max(0, len(ids) - (total - max_len))], n)
-                break
-    ids: list[int] = [info.bos_id] if info.bos_id is not None else []
-    vidx: list[int] = [-1] * len(ids)
-    for k, v, _ in parts:
-        if k == "virtual":
-            ids += [info.pad_id] * v.count
-            vidx += list(range(v.start, v.start + v.count))
-        else:
-            ids += v
-            vidx += [-1] * len(v)
+    prefix = [info.bos_id] if info.bos_id is not None else []
+    ids, vidx, _ = layout_prompt(template, parts, info.pad_id, prefix=prefix, max_len=max_len)
     return ids, vidx
 
 
@@ -197,6 +213,7 @@ def read_jsonl(paths: Iterable[str], templates: dict[str, TaskTemplate], key: st
         p = Path(str(path))
         if not p.is_file():
             raise UserError(f"{key}: {p} does not exist; run the data_preparation stage first or fix the path")
+        n_file = 0
         with open(p, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
@@ -217,8 +234,28 @@ def read_jsonl(paths: Iterable[str], templates: dict[str, TaskTemplate], key: st
                 for name in templates[task].fields:
                     if name not in rec or rec[name] is None:
                         raise UserError(f"{where}: record has no field '{name}' required by the template of task '{task}'; add it or fix the template")
+                    check_field_value(rec[name], name, templates[task], where)
                 out.append((rec, where))
+                n_file += 1
+        if n_file == 0:
+            raise UserError(f"{key}: {p} has no records; run the data_preparation stage again or fix the path")
     return out
+
+
+def check_field_value(value: Any, name: str, template: TaskTemplate, where: str) -> None:
+    """A template field holds text (a number is taken as text); the answer may be a list of answers, the first
+    of which is trained on. Objects, booleans and empty answers are mistakes the model would silently learn."""
+    is_answer = name == template.answer_field
+    if isinstance(value, list) and is_answer:
+        if not value or any(isinstance(v, (dict, list, bool)) or v is None for v in value):
+            raise UserError(f"{where}: field '{name}' must be a non-empty list of answer strings, got {value!r:.80}; fix the record")
+        value = value[0]
+    if isinstance(value, (dict, list, bool)):
+        raise UserError(f"{where}: field '{name}' must be text, got a {type(value).__name__} ({value!r:.60}); fix the record "
+                        f"or the template of task '{template.taskname}'")
+    if is_answer and not str(value).strip():
+        raise UserError(f"{where}: field '{name}' (the answer) is empty, which would train the prompt to answer nothing; "
+                        "give the record an answer or remove it")
 
 
 def build_dataset(paths: Iterable[str], templates: dict[str, TaskTemplate], info: TokenizerInfo, *, key: str,
@@ -256,8 +293,30 @@ def build_dataset(paths: Iterable[str], templates: dict[str, TaskTemplate], info
     log.info("%s: %d examples kept, %d truncated (field cut), %d dropped (too long), %d dropped (too short)",
              key, stats.kept, stats.truncated, stats.dropped_too_long, stats.dropped_too_short)
     if not examples:
-        raise UserError(f"{key}: no usable examples (all {len(records)} dropped); raise model.data.max_seq_length or set truncate_field")
+        raise UserError(f"{key}: no usable examples (all {len(records)} dropped){_why_dropped(records, templates, info, max_seq_length, add_eos, builder)}")
     return examples, stats
+
+
+def _why_dropped(records: list[tuple[dict[str, Any], str]], templates: dict[str, TaskTemplate], info: TokenizerInfo,
+                 max_seq_length: int, add_eos: bool, builder: Any) -> str:
+    """``: e.g. f.jsonl:1 needs 230 tokens, 225 without its 'context' ...; raise ...`` for the first record."""
+    if not records:
+        return "; raise model.data.max_seq_length or set truncate_field"
+    rec, where = records[0]
+    template = templates[rec["taskname"]]
+    build = builder or build_example
+    try:
+        full = build(template, rec, info, max_seq_length=1 << 30, add_eos=add_eos, where=where)
+        field = template.truncate_field
+        if field is None:
+            return (f": e.g. {where} needs {len(full.input_ids)} tokens > model.data.max_seq_length={max_seq_length} and its "
+                    f"template has no truncate_field; raise model.data.max_seq_length or set a truncate_field")
+        rest = build(template, {**rec, field: "."}, info, max_seq_length=1 << 30, add_eos=add_eos, where=where)
+        return (f": e.g. {where} needs {len(full.input_ids)} tokens, about {len(rest.input_ids)} of them outside its "
+                f"'{field}', so model.data.max_seq_length={max_seq_length} leaves no room for any '{field}'; raise "
+                f"model.data.max_seq_length or shorten the other fields")
+    except Exception:   # the explanation is a courtesy; never hide the error itself
+        return "; raise model.data.max_seq_length or set truncate_field"
 
 
 def collate(examples: Sequence[Example], task_ids: dict[str, int], pad_id: int, *, left: bool = False) -> dict[str, Any]:

@@ -86,25 +86,7 @@ class EncoderDecoderFamily(DecoderOnlyFamily):
     def _encoder_ids(self, template: TaskTemplate, parts: list[tuple[str, Any, Any]], info: D.TokenizerInfo,
                      max_len: int | None) -> tuple[list[int], list[int], bool]:
         """(input_ids, virtual_index, truncated); ids may still exceed max_len when no truncate field helps."""
-        sentinel = self._sentinel(info)
-        total = sum(p[1].count if p[0] == "virtual" else len(p[1]) for p in parts) + 1
-        truncated = False
-        if max_len is not None and total > max_len and template.truncate_field is not None:
-            for i, (k, ids, n) in enumerate(parts):
-                if k == "text" and n == template.truncate_field:
-                    parts[i] = (k, ids[: max(0, len(ids) - (total - max_len))], n)
-                    truncated = True
-                    break
-        ids: list[int] = []
-        vidx: list[int] = []
-        for k, v, _ in parts:
-            if k == "virtual":
-                ids += [info.pad_id] * v.count
-                vidx += list(range(v.start, v.start + v.count))
-            else:
-                ids += v
-                vidx += [-1] * len(v)
-        return ids + [sentinel], vidx + [-1], truncated
+        return D.layout_prompt(template, parts, info.pad_id, suffix=[self._sentinel(info)], max_len=max_len)
 
     def build_example(self, template: TaskTemplate, record: dict[str, Any], info: D.TokenizerInfo, *, max_seq_length: int,
                       add_eos: bool, where: str, stats: D.BuildStats | None = None) -> D.Example | None:
