@@ -11,6 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from launcher.jobspec import JobSpec
 
+SIGNAL_STAGES = ("prompt_learning",)   # stages that checkpoint and requeue on cluster.signal (stages/prompt_learning/fault.py)
+
 
 @dataclass(frozen=True)
 class PlannedJob:
@@ -60,7 +62,8 @@ def plan(cfg: DictConfig, stages: list[str]) -> list[PlannedJob]:
             secret_files=secrets,
             container=cfg.get("container"),
             container_mounts=tuple(str(m) for m in (cfg.get("container_mounts") or [])),
-            extra=(("signal", str(signal)),) if signal else (),
+            # only a stage that checkpoints acts on the preemption signal (its default action would kill the others)
+            extra=(("signal", str(signal)),) if signal and stage in SIGNAL_STAGES else (),
         )
         jobs.append(PlannedJob(spec, OmegaConf.to_yaml(sc, resolve=True)))
     return jobs
