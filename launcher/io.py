@@ -1,7 +1,11 @@
 """Atomic file output: a reader never sees a half-written file.
 
 Everything the launcher and the stages write goes through here: write to a temporary file in the
-same folder, fsync, then rename over the target (rename is atomic on POSIX filesystems).
+same folder, fsync, then rename over the target (rename is atomic on POSIX filesystems) and fsync the
+folder, so the rename itself survives a crash. A process killed mid-write leaves at most a hidden
+``.<name>.<random>.tmp`` next to the target, never a partial file under the target's name; readers
+only ever open the final name. ``remove_stale_tmp`` sweeps such leftovers where a single writer owns
+the folder (e.g. the checkpoint folder when a run resumes).
 """
 from __future__ import annotations
 
@@ -11,6 +15,46 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Make a rename or unlink in ``folder`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_tmp(folder: str | os.PathLike[str], names: Iterable[str] | None = None) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files and folders (and ``.<name>.old``) an interrupted atomic write left in
+    ``folder``; only for the given target ``names`` if any. Call it only where a single writer owns those
+    targets (a concurrent writer's temporary file would vanish under it).
+    """
+    import shutil
+
+    removed: list[Path] = []
+    root = Path(folder)
+    if not root.is_dir():
+        return removed
+    wanted = None if names is None else {str(n) for n in names}
+    for p in root.iterdir():
+        n = p.name
+        if not (n.startswith(".") and (n.endswith(".tmp") or n.endswith(".old"))):
+            continue
+        if wanted is not None and not any(n == f".{w}.old" or n.startswith(f".{w}.") for w in wanted):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def _umask() -> int:
@@ -35,6 +79,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
             with open(tmp_path, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+        fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -43,7 +88,11 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder next to ``path``; on success it replaces ``path`` as a whole."""
+    """Yield a temporary folder next to ``path``; on success it replaces ``path`` as a whole.
+
+    Replacing an existing folder takes two renames (old aside, new in): a kill between them leaves no
+    folder at ``path`` (the previous one is in ``.<name>.old``), never a mix of old and new files.
+    """
     import shutil
 
     target = Path(path)
@@ -52,6 +101,13 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        for f in sorted(tmp.rglob("*")):  # contents first, so the renamed folder is complete after a power loss too
+            if f.is_file() and not f.is_symlink():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            elif f.is_dir():
+                fsync_dir(f)
+        fsync_dir(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -60,6 +116,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
