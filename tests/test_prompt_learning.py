@@ -443,25 +443,33 @@ def test_lstm_encoder_trains(tmp_path, tiny):
     assert tables(cfg.model.artifact_path)["prompt_table.squad"].shape == (4, 32) and s["steps"] == 2
 
 
-def test_two_task_incremental(tmp_path, tiny):
+def check_two_task_incremental(tmp_path, build_cfg, model_dir, squad_template, hidden: int, n_train: int) -> None:
+    """Tune squad, then sentiment with existing_tasks=[squad]: squad stays bit-identical, both generate in one batch.
+
+    ``build_cfg`` is the family's config builder (make_cfg here, t5_cfg for T5), so both families share one check.
+    """
     from stages.prompt_learning.inference import PromptedModel
 
-    cfg_a = make_cfg(tmp_path / "a", tiny, max_steps=2)
+    cfg_a = build_cfg(tmp_path / "a", model_dir, max_steps=2)
     train(cfg_a)
     a_table = tables(cfg_a.model.artifact_path)["prompt_table.squad"]
-    tr = write_jsonl(tmp_path / "sent_train.jsonl", sent_records(16))
+    tr = write_jsonl(tmp_path / "sent_train.jsonl", sent_records(n_train))
     va = write_jsonl(tmp_path / "sent_val.jsonl", sent_records(4, seed=3))
-    cfg_b = make_cfg(tmp_path / "b", tiny, templates=(SQUAD_T, SENT_T), new_tasks=("sentiment",), train=tr, val=va, max_steps=2,
-                     restore_path=cfg_a.model.artifact_path, existing_tasks=["squad"])
+    cfg_b = build_cfg(tmp_path / "b", model_dir, templates=(squad_template, SENT_T), new_tasks=("sentiment",), train=tr,
+                      val=va, max_steps=2, restore_path=cfg_a.model.artifact_path, existing_tasks=["squad"])
     train(cfg_b)
     tb = tables(cfg_b.model.artifact_path)
     assert torch.equal(tb["prompt_table.squad"], a_table)          # bit-identical
-    assert tb["prompt_table.sentiment"].shape == (6, 32)
+    assert tb["prompt_table.sentiment"].shape == (6, hidden)
     pm = PromptedModel.load(cfg_b.model.artifact_path)
     mixed = [squad_records(1)[0], {"taskname": "sentiment", "review": "good dog"}, squad_records(2, seed=9)[1]]
     out = pm.generate(mixed, tokens_to_generate=4, batch_size=3, stop_strings=(), progress=False)
     single = [pm.generate([r], tokens_to_generate=4, stop_strings=(), progress=False)[0] for r in mixed]
     assert out == single and len(out) == 3
+
+
+def test_two_task_incremental(tmp_path, tiny):
+    check_two_task_incremental(tmp_path, make_cfg, tiny, SQUAD_T, hidden=32, n_train=16)
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny):

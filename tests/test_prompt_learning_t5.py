@@ -21,7 +21,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from launcher.errors import UserError  # noqa: E402
 from launcher.prompt_template import parse_template  # noqa: E402
 from stages.prompt_learning import data as D  # noqa: E402
-from tests.test_prompt_learning import SENT_T, make_cfg, make_model_dir, make_tokenizer, sent_records, tables, train, write_jsonl  # noqa: E402
+from tests.test_prompt_learning import SENT_T, check_two_task_incremental, make_cfg, make_model_dir, make_tokenizer, tables, train, write_jsonl  # noqa: E402
 
 T5_SQUAD = {  # the t5/squad recipe's template, fewer virtual tokens
     "taskname": "squad",
@@ -393,23 +393,7 @@ def test_p_tuning_table_equals_encoder_output_t5(tmp_path, tiny_t5):
 
 
 def test_incremental_task_t5(tmp_path, tiny_t5):
-    from stages.prompt_learning.inference import PromptedModel
-
-    cfg_a = t5_cfg(tmp_path / "a", tiny_t5, max_steps=2)
-    train(cfg_a)
-    a_table = tables(cfg_a.model.artifact_path)["prompt_table.squad"]
-    tr = write_jsonl(tmp_path / "sent_train.jsonl", sent_records(8))
-    va = write_jsonl(tmp_path / "sent_val.jsonl", sent_records(4, seed=3))
-    cfg_b = t5_cfg(tmp_path / "b", tiny_t5, templates=(T5_SQUAD, SENT_T), new_tasks=("sentiment",), train=tr, val=va, max_steps=2,
-                   restore_path=cfg_a.model.artifact_path, existing_tasks=["squad"])
-    train(cfg_b)
-    tb = tables(cfg_b.model.artifact_path)
-    assert torch.equal(tb["prompt_table.squad"], a_table)       # bit-identical
-    assert tb["prompt_table.sentiment"].shape == (6, 64)
-    pm = PromptedModel.load(cfg_b.model.artifact_path)
-    mixed = [squad_records(1)[0], {"taskname": "sentiment", "review": "good dog"}, squad_records(2, seed=9)[1]]
-    out = pm.generate(mixed, tokens_to_generate=4, batch_size=3, stop_strings=(), progress=False)
-    assert out == [pm.generate([r], tokens_to_generate=4, stop_strings=(), progress=False)[0] for r in mixed]
+    check_two_task_incremental(tmp_path, t5_cfg, tiny_t5, T5_SQUAD, hidden=64, n_train=8)
 
 
 @pytest.fixture(scope="module")
