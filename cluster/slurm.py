@@ -8,6 +8,14 @@ values Lightning would pick, so plain torch.distributed agrees with Lightning.
 
 Dependencies are added at submit time (``sbatch --dependency=afterok:<previous>[,singleton]``), so
 the scripts stay independent of job ids. Wait mode polls ``squeue`` until the chain ends.
+
+Every job is ``--requeue``-able with ``--open-mode=append`` (a requeued run appends to the same log). A stage
+that checkpoints (prompt_learning) also gets ``--signal=USR1@<secs>`` from ``cluster.signal``: Slurm sends
+SIGUSR1 to every srun task that many seconds before the time limit -- deliberately not ``B:USR1``, which
+would signal only the batch shell and need a trap that forwards it while srun runs in the background. The
+stage saves a checkpoint at its next step boundary, creates ``$PROMPTLAUNCH_REQUEUE_FILE`` and exits; the
+script, seeing the file, runs ``scontrol requeue`` on the host (so it works inside containers too), and the
+requeued job resumes from the checkpoint. ``scancel --signal=USR1 <job id>`` triggers the same path by hand.
 """
 from __future__ import annotations
 
@@ -107,6 +115,8 @@ class SlurmExecutor:
             "time": job.time_limit,
             "output": slurm_log(job.results_dir, job.name, "out"),
             "error": slurm_log(job.results_dir, job.name, "err"),
+            "open-mode": "append",   # a requeued job keeps the log of its earlier runs
+            "requeue": None,         # after a node failure or a preemption, run again (stages resume or are idempotent)
         }
         if c.partition:
             d["partition"] = c.partition
@@ -160,7 +170,30 @@ class SlurmExecutor:
             "# the rendezvous address and port are the ones Lightning's SLURMEnvironment derives.",
             'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
             "export MASTER_ADDR MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000))",
-            join(self.srun_command(job)),
+        ]
+        signal = dict(job.extra).get("signal")
+        if not signal:
+            return "\n".join([*lines, join(self.srun_command(job)), ""])
+        name, _, lead = signal.partition("@")
+        name = name[3:] if name.upper().startswith("SIG") else name
+        lines += [
+            comment(f"Preemption: Slurm sends SIG{name} to every srun task {lead} s before the time limit (also: "
+                    f"scancel --signal={name} <job id>). The stage saves a checkpoint at its next step boundary, "
+                    f"creates $PROMPTLAUNCH_REQUEUE_FILE and exits; this script then requeues the job, which "
+                    f"resumes from the checkpoint (exp_manager.resume_if_exists)."),
+            f"export PROMPTLAUNCH_PREEMPT_SIGNAL={q(name)}",
+            f"export PROMPTLAUNCH_REQUEUE_FILE={q(job.results_dir + '/.requeue-')}\"$SLURM_JOB_ID\"",
+            'rm -f "$PROMPTLAUNCH_REQUEUE_FILE"',
+            'echo "promptlaunch: job $SLURM_JOB_ID starts (restart ${SLURM_RESTART_COUNT:-0})"',
+            "rc=0",
+            join(self.srun_command(job)) + " || rc=$?",
+            'if [[ -e $PROMPTLAUNCH_REQUEUE_FILE ]]; then',
+            '    rm -f "$PROMPTLAUNCH_REQUEUE_FILE"',
+            '    echo "promptlaunch: requeueing job $SLURM_JOB_ID; it resumes from its checkpoint"',
+            '    scontrol requeue "$SLURM_JOB_ID"',
+            "    exit 0",
+            "fi",
+            'exit "$rc"',
             "",
         ]
         return "\n".join(lines)

@@ -139,6 +139,47 @@ def _check_signal(value: Any) -> int | None:
     return int(match.group(2))
 
 
+def _task_names(m: DictConfig, key: str) -> list[str]:
+    """``new_tasks=squad`` (a bare string) means ``[squad]``; the written stage config gets the list."""
+    raw = m.get(key)
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        m[key] = [raw] if raw else []
+        return [raw] if raw else []
+    if not isinstance(raw, (list, ListConfig)) or any(not isinstance(t, str) or not t for t in raw):
+        raise UserError(f"prompt_learning.model.{key}: expected a list of task names such as [squad], got {raw!r}")
+    return [str(t) for t in raw]
+
+
+def _check_training_knobs(sc: DictConfig) -> None:
+    """Optimizer, schedule, step and example limits: caught here instead of minutes into the job."""
+    m, t = sc.model, sc.trainer
+    optim = m.get("optim") or {}
+    name = str(optim.get("name", "adamw")).lower()
+    if name not in ("adamw", "adam"):
+        raise UserError(f"prompt_learning.model.optim.name: '{optim.get('name')}' is not one of adamw, adam")
+    lr = optim.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise UserError(f"prompt_learning.model.optim.lr: must be a number > 0, got {lr!r}")
+    sched = optim.get("sched") or {}
+    if str(sched.get("name", "constant")) not in ("cosine", "constant", "linear"):
+        raise UserError(f"prompt_learning.model.optim.sched.name: '{sched.get('name')}' is not one of cosine, constant, linear")
+    warmup = sched.get("warmup_steps", 0)
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
+        raise UserError(f"prompt_learning.model.optim.sched.warmup_steps: must be an integer >= 0, got {warmup!r}")
+    data = m.get("data") or {}
+    for key in ("max_train_examples", "max_val_examples"):
+        if data.get(key) is not None:
+            _positive_int(data.get(key), f"prompt_learning.model.data.{key}")
+    steps, epochs = t.get("max_steps", -1), t.get("max_epochs", -1)
+    for key, value in (("max_steps", steps), ("max_epochs", epochs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1):
+            raise UserError(f"prompt_learning.trainer.{key}: must be a positive integer or -1 (no limit), got {value!r}")
+    if (steps is None or steps == -1) and (epochs is None or epochs == -1):
+        raise UserError("prompt_learning.trainer.max_steps: -1 together with max_epochs=-1 would train forever; set one of them")
+
+
 def _check_exp_manager(sc: DictConfig) -> None:
     em = sc.get("exp_manager")
     if em is None:
@@ -251,8 +292,8 @@ def _check_prompt_learning(sc: DictConfig, dp: int, inputs: _Inputs) -> None:
         if enc not in ("mlp", "lstm"):
             raise UserError(f"prompt_learning.model.p_tuning.encoder_type: '{enc}' is not one of mlp, lstm")
     templates = parse_templates(OmegaConf.to_container(m.get("task_templates") or []), "prompt_learning.model.task_templates")
-    new = list(m.get("new_tasks") or [])
-    existing = list(m.get("existing_tasks") or [])
+    new = _task_names(m, "new_tasks")
+    existing = _task_names(m, "existing_tasks")
     if not new:
         raise UserError("prompt_learning.model.new_tasks: empty; name the task(s) to tune, e.g. new_tasks=[squad]")
     for key, names in (("new_tasks", new), ("existing_tasks", existing)):
@@ -299,6 +340,7 @@ def _check_prompt_learning(sc: DictConfig, dp: int, inputs: _Inputs) -> None:
             inputs.need(str(f), f"prompt_learning.model.data.{key}", "run the data_preparation stage first or fix the path")
     _positive_int(data.get("max_seq_length", 1), "prompt_learning.model.data.max_seq_length")
     _check_exp_manager(sc)
+    _check_training_knobs(sc)
     inputs.produced.add(os.path.normpath(str(m.get("artifact_path"))))
 
 
@@ -391,6 +433,9 @@ def validate(cfg: DictConfig) -> Checked:
         dp = _check_trainer(stage, sc, g, sc.get("model") or OmegaConf.create({}))
         if stage == "prompt_learning":
             _check_prompt_learning(sc, dp, inputs)
+            if signal_lead and not (sc.get("exp_manager") or {}).get("resume_if_exists", False):
+                inputs.warnings.append("cluster.signal is set but prompt_learning.exp_manager.resume_if_exists=false: a job "
+                                       "requeued after the signal would start over instead of resuming")
         else:
             _check_evaluation(sc, inputs)
     return Checked(stages=stages, warnings=inputs.warnings)

@@ -80,13 +80,20 @@ def test_gpu_stage_directives_sorted_and_complete():
         "#SBATCH --mem=0",
         "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --open-mode=append",
         "#SBATCH --output=/r/gpt3_5b/pl/log-squad_gpt3_5b_%j.out",
         "#SBATCH --overcommit",
         "#SBATCH --partition=batch",
+        "#SBATCH --requeue",
         "#SBATCH --signal=USR1@120",
         "#SBATCH --time=1-00:00:00",
     ]
     assert "srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=8 python3 -u /opt/pl/stages/prompt_learning/run.py" in script
+    # the preemption signal reaches the tasks; the script requeues when the stage left the marker file
+    assert "export PROMPTLAUNCH_REQUEUE_FILE=/r/gpt3_5b/pl/.requeue-\"$SLURM_JOB_ID\"" in script
+    assert " || rc=$?\nif [[ -e $PROMPTLAUNCH_REQUEUE_FILE ]]; then" in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"\n    exit 0\nfi\nexit "$rc"\n' in script
+    assert "PROMPTLAUNCH" not in SlurmExecutor().render(_spec())   # no signal: plain srun line
     assert "--container" not in script
     assert script.index("#SBATCH") < script.index("set -euo pipefail")  # sbatch stops reading at the first command
 

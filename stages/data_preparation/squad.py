@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig
 
 from launcher.errors import UserError
-from launcher.io import write_json, write_jsonl
+from launcher.io import remove_stale_tmp, write_json, write_jsonl
 
 from .fetch import fetch_raw
 from .settings import PREFIX, SPLITS, Settings
@@ -181,6 +181,7 @@ def records(
 def _build(settings: Settings) -> dict[str, Any]:
     """Do the work; nothing is written to output_dir until both inputs parsed and counted correctly."""
     (settings.output_dir / MARKER).unlink(missing_ok=True)  # the outputs are about to change
+    remove_stale_tmp(settings.output_dir, [*OUTPUTS, MARKER])  # leftovers of a killed earlier run (one writer)
     digests = fetch_raw(settings)
     parsed: dict[str, list[Question]] = {}
     for split in SPLITS:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig
 
 from launcher.errors import UserError
-from launcher.io import write_json, write_jsonl, write_text
+from launcher.io import remove_stale_tmp, write_json, write_jsonl, write_text
 
 from .data import Example, TestSlice, check_examples, read_slice
 from .metrics import Score, aggregate, score
@@ -140,6 +140,10 @@ def write_outputs(s: Settings, data: TestSlice, examples: list[Example], runs: d
     """predictions(_baseline).jsonl, metrics.json and summary.md; returns the metrics dict."""
     files = {}
     main_kind = "baseline" if s.baseline_only else "tuned"
+    # metrics.json is written last and marks a complete set: drop the old one first, so a kill between the
+    # files below never leaves new predictions next to metrics of an earlier run
+    (s.results_dir / METRICS).unlink(missing_ok=True)
+    remove_stale_tmp(s.results_dir, [PREDICTIONS, PREDICTIONS_BASELINE, METRICS, SUMMARY])
     for kind, run in runs.items():
         name = PREDICTIONS if kind == "tuned" else PREDICTIONS_BASELINE
         write_jsonl(s.results_dir / name, prediction_records(examples, run))
@@ -174,8 +178,8 @@ def write_outputs(s: Settings, data: TestSlice, examples: list[Example], runs: d
         base["predictions"] = PREDICTIONS_BASELINE
         metrics["baseline"] = base
         metrics["files"]["predictions_baseline"] = PREDICTIONS_BASELINE
-    write_json(s.results_dir / METRICS, metrics)
     write_text(s.results_dir / SUMMARY, summary_markdown(data, metrics))
+    write_json(s.results_dir / METRICS, metrics)   # last: its presence means the set is complete
     return metrics
 
 

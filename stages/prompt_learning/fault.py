@@ -50,7 +50,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
 from launcher.errors import UserError
-from launcher.io import atomic_path, fsync_dir, remove_stale_tmp
+from launcher.io import atomic_path, remove_stale_tmp
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 
@@ -113,7 +113,8 @@ def load_checkpoint_file(path: Path) -> tuple[dict[str, Any] | None, str]:
     try:
         ck = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, unreadable file, ...
-        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+        first = " ".join(str(exc).split()).split(". ")[0]
+        return None, f"{type(exc).__name__}: {first[:120]}"
     if not isinstance(ck, dict):
         return None, f"holds a {type(ck).__name__}, not a Lightning checkpoint"
     missing = [k for k in ("state_dict", "optimizer_states", "loops", "global_step", "callbacks") if k not in ck]
@@ -132,9 +133,10 @@ def check_compatible(ck: dict[str, Any], path: Path, layout: dict[str, Any], sha
         raise UserError(f"{path}: checkpoint does not match this config (prompt parameter {k}: checkpoint "
                         f"{got.get(k, 'absent')}, config {shapes.get(k, 'absent')}); {fix}")
     saved = (ck["callbacks"].get(STATE_KEY) or {}).get("layout")
-    if saved is None:
-        raise UserError(f"{path}: checkpoint has no promptlaunch resume state (written by another program or an "
-                        f"older promptlaunch); {fix}")
+    if saved is None:   # written before checkpoints carried it: the batch position is restored, the RNG is not
+        log.warning("%s has no data layout or RNG state (an older promptlaunch wrote it); resuming anyway, but the result "
+                    "may differ slightly from an uninterrupted run if training draws random numbers (dropout)", path)
+        return
     for key, want in layout.items():
         if saved.get(key) != want:
             raise UserError(f"{path}: checkpoint was written with {key}={saved.get(key)!r}, this config gives "

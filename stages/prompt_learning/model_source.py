@@ -35,6 +35,7 @@ ACCEPTED = (
     "a Hugging Face model folder, a hub id (org/name), a .gguf file, or "
     + ", ".join(f"embedded:{k}" for k in EMBEDDED)
 )
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "sentencepiece.bpe.model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # config.json keys that do not change the network (left out of the fingerprint)
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config", "use_cache"}
@@ -91,6 +92,11 @@ def resolve(language_model_path: str | None, key: str = "model.language_model_pa
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{key}={given}: folder has no config.json, so it is not a Hugging Face model folder; accepted: {ACCEPTED}")
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{key}={given}: {path / 'config.json'} is unreadable or not JSON ({exc}); the model folder is "
+                            "damaged: copy or export it again") from None
         return ResolvedModel(given, str(path.resolve()), "folder")
     if path.exists():
         raise UserError(f"{key}={given}: is a file but not a .gguf; accepted: {ACCEPTED}")
@@ -155,6 +161,10 @@ def convert_gguf(gguf: Path) -> Path:
 def load_tokenizer(location: str, key: str = "model.language_model_path") -> Any:
     from transformers import AutoTokenizer
 
+    folder = Path(location)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{key}={location}: the model folder has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                        "copy them from the model's original folder or hub page next to config.json")
     try:
         tok = AutoTokenizer.from_pretrained(location)
     except Exception as exc:

@@ -59,6 +59,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     # the batch sampler skips the batches already consumed (fault.py, module.ResumableBatchSampler)
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")   # resuming
     from .fault import FaultTolerance, install_preemption_handler
 
     preempt_flag = install_preemption_handler()   # first: from here on the preemption signal cannot kill the process
@@ -68,8 +69,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     if style not in ("prompt-tuning", "p-tuning"):
         raise UserError(f"model.virtual_prompt_style: '{style}' is not one of prompt-tuning, p-tuning")
     templates_all = parse_templates(_cfg(m.get("task_templates")) or [], "model.task_templates")
-    new_tasks = [str(t) for t in (m.get("new_tasks") or [])]
-    existing = [str(t) for t in (m.get("existing_tasks") or [])]
+    new_tasks = _files(m.get("new_tasks"))          # a bare string is one task, not its letters
+    existing = _files(m.get("existing_tasks"))
     if not new_tasks:
         raise UserError("model.new_tasks: empty; name the task(s) to tune, e.g. new_tasks=[squad]")
     if set(new_tasks) & set(existing):

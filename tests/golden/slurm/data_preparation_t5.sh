@@ -9,7 +9,9 @@
 #SBATCH --mem=0
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
 #SBATCH --output=/mount/results/data_preparation/log-download_squad_%j.out
+#SBATCH --requeue
 #SBATCH --time=01:00:00
 set -euo pipefail
 cd /opt/promptlaunch

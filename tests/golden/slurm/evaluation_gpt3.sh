@@ -10,7 +10,9 @@
 #SBATCH --mem=0
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
 #SBATCH --output=/mount/results/gpt3_5b/evaluation_squad/log-eval_prompt_squad_gpt3_5b_%j.out
+#SBATCH --requeue
 #SBATCH --time=04:00:00
 set -euo pipefail
 cd /opt/promptlaunch

@@ -10,7 +10,9 @@
 #SBATCH --mem=0
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
 #SBATCH --output=/mount/results/mt5_390m/evaluation_squad/log-eval_prompt_squad_mt5_390m_%j.out
+#SBATCH --requeue
 #SBATCH --time=04:00:00
 set -euo pipefail
 cd /opt/promptlaunch
