@@ -57,7 +57,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
+# cred_expire: how long a requeued job is held before it may start again (default 120 s); slurmd refuses
+# to start it earlier ("Job credential revoked"), so the requeue test waits this long, not 2 minutes
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 StateSaveLocation=$DIR/state/ctld
 SlurmdSpoolDir=$DIR/state/d
 SlurmctldPidFile=$DIR/run/slurmctld.pid
