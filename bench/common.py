@@ -1,0 +1,336 @@
+"""Shared pieces of the benchmarks: one model/tokenizer/template setup, SQuAD paragraph batches, PEFT wrapping,
+timing, FLOP counting, tables and JSON results.
+
+Why one module: every bench must compare the engine and Hugging Face PEFT on exactly the same model, the same
+SQuAD questions, the same batches and the same prompt table; building those in one place is what guarantees it.
+Everything heavy (torch, transformers, peft) is imported lazily, so ``launcher_overhead.py`` stays torch-free
+while it times.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from launcher.io import write_json  # noqa: E402
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+DEFAULT_CONFIG = ROOT / "conf" / "prompt_learning" / "gpt3" / "squad_cpu.yaml"   # template, init text, lr
+DEFAULT_DATA_DIR = ROOT / "data"
+RESULTS_DIR = ROOT / "bench" / "results"
+SQUAD_FILES = {"train": "squad_train.jsonl", "dev": "squad_val.jsonl"}
+
+
+# ---- machine, command, results -------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    """What a figure depends on: cores, threads, library versions, CPU model (read where it is cheap)."""
+    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        info["affinity_cpus"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+    except OSError:
+        pass
+    try:
+        info["loadavg_1min"] = os.getloadavg()[0]   # > cores means the figures were taken on a busy machine
+    except OSError:
+        pass
+    if "torch" in sys.modules:   # only when the bench itself uses torch (launcher_overhead does not)
+        import torch
+
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                    torch_interop_threads=torch.get_num_interop_threads(),
+                    cpu_capability=torch.backends.cpu.get_cpu_capability())
+        for mod in ("transformers", "peft"):
+            if mod in sys.modules:
+                info[mod] = getattr(sys.modules[mod], "__version__", "?")
+    return info
+
+
+def command_line() -> str:
+    """The exact command that produced a result file (shell-quoted, relative to the repository root)."""
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def write_result(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """Atomically write a bench result with the machine, the command and the time it was taken."""
+    doc = {**payload, "machine": machine_info(), "command": command_line(),
+           "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return write_json(path, doc)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain fixed-width text table (floats with 3 significant decimals)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    return "\n".join(lines)
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def interleaved_timing(sides: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each side's callable, ``repeats`` times, interleaved (A B C A B C ...), so a change in
+    machine load hits every side alike instead of biasing whichever ran last."""
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+# ---- model, tokenizer, template -------------------------------------------------------------------
+@dataclass
+class Setup:
+    """The frozen model and everything both sides of a comparison share."""
+
+    model: Any
+    tokenizer: Any
+    info: Any                      # stages.prompt_learning.data.TokenizerInfo
+    template: Any                  # launcher.prompt_template.TaskTemplate
+    family: Any                    # DecoderOnlyFamily
+    model_path: str
+    init_text: str | None
+    lr: float
+
+
+def default_task(config: str | os.PathLike[str] = DEFAULT_CONFIG) -> tuple[list[dict[str, Any]], str | None, float]:
+    """(task_templates, prompt init text, learning rate) of the CPU prompt-learning config: the bench measures what
+    the default pipeline trains, not a template of its own."""
+    from omegaconf import OmegaConf
+
+    m = OmegaConf.to_container(OmegaConf.load(str(config)), resolve=False)["model"]
+    texts = ((m.get("prompt_tuning") or {}).get("new_prompt_init_text")) or [None]
+    return m["task_templates"], texts[0], float(m["optim"]["lr"])
+
+
+def load_setup(model_path: str = DEFAULT_MODEL, attn: str | None = "eager", config: str | os.PathLike[str] = DEFAULT_CONFIG,
+               templates: list[dict[str, Any]] | None = None) -> Setup:
+    """Load the base model exactly as the prompt_learning stage does (resolve -> fp32, frozen, attention
+    implementation of the CPU config) and the first task template of ``config`` (or ``templates``)."""
+    from launcher.prompt_template import parse_templates
+    from stages.prompt_learning import data as D
+    from stages.prompt_learning.family import family_for
+    from stages.prompt_learning.model_source import load_tokenizer, resolve
+    from stages.prompt_learning.train import _load_base
+
+    task_templates, init_text, lr = default_task(config)
+    parsed = parse_templates(templates or task_templates, "task_templates")
+    template = next(iter(parsed.values()))
+    resolved = resolve(model_path, "--model")
+    tokenizer = load_tokenizer(resolved.location, "--model")
+    model = _load_base(resolved.location, attn)
+    family = family_for(model.config, tokenizer)
+    if family.name != "gpt":
+        raise SystemExit(f"--model {model_path}: the benches compare decoder-only prompt tuning with PEFT; got family {family.name}")
+    return Setup(model, tokenizer, D.TokenizerInfo(tokenizer), template, family, model_path, init_text, lr)
+
+
+def prompt_table(setup: Setup, *, init: str = "text", seed: int = 1234, artifact: str | None = None) -> Any:
+    """The [virtual tokens, hidden] prompt table both sides start from: a trained one from a prompt artifact, or
+    the engine's own initialiser (``init``: text = the CPU config's init sentence, random = seeded Gaussian)."""
+    from stages.prompt_learning.prompts import init_table
+
+    n = setup.template.total_virtual_tokens
+    if artifact:
+        from stages.prompt_learning.artifact import load_artifact
+
+        _, _, tables = load_artifact(artifact, "--artifact")
+        if setup.template.taskname not in tables:
+            raise SystemExit(f"--artifact {artifact}: no table for task '{setup.template.taskname}' (has {sorted(tables)})")
+        table = tables[setup.template.taskname]
+        if tuple(table.shape) != (n, setup.model.config.hidden_size):
+            raise SystemExit(f"--artifact {artifact}: table shape {list(table.shape)} does not fit {n} virtual tokens x hidden "
+                             f"{setup.model.config.hidden_size} of {setup.model_path}")
+        return table.float().clone()
+    return init_table(init, n, setup.model.get_input_embeddings().weight, setup.tokenizer, seed=seed,
+                      task=setup.template.taskname, text=setup.init_text)
+
+
+def prompt_store(setup: Setup, table: Any, *, trainable: bool) -> Any:
+    """The engine's PromptStore holding ``table`` (trainable for training, frozen for generation)."""
+    from stages.prompt_learning.prompts import PromptStore
+
+    store = PromptStore([setup.template.taskname], int(table.shape[1]))
+    (store.add_table if trainable else store.add_frozen)(setup.template.taskname, table)
+    return store
+
+
+def peft_prompt_model(setup: Setup, table: Any) -> Any:
+    """``get_peft_model(model, PromptTuningConfig(CAUSAL_LM, same virtual token count))`` with its prompt embedding
+    set to ``table``: PEFT as a user would write it, starting from our exact initial prompt. PEFT wraps the same
+    frozen model object (prompt tuning adds no layers), so both sides run the same weights."""
+    import torch
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    check_peft_layout(setup)
+    cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=setup.template.total_virtual_tokens,
+                             prompt_tuning_init=PromptTuningInit.RANDOM)
+    pm = get_peft_model(setup.model, cfg)
+    emb = pm.prompt_encoder[pm.active_adapter].embedding
+    with torch.no_grad():
+        emb.weight.copy_(table.to(emb.weight.dtype))
+    return pm
+
+
+def check_peft_layout(setup: Setup) -> None:
+    """PEFT prompt tuning can only express templates whose virtual tokens all come first, with no BOS before them
+    (PEFT prepends its virtual tokens to whatever the tokenizer produced, BOS included); anything else would
+    compare different token sequences."""
+    from launcher.prompt_template import Virtual
+
+    pieces = setup.template.pieces
+    virt = [i for i, p in enumerate(pieces) if isinstance(p, Virtual) and p.count]
+    if virt != [0]:
+        raise SystemExit(f"template {setup.template.prompt_template!r}: PEFT prompt tuning needs exactly one virtual marker at "
+                         "the start; this template cannot be expressed in PEFT")
+    if setup.info.bos_id is not None:
+        raise SystemExit(f"{setup.model_path}: its tokenizer adds BOS, which our template puts before the virtual tokens "
+                         "and PEFT after them; the two sides would see different sequences")
+
+
+def without_virtual(ids: Sequence[int], vidx: Sequence[int], *seqs: Sequence[int]) -> tuple[list[int], ...]:
+    """An engine example/prompt as PEFT takes it: the leading virtual slots removed (PEFT prepends its own).
+    ``seqs`` (e.g. labels) are cut the same way. Refuses a virtual slot anywhere but the leading block."""
+    n = 0
+    while n < len(vidx) and vidx[n] >= 0:
+        n += 1
+    if any(v >= 0 for v in vidx[n:]) or list(vidx[:n]) != list(range(n)):
+        raise ValueError("virtual tokens are not one leading block 0..n-1; PEFT prompt tuning cannot express this example")
+    return (list(ids[n:]), *(list(s[n:]) for s in seqs))
+
+
+# ---- SQuAD ------------------------------------------------------------------------------------------
+def squad_records(split: str, data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> list[dict[str, Any]]:
+    """Records of ``squad_train.jsonl`` (split=train) or ``squad_val.jsonl`` (dev) written by the data_preparation
+    stage; when they are missing the stage itself is run (``main.py stages=[data_preparation]``), so the bench
+    reads exactly the files training and evaluation read."""
+    path = Path(data_dir) / "prompt_data" / "v1.1" / SQUAD_FILES[split]
+    if not path.is_file():
+        cmd = [sys.executable, str(ROOT / "main.py"), "stages=[data_preparation]", f"data_dir={Path(data_dir).resolve()}"]
+        print(f"{path} is missing: running {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def paragraphs(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Consecutive records with the same context (SQuAD files list a paragraph's questions together)."""
+    groups: list[list[dict[str, Any]]] = []
+    for rec in records:
+        if groups and groups[-1][0]["context"] == rec["context"]:
+            groups[-1].append(rec)
+        else:
+            groups.append([rec])
+    return groups
+
+
+def paragraph_batches(records: Sequence[dict[str, Any]], *, n_batches: int, batch_size: int, seed: int,
+                      keep: Callable[[dict[str, Any]], bool] = lambda r: True) -> list[list[dict[str, Any]]]:
+    """``n_batches`` batches of ``batch_size`` questions taken as whole paragraphs in a seeded random order (a
+    paragraph may continue into the next batch), so about five questions share each context: the composition
+    shared-context prefixes are built for, and the same list is handed to every side. Paragraphs with a question
+    ``keep`` rejects (e.g. too long) are skipped whole."""
+    import random
+
+    groups = paragraphs(records)
+    random.Random(seed).shuffle(groups)
+    flat: list[dict[str, Any]] = []
+    need = n_batches * batch_size
+    for g in groups:
+        if len(flat) >= need:
+            break
+        if all(keep(r) for r in g):
+            flat += g
+    if len(flat) < need:
+        raise SystemExit(f"only {len(flat)} usable questions for {n_batches} batches of {batch_size}; lower --batches or raise --max-seq-length")
+    return [flat[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+
+
+# ---- FLOPs and matmul peak -------------------------------------------------------------------------------
+def llama_dims(config: Any) -> dict[str, int]:
+    """Matmul dimensions of a Llama-style decoder (hidden, layers, heads, kv heads, head dim, MLP, vocab)."""
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return dict(h=int(config.hidden_size), layers=int(config.num_hidden_layers), heads=heads,
+                kv=int(getattr(config, "num_key_value_heads", heads) or heads), d=head_dim,
+                ffn=int(config.intermediate_size), vocab=int(config.vocab_size))
+
+
+def train_step_flops(config: Any, batch: int, length: int, logit_rows: int) -> dict[str, float]:
+    """Analytic FLOPs of one prompt-tuning step on a [batch, length] padded layout (what the hardware executes).
+
+    Forward: q/k/v/o projections and the gated MLP on every position, attention scores and values on the full
+    length x length grid (eager attention computes it whole), the LM head on ``logit_rows`` positions. Backward:
+    the weights are frozen, so only gradients to activations are computed: one matmul per linear layer (same
+    cost as forward), two per attention matmul (to both operands), one for the LM head. Norms, softmax, RoPE and
+    the loss are not matmuls and are left out."""
+    g = llama_dims(config)
+    tokens = batch * length
+    linear = 2 * tokens * g["layers"] * (g["h"] * g["heads"] * g["d"] + 2 * g["h"] * g["kv"] * g["d"]
+                                        + g["heads"] * g["d"] * g["h"] + 3 * g["h"] * g["ffn"])
+    attn = 2 * 2 * batch * g["layers"] * g["heads"] * length * length * g["d"]
+    head = 2 * logit_rows * g["h"] * g["vocab"]
+    fwd = linear + attn + head
+    bwd = linear + 2 * attn + head
+    return {"forward": float(fwd), "backward": float(bwd), "total": float(fwd + bwd)}
+
+
+def counted_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs torch itself counts (``torch.utils.flop_counter.FlopCounterMode``) while ``fn`` runs once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(shapes: Sequence[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.2) -> dict[str, Any]:
+    """Best fp32 ``torch.mm`` GFLOP/s over ``shapes`` (m, k, n), each timed ``repeats`` times (best of), inner loops
+    long enough to last ``min_seconds``: the practical peak of this machine for the model's own matmul sizes."""
+    import torch
+
+    per: dict[str, float] = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        out = torch.empty(m, n)
+        torch.mm(a, b, out=out)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        inner = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                torch.mm(a, b, out=out)
+            best = min(best, (time.perf_counter() - t0) / inner)
+        per[f"{m}x{k}x{n}"] = 2.0 * m * k * n / best / 1e9
+    key = max(per, key=per.get)
+    return {"peak_gflops": per[key], "peak_shape": key, "per_shape_gflops": per, "repeats": repeats}

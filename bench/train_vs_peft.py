@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Training throughput of our prompt-tuning step against Hugging Face PEFT prompt tuning, and its efficiency.
+
+Same process, same frozen model object, same real SQuAD questions (batches of whole paragraphs, about five
+questions per context), same prompt table, same tokens and labels (answer only), fp32 on CPU:
+
+  peft          get_peft_model(model, PromptTuningConfig(CAUSAL_LM, same virtual tokens)); model(input_ids,
+                attention_mask, labels).loss; backward; AdamW on the prompt embedding
+  ours-plain    the engine's DecoderOnlyFamily.loss(model, store, data.collate(batch)); backward; AdamW on the
+                PromptStore (what PromptLearningModule.training_step runs)
+  ours-shared   the same loss on data.collate_shared(batch): each paragraph's prefix runs once (when the engine
+                has it)
+
+First the loss and the prompt gradient of every side on the same batch from the same table (must agree to
+--tol relative), then one untimed warm-up pass per side (under torch's FlopCounterMode, which also counts
+the executed FLOPs), then --repeats timed passes over the same batches, interleaved across sides; the
+median pass gives examples/s and template tokens/s (real tokens incl. virtual ones, padding excluded; data
+collation is done beforehand for every side). Efficiency: analytic FLOPs of the executed step against the
+best fp32 torch.mm GFLOP/s measured in this run.
+
+Usage:  python3 bench/train_vs_peft.py [--batches 2 --batch-size 8 --repeats 3 --max-seq-length 384]
+Writes bench/results/train_vs_peft.json (override with --out).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+
+
+def peft_batch(examples: Sequence[Any], pad_id: int) -> dict[str, Any]:
+    """PEFT's inputs for our examples: the same token ids and labels without the leading virtual slots (PEFT
+    prepends its own virtual tokens and ignores them in the loss), right-padded like ours."""
+    import torch
+
+    from stages.prompt_learning.data import IGNORE
+
+    cut = [C.without_virtual(e.input_ids, e.virtual_index, e.labels) for e in examples]
+    n = max(len(ids) for ids, _ in cut)
+    return {
+        "input_ids": torch.tensor([ids + [pad_id] * (n - len(ids)) for ids, _ in cut], dtype=torch.long),
+        "labels": torch.tensor([lab + [IGNORE] * (n - len(lab)) for _, lab in cut], dtype=torch.long),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (n - len(ids)) for ids, _ in cut], dtype=torch.long),
+    }
+
+
+def shared_collate() -> Callable[..., dict[str, Any]] | None:
+    """The engine's shared-prefix collate (``data.collate_shared``), or None while the engine has none."""
+    from stages.prompt_learning import data as D
+
+    return getattr(D, "collate_shared", None)
+
+
+class Side:
+    """One contestant: a loss on its own batches and an AdamW on its own copy of the prompt table."""
+
+    def __init__(self, name: str, batches: list[dict[str, Any]], loss_fn: Callable[[dict[str, Any]], Any],
+                 param: Any, lr: float) -> None:
+        import torch
+
+        self.name, self.batches, self.loss_fn, self.param = name, batches, loss_fn, param
+        self.opt = torch.optim.AdamW([param], lr=lr, weight_decay=0.0)
+
+    def loss_and_grad(self, i: int) -> tuple[float, Any]:
+        """Loss and prompt gradient on batch i, no optimiser step (the agreement check)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.batches[i])
+        loss.backward()
+        grad = self.param.grad.detach().clone()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach()), grad
+
+    def step(self, i: int) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.batches[i])
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+    def train_pass(self) -> None:
+        for i in range(len(self.batches)):
+            self.step(i)
+
+
+def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3, warmup: int = 1,
+        max_seq_length: int = 384, tol: float = 1e-4, measure_peak: bool = True, peak_repeats: int = 5) -> dict[str, Any]:
+    """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
+    import torch
+
+    from stages.prompt_learning.data import IGNORE
+
+    fam, tpl, info = setup.family, setup.template, setup.info
+    examples = []
+    for b, recs in enumerate(batch_records):
+        exs = [fam.build_example(tpl, r, info, max_seq_length=max_seq_length, add_eos=True, where=f"batch{b}[{i}]")
+               for i, r in enumerate(recs)]
+        if any(e is None for e in exs):
+            raise SystemExit(f"batch {b}: a question does not fit --max-seq-length {max_seq_length}")
+        examples.append(exs)
+    task_ids = {tpl.taskname: 0}
+    plain = [fam.collate(exs, task_ids, info.pad_id) for exs in examples]
+    sides: dict[str, Side] = {}
+
+    peft = C.peft_prompt_model(setup, table)
+    peft_param = peft.prompt_encoder[peft.active_adapter].embedding.weight
+    sides["peft"] = Side("peft", [peft_batch(exs, info.pad_id) for exs in examples],
+                         lambda b: peft(**b).loss, peft_param, setup.lr)
+
+    def ours(store: Any) -> Callable[[dict[str, Any]], Any]:
+        def loss(b: dict[str, Any]) -> Any:
+            total, n = fam.loss(setup.model, store, b)
+            return total / n.clamp(min=1)          # PromptLearningModule.training_step
+        return loss
+
+    store_plain = C.prompt_store(setup, table, trainable=True)
+    sides["ours-plain"] = Side("ours-plain", plain, ours(store_plain), store_plain.table(tpl.taskname), setup.lr)
+    collate_shared = shared_collate()
+    if collate_shared is not None:
+        store_shared = C.prompt_store(setup, table, trainable=True)
+        sides["ours-shared"] = Side("ours-shared", [collate_shared(exs, task_ids, info.pad_id) for exs in examples],
+                                    ours(store_shared), store_shared.table(tpl.taskname), setup.lr)
+
+    # ---- agreement on batch 0, from the same table ----------------------------------------------------
+    ref_loss, ref_grad = sides["peft"].loss_and_grad(0)
+    agreement: dict[str, Any] = {}
+    for name, side in sides.items():
+        loss, grad = side.loss_and_grad(0)
+        agreement[name] = {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-12),
+                           "grad_rel_diff": float((grad - ref_grad).norm() / ref_grad.norm().clamp(min=1e-30))}
+    ok = all(a["loss_rel_diff"] <= tol and a["grad_rel_diff"] <= max(tol, 1e-3) for a in agreement.values())
+
+    # ---- warm-up (counted FLOPs), then interleaved timed passes ----------------------------------------
+    counted = {name: C.counted_flops(side.train_pass) for name, side in sides.items()}
+    for _ in range(warmup - 1):
+        for side in sides.values():
+            side.train_pass()
+    times = C.interleaved_timing({n: s.train_pass for n, s in sides.items()}, repeats)
+
+    n_examples = sum(len(exs) for exs in examples)
+    template_tokens = sum(len(e.input_ids) for exs in examples for e in exs)
+    label_rows = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in plain]
+    analytic = {
+        "peft": sum(C.train_step_flops(setup.model.config, *b["input_ids"].shape, b["input_ids"].shape[0] * b["input_ids"].shape[1])["total"]
+                    for b in plain),   # HF computes logits on every position (virtual ones included)
+        "ours-plain": sum(C.train_step_flops(setup.model.config, *b["input_ids"].shape, n)["total"] for b, n in zip(plain, label_rows)),
+    }
+    rows: dict[str, Any] = {}
+    for name in sides:
+        sec = C.median(times[name])
+        flops = analytic.get(name, counted[name])
+        rows[name] = {"median_pass_seconds": sec, "pass_seconds": times[name], "examples_per_s": n_examples / sec,
+                      "template_tokens_per_s": template_tokens / sec, "flops_per_pass": flops,
+                      "flops_source": "analytic" if name in analytic else "FlopCounterMode",
+                      "counted_flops_per_pass": counted[name], "gflops_per_s": flops / sec / 1e9}
+    for name, r in rows.items():
+        r["speedup_vs_peft"] = rows["peft"]["median_pass_seconds"] / r["median_pass_seconds"]
+    result: dict[str, Any] = {
+        "model": setup.model_path, "attn_implementation": getattr(setup.model.config, "_attn_implementation", None),
+        "template": tpl.prompt_template, "virtual_tokens": tpl.total_virtual_tokens,
+        "batches": len(examples), "batch_size": len(examples[0]), "examples_per_pass": n_examples,
+        "template_tokens_per_pass": template_tokens, "padded_shapes": [list(b["input_ids"].shape) for b in plain],
+        "contexts_per_batch": [len({r["context"] for r in recs}) for recs in batch_records],
+        "repeats": repeats, "warmup_passes": warmup, "max_seq_length": max_seq_length,
+        "rows": rows, "agreement": {"reference": "peft", "tol": tol, "ok": ok, "per_side": agreement},
+    }
+    if measure_peak:
+        h, ffn = setup.model.config.hidden_size, setup.model.config.intermediate_size
+        t = int(plain[0]["input_ids"].numel())
+        peak = C.matmul_peak([(t, h, ffn), (t, ffn, h), (t, h, h), (2048, 2048, 2048)], repeats=peak_repeats)
+        result["matmul_peak"] = peak
+        for r in rows.values():
+            r["pct_of_peak"] = 100.0 * r["gflops_per_s"] / peak["peak_gflops"]
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    """The printed table: throughput, ratio to PEFT, efficiency, loss agreement."""
+    rows = result["rows"]
+    agree = result["agreement"]["per_side"]
+    lines = [C.table(
+        ["side", "examples/s", "tokens/s", "x PEFT", "GFLOP/s", "% peak", "loss", "rel diff"],
+        [[n, r["examples_per_s"], r["template_tokens_per_s"], r["speedup_vs_peft"], r["gflops_per_s"],
+          r.get("pct_of_peak"), agree[n]["loss"], f"{agree[n]['loss_rel_diff']:.1e}"] for n, r in rows.items()])]
+    if "matmul_peak" in result:
+        p = result["matmul_peak"]
+        lines.append(f"fp32 matmul peak: {p['peak_gflops']:.1f} GFLOP/s ({p['peak_shape']}); per shape: "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in p["per_shape_gflops"].items()))
+    lines.append("FLOPs per pass (analytic | FlopCounterMode): " + "; ".join(
+        f"{n} {r['flops_per_pass'] / 1e9:.1f} | {r['counted_flops_per_pass'] / 1e9:.1f} G" for n, r in rows.items()))
+    lines.append(f"{result['batches']} batches x {result['batch_size']} questions (contexts per batch {result['contexts_per_batch']}, "
+                 f"padded {result['padded_shapes']}), median of {result['repeats']} passes; loss agreement "
+                 f"{'OK' if result['agreement']['ok'] else 'FAILED'} (tol {result['agreement']['tol']:g})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=C.DEFAULT_MODEL)
+    ap.add_argument("--attn", default="eager", help="attention implementation (the CPU config uses eager)")
+    ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA_DIR))
+    ap.add_argument("--batches", type=int, default=2, help="distinct batches per pass")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed passes per side (>= 1; the first counts FLOPs)")
+    ap.add_argument("--max-seq-length", type=int, default=384, help="paragraphs with a longer question are skipped")
+    ap.add_argument("--seed", type=int, default=0, help="paragraph order")
+    ap.add_argument("--init", default="text", choices=["text", "random"], help="prompt table init (without --artifact)")
+    ap.add_argument("--artifact", default=None, help="start from this prompt artifact's table instead")
+    ap.add_argument("--tol", type=float, default=1e-4, help="relative loss agreement required")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--out", default=str(C.RESULTS_DIR / "train_vs_peft.json"))
+    args = ap.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    setup = C.load_setup(args.model, args.attn)
+    fam, tpl, info = setup.family, setup.template, setup.info
+    fits = lambda r: fam.build_example(tpl, r, info, max_seq_length=args.max_seq_length, add_eos=True, where="") is not None  # noqa: E731
+    batches = C.paragraph_batches(C.squad_records("train", args.data_dir), n_batches=args.batches,
+                                  batch_size=args.batch_size, seed=args.seed, keep=fits)
+    table = C.prompt_table(setup, init=args.init, seed=args.seed, artifact=args.artifact)
+    result = run(setup, batches, table, repeats=args.repeats, warmup=max(1, args.warmup),
+                 max_seq_length=args.max_seq_length, tol=args.tol)
+    print(report(result))
+    C.write_result(args.out, {"bench": "train_vs_peft", **result})
+    print(f"written: {args.out}")
+    return 0 if result["agreement"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
