@@ -59,9 +59,10 @@ class FakeModel:
         return {"model": "fake-llm", "artifact": self.artifact, "family": "gpt",
                 "virtual_tokens": {t: v.total_virtual_tokens for t, v in self.templates.items()}}
 
-    def generate(self, records, *, tokens_to_generate=32, batch_size=8, use_virtual_prompt=True, stop_strings=("\n",), progress=True):
+    def generate(self, records, *, tokens_to_generate=32, batch_size=8, use_virtual_prompt=True, stop_strings=("\n",), progress=True,
+                 **extra):
         self.calls.append(dict(records=[dict(r) for r in records], tokens_to_generate=tokens_to_generate, batch_size=batch_size,
-                               use_virtual_prompt=use_virtual_prompt, stop_strings=tuple(stop_strings)))
+                               use_virtual_prompt=use_virtual_prompt, stop_strings=tuple(stop_strings), **extra))
         return [TUNED[r["question"]] if use_virtual_prompt else r["question"].split()[0] for r in records]
 
 

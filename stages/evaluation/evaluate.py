@@ -107,6 +107,7 @@ def _run(model: Any, examples: list[Example], s: Settings, kind: str) -> Run:
         use_virtual_prompt=(kind == "tuned"),
         stop_strings=s.stop_strings,
         progress=s.progress,
+        **({"share_prefix": True} if s.share_prefix else {}),   # only when asked: older generate() contracts stay valid
     )
     seconds = time.monotonic() - t0
     if len(preds) != len(examples):

@@ -45,6 +45,7 @@ class Settings:
     compare_baseline: bool
     baseline_only: bool
     progress: bool
+    share_prefix: bool = False            # generate with shared-context prefixes (PromptedModel.generate)
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "Settings":
@@ -133,6 +134,7 @@ class Settings:
             compare_baseline=compare_baseline and not baseline_only,
             baseline_only=baseline_only,
             progress=_bool(inf.get("progress", True), "inference.progress"),
+            share_prefix=_bool(inf.get("share_prefix", False), "inference.share_prefix"),
         )
 
 

@@ -36,6 +36,7 @@ class Example:
     virtual_index: list[int]           # -1 for real tokens, else row in the task's prompt table
     labels: list[int]                  # IGNORE where no loss
     source: str = ""
+    prefix_len: int = 0                # leading tokens that may be shared with other examples (0: none); see shared_prefix_len
 
 
 @dataclass
@@ -113,6 +114,36 @@ def render_segments(template: TaskTemplate, record: dict[str, Any], where: str, 
     return [tuple(s) for s in segs]
 
 
+def prefix_segment_count(template: TaskTemplate, segs: Sequence[tuple[Any, ...]]) -> int:
+    """How many leading rendered segments form the shareable prefix: everything up to and including the first
+    non-answer field (SQuAD: [BOS] + virtual + "Context:" + context). Questions of one paragraph then have
+    identical prefix token ids, because every piece is tokenised on its own."""
+    for i, seg in enumerate(segs):
+        if seg[0] == "text" and seg[2] is not None:
+            return i + 1 if seg[2] != template.answer_field else i
+    return 0
+
+
+def prefix_fields(template: TaskTemplate) -> tuple[str, ...]:
+    """The record fields inside the shareable prefix (SQuAD: ("context",)): records with equal values share it."""
+    for piece in template.pieces:
+        if isinstance(piece, Field):
+            return (piece.name,) if piece.name != template.answer_field else ()
+    return ()
+
+
+def shared_prefix_len(natural: int, labels: Sequence[int] | None, length: int) -> int:
+    """Cut the natural prefix so that it carries no loss: the prefix may not contain a label, nor predict one
+    (the token right after it is predicted from the prefix's last position), and at least one token must follow
+    it. Labels inside the prefix (answer_only_loss=false) therefore shrink it to the tokens before them; the
+    shared path never needs logits of prefix positions."""
+    cut = min(natural, length - 1)
+    if labels is not None:
+        first = next((i for i, t in enumerate(labels) if t != IGNORE), length)
+        cut = min(cut, first - 1)
+    return max(cut, 0)
+
+
 def build_example(template: TaskTemplate, record: dict[str, Any], info: TokenizerInfo, *, max_seq_length: int,
                   add_eos: bool, where: str, stats: BuildStats | None = None) -> Example | None:
     """One training/validation example; None when it cannot fit even after truncation (counted in stats)."""
@@ -163,7 +194,9 @@ def build_example(template: TaskTemplate, record: dict[str, Any], info: Tokenize
     labels += list(eos)
     if stats is not None:
         stats.truncated += int(truncated)
-    return Example(template.taskname, input_ids, vidx, labels, where)
+    k = prefix_segment_count(template, segs)
+    natural = len(bos) + sum(p[1].count if p[0] == "virtual" else len(p[1]) for p in parts[:k])
+    return Example(template.taskname, input_ids, vidx, labels, where, shared_prefix_len(natural, labels, len(input_ids)))
 
 
 def layout_prompt(template: TaskTemplate, parts: list[tuple[str, Any, Any]], pad_id: int, *, prefix: Sequence[int] = (),
@@ -197,11 +230,21 @@ def layout_prompt(template: TaskTemplate, parts: list[tuple[str, Any, Any]], pad
 def build_prompt(template: TaskTemplate, record: dict[str, Any], info: TokenizerInfo, *, where: str,
                  use_virtual: bool = True, max_len: int | None = None) -> tuple[list[int], list[int]]:
     """Generation prompt (everything before the answer field): (input_ids, virtual_index)."""
+    ids, vidx, _ = build_prompt_split(template, record, info, where=where, use_virtual=use_virtual, max_len=max_len)
+    return ids, vidx
+
+
+def build_prompt_split(template: TaskTemplate, record: dict[str, Any], info: TokenizerInfo, *, where: str,
+                       use_virtual: bool = True, max_len: int | None = None) -> tuple[list[int], list[int], int]:
+    """``build_prompt`` plus the length of its shareable prefix (same ids as ``build_prompt``; at least one
+    token is left after the prefix, whose logits start the answer)."""
     segs = render_segments(template, record, where, with_answer=False, use_virtual=use_virtual)
     parts = [(k, v if k == "virtual" else info.encode(v), n) for k, v, n in segs]
     prefix = [info.bos_id] if info.bos_id is not None else []
-    ids, vidx, _ = layout_prompt(template, parts, info.pad_id, prefix=prefix, max_len=max_len)
-    return ids, vidx
+    ids, vidx, _ = layout_prompt(template, parts, info.pad_id, prefix=prefix, max_len=max_len)   # may cut parts in place
+    k = prefix_segment_count(template, segs)
+    natural = len(prefix) + sum(p[1].count if p[0] == "virtual" else len(p[1]) for p in parts[:k])
+    return ids, vidx, shared_prefix_len(natural, None, len(ids))
 
 
 def read_jsonl(paths: Iterable[str], templates: dict[str, TaskTemplate], key: str) -> list[tuple[dict[str, Any], str]]:
@@ -261,17 +304,21 @@ def check_field_value(value: Any, name: str, template: TaskTemplate, where: str)
 def build_dataset(paths: Iterable[str], templates: dict[str, TaskTemplate], info: TokenizerInfo, *, key: str,
                   max_seq_length: int, min_seq_length: int, add_eos: bool, max_examples: int | None,
                   seed: int, records: list[tuple[dict[str, Any], str]] | None = None,
-                  sample: bool = True, builder: Any = None) -> tuple[list[Example], BuildStats]:
+                  sample: bool = True, builder: Any = None, group_sample: bool = False) -> tuple[list[Example], BuildStats]:
     """Validate all records, keep ``max_examples`` of them, tokenise them.
 
     ``sample=True`` keeps a seeded random sample (training: varied examples); ``sample=False`` keeps the first
     ``max_examples`` records, a fixed slice, so validation never overlaps a held-out slice further down the file.
+    ``group_sample=True`` samples whole groups of records with equal prefix fields (SQuAD: paragraphs, see
+    ``prefix_fields``) instead of scattered records, so that shared-prefix training finds groups to share.
     ``builder``: the model family's ``build_example`` (default: this module's decoder-only one).
     """
     if records is None:
         records = read_jsonl(paths, templates, key)
     if max_examples is not None and max_examples < len(records) and not sample:
         records = records[:max_examples]
+    elif max_examples is not None and max_examples < len(records) and group_sample:
+        records = [records[i] for i in sample_groups(records, templates, max_examples, seed)]
     elif max_examples is not None and max_examples < len(records):
         rng = random.Random(seed)
         idx = list(range(len(records)))
@@ -295,6 +342,25 @@ def build_dataset(paths: Iterable[str], templates: dict[str, TaskTemplate], info
     if not examples:
         raise UserError(f"{key}: no usable examples (all {len(records)} dropped){_why_dropped(records, templates, info, max_seq_length, add_eos, builder)}")
     return examples, stats
+
+
+def sample_groups(records: list[tuple[dict[str, Any], str]], templates: dict[str, TaskTemplate], n: int, seed: int) -> list[int]:
+    """Indices (file order) of ``n`` records taken as whole groups (task + prefix field values), groups in a seeded
+    random order; the last group taken is cut so that exactly ``n`` records are kept."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (rec, _) in enumerate(records):
+        tpl = templates[rec["taskname"]]
+        fields = prefix_fields(tpl)
+        key = (rec["taskname"], *(json.dumps(rec.get(f), sort_keys=True) for f in fields)) if fields else (rec["taskname"], i)
+        groups.setdefault(key, []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    keep: list[int] = []
+    for g in order:
+        keep += g[: n - len(keep)]
+        if len(keep) >= n:
+            break
+    return sorted(keep)
 
 
 def _why_dropped(records: list[tuple[dict[str, Any], str]], templates: dict[str, TaskTemplate], info: TokenizerInfo,
@@ -342,3 +408,53 @@ def collate(examples: Sequence[Example], task_ids: dict[str, int], pad_id: int, 
         "attention_mask": torch.tensor(mask, dtype=torch.long),
         "task_ids": torch.tensor([task_ids[e.task] for e in examples], dtype=torch.long),
     }
+
+
+def prefix_key(e: Example) -> tuple[Any, ...]:
+    """Examples with equal keys have identical prefix token ids, virtual rows and task: one prefix pass serves all."""
+    p = e.prefix_len
+    return (e.task, tuple(e.input_ids[:p]), tuple(e.virtual_index[:p]))
+
+
+def prefix_groups(examples: Sequence[Example]) -> list[list[int]]:
+    """Indices of examples grouped by ``prefix_key`` (first-appearance order); no prefix -> a group of one."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(prefix_key(e) if e.prefix_len > 0 else ("", i), []).append(i)
+    return list(groups.values())
+
+
+def collate_shared(examples: Sequence[Example], task_ids: dict[str, int], pad_id: int) -> dict[str, Any]:
+    """Training batch whose examples share prefixes: each distinct prefix once, then every example's suffix.
+
+    Keys: ``prefix_input_ids`` / ``prefix_virtual_index`` / ``prefix_attention_mask`` [P, Lp] and
+    ``prefix_task_ids`` [P] (right-padded); ``input_ids`` / ``virtual_index`` / ``labels`` / ``attention_mask``
+    [B, Ls] and ``task_ids`` [B] for the suffixes (right-padded); ``prefix_row`` [B] (the suffix's prefix) and
+    ``prefix_lengths`` [B] (its real prefix length = position of the first suffix token). Suffix labels start
+    inside the suffix (``shared_prefix_len``), so the loss needs no prefix logits. Returns the plain ``collate``
+    when no two examples share a prefix (nothing to gain) or one has no prefix; ``DecoderOnlyFamily.loss``
+    accepts both.
+    """
+    import torch
+
+    keys: dict[tuple[Any, ...], int] = {}
+    rows: list[int] = []
+    for e in examples:
+        if e.prefix_len < 1:
+            return collate(examples, task_ids, pad_id)
+        rows.append(keys.setdefault(prefix_key(e), len(keys)))
+    if len(keys) == len(examples):
+        return collate(examples, task_ids, pad_id)
+    firsts: dict[int, Example] = {}
+    for e, r in zip(examples, rows):
+        firsts.setdefault(r, e)
+    prefixes = [Example(firsts[r].task, firsts[r].input_ids[:firsts[r].prefix_len], firsts[r].virtual_index[:firsts[r].prefix_len],
+                        [IGNORE] * firsts[r].prefix_len) for r in range(len(keys))]
+    suffixes = [Example(e.task, e.input_ids[e.prefix_len:], e.virtual_index[e.prefix_len:], e.labels[e.prefix_len:])
+                for e in examples]
+    pre, suf = collate(prefixes, task_ids, pad_id), collate(suffixes, task_ids, pad_id)
+    out = {f"prefix_{k}": v for k, v in pre.items() if k != "labels"}
+    out.update(suf)
+    out["prefix_row"] = torch.tensor(rows, dtype=torch.long)
+    out["prefix_lengths"] = torch.tensor([e.prefix_len for e in examples], dtype=torch.long)
+    return out

@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from launcher.prompt_template import TaskTemplate
 
 from . import data as D
+from . import shared_prefix as SP
 from .prompts import PromptStore
 
 
 class DecoderOnlyFamily:
     name = "gpt"
     auto_class = "AutoModelForCausalLM"
+    shares_prefix = True    # shared-context prefixes (shared_prefix.py): training batches and generation
 
     # ---- examples -------------------------------------------------------------------------------
     def build_example(self, template: TaskTemplate, record: dict[str, Any], info: D.TokenizerInfo, **kw: Any) -> D.Example | None:
@@ -43,7 +45,12 @@ class DecoderOnlyFamily:
         return store.embed(emb, input_ids, virtual_index, task_ids)
 
     def loss(self, model: Any, store: PromptStore, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of token cross-entropies, number of label tokens); logits only where there are labels."""
+        """(sum of token cross-entropies, number of label tokens); logits only where there are labels.
+
+        Accepts a plain ``data.collate`` batch or a ``data.collate_shared`` one (each distinct prefix run once;
+        same loss and prompt gradient up to float rounding, see shared_prefix.py)."""
+        if SP.is_shared(batch):
+            return SP.shared_loss(self, model, store, batch)
         x = self.embed(model, store, batch["input_ids"], batch["virtual_index"], batch["task_ids"])
         mask = batch["attention_mask"]
         labels = batch["labels"][:, 1:]
@@ -62,26 +69,19 @@ class DecoderOnlyFamily:
     @torch.no_grad()
     def generate(self, model: Any, store: PromptStore | None, rows: Sequence[tuple[list[int], list[int], int]], *,
                  pad_id: int, eos_ids: set[int], tokens_to_generate: int,
-                 is_done: Callable[[int, list[int]], bool]) -> list[list[int]]:
+                 is_done: Callable[[int, list[int]], bool], prefix_lens: Sequence[int] | None = None) -> list[list[int]]:
         """Greedy decoding with the KV cache for one left-padded batch.
 
         rows: (input_ids, virtual_index, task_id). Pads come first, then [virtual + text] in template order;
         position ids are computed from the attention mask, so padding does not shift positions and a
         padded row decodes exactly as it would alone. ``is_done(i, generated)`` implements stop strings.
+        ``prefix_lens`` (from ``data.build_prompt_split``): prefill each distinct prefix once and reuse its cache
+        for every row that starts with it (``shared_prefix.prefill_shared``); the decoding loop is the same.
         """
-        device = next(model.parameters()).device
-        exs = [D.Example("", ids, vidx, [D.IGNORE] * len(ids)) for ids, vidx, _ in rows]
-        batch = D.collate(exs, {"": 0}, pad_id, left=True)
-        ids = batch["input_ids"].to(device)
-        vidx = batch["virtual_index"].to(device)
-        mask = batch["attention_mask"].to(device)
-        task_ids = torch.tensor([t for _, _, t in rows], dtype=torch.long, device=device)
-        x = self.embed(model, store, ids, vidx, task_ids)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        try:
-            out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        except TypeError:  # models without logits_to_keep
-            out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
+        if prefix_lens is not None:
+            out, mask, pos = SP.prefill_shared(self, model, store, list(rows), list(prefix_lens), pad_id)
+        else:
+            out, mask, pos = self._prefill(model, store, rows, pad_id)
         past = out.past_key_values
         generated: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
@@ -105,6 +105,24 @@ class DecoderOnlyFamily:
             past = out.past_key_values
             logits = out.logits[:, -1]
         return generated
+
+    def _prefill(self, model: Any, store: PromptStore | None, rows: Sequence[tuple[list[int], list[int], int]],
+                 pad_id: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Plain prefill of the whole left-padded prompts: (output of the last position, mask, position ids)."""
+        device = next(model.parameters()).device
+        exs = [D.Example("", ids, vidx, [D.IGNORE] * len(ids)) for ids, vidx, _ in rows]
+        batch = D.collate(exs, {"": 0}, pad_id, left=True)
+        ids = batch["input_ids"].to(device)
+        vidx = batch["virtual_index"].to(device)
+        mask = batch["attention_mask"].to(device)
+        task_ids = torch.tensor([t for _, _, t in rows], dtype=torch.long, device=device)
+        x = self.embed(model, store, ids, vidx, task_ids)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        try:
+            out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        except TypeError:  # models without logits_to_keep
+            out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
+        return out, mask, pos
 
 
 FAMILIES = {"gpt": DecoderOnlyFamily}   # "t5": family_seq2seq.EncoderDecoderFamily (imported lazily: it subclasses this one)

@@ -58,6 +58,7 @@ def sentinel_ids(tokenizer: Any, key: str = "model.language_model_path") -> tupl
 class EncoderDecoderFamily(DecoderOnlyFamily):
     name = "t5"
     auto_class = "AutoModelForSeq2SeqLM"
+    shares_prefix = False   # the encoder is bidirectional: a prefix's states depend on what follows it
 
     def __init__(self, tokenizer: Any = None) -> None:
         self.sentinel: int | None = None

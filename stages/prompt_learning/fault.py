@@ -61,6 +61,7 @@ REQUEUE_ENV = "PROMPTLAUNCH_REQUEUE_FILE"
 SIGNAL_ENV = "PROMPTLAUNCH_PREEMPT_SIGNAL"
 STATE_KEY = "promptlaunch.ResumeState"
 FIX = "delete {dir} to start over, or set exp_manager.resume_if_exists=false"
+LAYOUT_DEFAULTS: dict[str, Any] = {"batching": None}   # layout keys written only when not plain (train._batching_layout)
 
 
 # ---- atomic checkpoint files -------------------------------------------------------------------------
@@ -137,8 +138,9 @@ def check_compatible(ck: dict[str, Any], path: Path, layout: dict[str, Any], sha
         log.warning("%s has no data layout or RNG state (an older promptlaunch wrote it); resuming anyway, but the result "
                     "may differ slightly from an uninterrupted run if training draws random numbers (dropout)", path)
         return
-    for key, want in layout.items():
-        if saved.get(key) != want:
+    for key in [*layout, *(k for k in saved if k not in layout)]:   # a key absent on one side: its default
+        want = layout.get(key, LAYOUT_DEFAULTS.get(key))
+        if saved.get(key, LAYOUT_DEFAULTS.get(key)) != want:
             raise UserError(f"{path}: checkpoint was written with {key}={saved.get(key)!r}, this config gives "
                             f"{want!r}, so the resumed run would not see the same batches; {fix}")
 

@@ -110,15 +110,24 @@ class PromptedModel:
         return text.strip()
 
     def generate(self, records: list[dict], *, tokens_to_generate: int = 32, batch_size: int = 8,
-                 use_virtual_prompt: bool = True, stop_strings: tuple[str, ...] = ("\n",), progress: bool = True) -> list[str]:
+                 use_virtual_prompt: bool = True, stop_strings: tuple[str, ...] = ("\n",), progress: bool = True,
+                 share_prefix: bool = False) -> list[str]:
         """Greedy, batched (mixed tasks allowed), left padding with the virtual tokens kept adjacent to the real text
         (pads come first, then [virtual+text] in template order), stops at EOS or a stop string; returns stripped answers
         in input order. A record missing a template input field -> UserError naming the field and record index.
         Stop strings are matched after the answer's leading whitespace, so an answer that starts with a newline
-        is not cut to nothing."""
+        is not cut to nothing.
+
+        ``share_prefix=True`` (decoder-only models): questions with the same prefix ([BOS] + virtual tokens +
+        "Context:" + context) go into one batch and the prefix is prefilled once for all of them; the answers are
+        the same as without it (the logits differ only by float rounding). Encoder-decoder models ignore it (logged)."""
         use_virtual = bool(use_virtual_prompt) and self.store is not None
+        if share_prefix and not getattr(self.family, "shares_prefix", False):
+            log.info("share_prefix: not supported by the %s family (bidirectional encoder); generating without it", self.family.name)
+            share_prefix = False
         task_ids = {t: i for i, t in enumerate(self.store.tasks)} if self.store is not None else {t: i for i, t in enumerate(self.templates)}
         rows = []
+        prefix_lens: list[int] = []
         budget = self.max_positions - tokens_to_generate if self.max_positions else None
         for i, rec in enumerate(records):
             task = rec.get("taskname")
@@ -128,13 +137,20 @@ class PromptedModel:
             for name in tpl.input_fields:
                 if name not in rec or rec[name] is None:
                     raise UserError(f"records[{i}]: missing field '{name}' required by the template of task '{task}'")
-            ids, vidx = self.family.build_prompt(tpl, rec, self.tok, where=f"records[{i}]", use_virtual=use_virtual, max_len=budget)
+            if share_prefix:
+                ids, vidx, plen = D.build_prompt_split(tpl, rec, self.tok, where=f"records[{i}]", use_virtual=use_virtual, max_len=budget)
+                prefix_lens.append(plen)
+            else:
+                ids, vidx = self.family.build_prompt(tpl, rec, self.tok, where=f"records[{i}]", use_virtual=use_virtual, max_len=budget)
             rows.append((ids, vidx, task_ids[task]))
         eos_ids = {self.tok.eos_id} if self.tok.eos_id is not None else set()
         stop = tuple(stop_strings or ())
         out: list[str] = [""] * len(rows)
-        order = sorted(range(len(rows)), key=lambda k: len(rows[k][0]))  # similar lengths together: less padding
-        chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+        if share_prefix:
+            chunks = shared_chunks(rows, prefix_lens, batch_size)
+        else:
+            order = sorted(range(len(rows)), key=lambda k: len(rows[k][0]))  # similar lengths together: less padding
+            chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
         bar = None
         if progress and chunks:
             try:
@@ -146,7 +162,8 @@ class PromptedModel:
         for chunk in chunks:
             gen = self.family.generate(self.model, self.store if use_virtual else None, [rows[k] for k in chunk],
                                        pad_id=self.tok.pad_id, eos_ids=eos_ids, tokens_to_generate=tokens_to_generate,
-                                       is_done=self._stopper(stop))
+                                       is_done=self._stopper(stop),
+                                       prefix_lens=[prefix_lens[k] for k in chunk] if share_prefix else None)
             for k, g in zip(chunk, gen):
                 out[k] = self._cut(self.tok.decode(g), stop)
             if bar is not None:
@@ -154,3 +171,26 @@ class PromptedModel:
         if bar is not None:
             bar.close()
         return out
+
+
+def shared_chunks(rows: Sequence[tuple[list[int], list[int], int]], prefix_lens: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of row indices for shared-prefix generation: rows with the same prefix are kept together (whole
+    groups packed into batches of at most ``batch_size``; a larger group is split), groups of similar length
+    next to each other (less padding), rows within a group by length."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for k, ((ids, vidx, task), p) in enumerate(zip(rows, prefix_lens)):
+        groups.setdefault((task, tuple(ids[:p]), tuple(vidx[:p])), []).append(k)
+    ordered = sorted(groups.values(), key=lambda g: (max(len(rows[k][0]) for k in g), g[0]))
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    for g in ordered:
+        g = sorted(g, key=lambda k: len(rows[k][0]))
+        for start in range(0, len(g), batch_size):
+            part = g[start:start + batch_size]
+            if cur and len(cur) + len(part) > batch_size:
+                chunks.append(cur)
+                cur = []
+            cur = cur + part
+    if cur:
+        chunks.append(cur)
+    return chunks

@@ -38,9 +38,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
             idx = list(range(self.n))
         return idx[self.rank :: self.world]
 
-    def __iter__(self):
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches, a pure function of (seed, epoch): what makes skipping on resume exact."""
         idx = self._indices()
-        batches = [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        return [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+
+    def __iter__(self):
+        batches = self.batches()
         skip = self.skip if int(self.epoch_fn()) == self.skip_epoch else 0
         self.skip, self.skip_epoch = 0, -1
         yield from batches[skip:]

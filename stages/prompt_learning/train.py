@@ -147,12 +147,13 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
              existing, new_tasks, f"{n_trainable:,}", resolved.given, fp["sha256"])
 
     # ---- data ------------------------------------------------------------------------------------
+    share, bucket = _batching_options(d, family, parallel is not None)
     max_len = int(d.get("max_seq_length", 1024))
     common = dict(max_seq_length=max_len, min_seq_length=int(d.get("min_seq_length", 1) or 1),
                   add_eos=bool(d.get("add_eos", True)), seed=seed)
     train_ex, train_stats = D.build_dataset(_files(d.get("train_ds")), templates, info, key="model.data.train_ds",
                                             max_examples=d.get("max_train_examples"), records=train_records,
-                                            builder=family.build_example, **common)
+                                            builder=family.build_example, group_sample=share, **common)
     val_ex, val_stats = ([], None)
     if val_files:
         val_ex, val_stats = D.build_dataset(val_files, templates, info, key="model.data.validation_ds",
@@ -161,6 +162,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     task_ids = {t: i for i, t in enumerate(tasks)}
 
     def collate(batch: list[D.Example]) -> dict[str, Any]:
+        if share:   # each distinct prefix once (family.loss takes both kinds of batch)
+            return D.collate_shared(batch, task_ids, info.pad_id)
         return family.collate(batch, task_ids, info.pad_id)
 
     # ---- trainer --------------------------------------------------------------------------------
@@ -169,7 +172,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     log_dir.mkdir(parents=True, exist_ok=True)
     nw = int(d.get("num_workers", 0) or 0)
     ft = FaultTolerance(log_dir, layout={"train_examples": len(train_ex), "global_batch_size": mbs * accumulate * dp,
-                                         "shuffle": bool(d.get("shuffle", True)), "seed": seed},
+                                         "shuffle": bool(d.get("shuffle", True)), "seed": seed,
+                                         **_batching_layout(share, bucket)},
                         every_n_train_steps=(_cfg(em.get("checkpoint_callback_params")) or {}).get("every_n_train_steps"),
                         flag=preempt_flag)
     if parallel is not None:   # several processes or TP x PP > 1: global token-mean loss, manual optimisation
@@ -181,8 +185,19 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
         module = PromptLearningModule(model, store, family, _cfg(m.optim))
         trainer = pl.Trainer(**_trainer_kwargs(tr, em, log_dir, accumulate, callbacks, bool(val_ex), ft))
         rank, world = trainer.global_rank, trainer.world_size
-        sampler = ResumableBatchSampler(len(train_ex), mbs, shuffle=bool(d.get("shuffle", True)), seed=seed,
-                                        epoch_fn=lambda: trainer.current_epoch, rank=rank, world=world)
+        if share or bucket:
+            from .batching import BucketBatchSampler
+
+            groups = D.prefix_groups(train_ex) if share else None
+            sampler = BucketBatchSampler(len(train_ex), mbs, shuffle=bool(d.get("shuffle", True)), seed=seed,
+                                         epoch_fn=lambda: trainer.current_epoch, rank=rank, world=world,
+                                         lengths=[len(e.input_ids) for e in train_ex] if bucket else None, groups=groups)
+            if groups is not None:
+                log.info("share_prefix: %d training examples in %d prefix groups (%.1f per group)", len(train_ex),
+                         len(groups), len(train_ex) / max(1, len(groups)))
+        else:
+            sampler = ResumableBatchSampler(len(train_ex), mbs, shuffle=bool(d.get("shuffle", True)), seed=seed,
+                                            epoch_fn=lambda: trainer.current_epoch, rank=rank, world=world)
         module.sampler = sampler
         train_dl = DataLoader(train_ex, batch_sampler=sampler, collate_fn=collate, num_workers=nw,
                               generator=torch.Generator().manual_seed(seed))   # not the global RNG (fault.py)
@@ -236,6 +251,30 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
         log.info("artifact written to %s; val_loss %s -> %s over %d steps (%.0fs)", art, training["first_val_loss"],
                  training["final_val_loss"], training["steps"], summary["seconds"])
     return summary
+
+
+def _batching_options(d: Any, family: Any, parallel: bool) -> tuple[bool, bool]:
+    """(share_prefix, length_bucketing) from ``model.data``. Both need the single-process engine (the launcher
+    rejects them before launch with TP/PP/DP; this repeats the check for direct calls). share_prefix needs a
+    decoder-only model: with an encoder-decoder one it is switched off with a logged line (the launcher rejects
+    the combination when it can read the model's config)."""
+    share, bucket = d.get("share_prefix", False), d.get("length_bucketing", False)
+    for key, value in (("share_prefix", share), ("length_bucketing", bucket)):
+        if not isinstance(value, bool):
+            raise UserError(f"model.data.{key}: must be true or false, got {value!r}")
+        if value and parallel:
+            raise UserError(f"model.data.{key}: supported by the single-process engine only (devices x num_nodes = 1, "
+                            f"tensor/pipeline parallel size 1); set model.data.{key}=false")
+    if share and not getattr(family, "shares_prefix", False):
+        log.warning("model.data.share_prefix=true ignored: the %s family (encoder-decoder) cannot share prefixes", family.name)
+        share = False
+    return share, bucket
+
+
+def _batching_layout(share: bool, bucket: bool) -> dict[str, Any]:
+    """The sampler layout key of checkpoints (absent for plain batching, so older checkpoints still resume)."""
+    kind = "+".join(k for k, on in (("length_bucketing", bucket), ("share_prefix", share)) if on)
+    return {"batching": kind} if kind else {}
 
 
 def _load_base(location: str, attn_implementation: str | None) -> Any:
