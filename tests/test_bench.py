@@ -1,0 +1,89 @@
+"""The bench scripts' core functions on a tiny random Llama, one repeat each, so the benchmark code cannot rot:
+our training loss (plain and, when the engine has it, shared-prefix) equals PEFT's on the same batch, and our
+generated answers equal PEFT's. The figures themselves are not checked here (bench/README.md)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common as C  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures" / "squad_tiny"
+
+
+def fixture_records(split: str) -> list[dict[str, Any]]:
+    """Records of the tiny SQuAD fixture, converted by the data_preparation stage's own code."""
+    from stages.data_preparation.squad import Origin, load_squad, questions, records
+
+    path = FIXTURES / f"{split}-v1.1.json"
+    src = Origin(path, "fix the fixture")
+    return list(records("squad", questions(load_squad(path, src), src), lambda q: q.answers[0]))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> C.Setup:
+    from stages.prompt_learning.tiny_llama import build
+
+    folder = build(tmp_path_factory.mktemp("bench") / "llama_tiny_random")
+    return C.load_setup(str(folder), "eager")
+
+
+def test_paragraph_batches_keep_questions_of_a_context_together() -> None:
+    recs = fixture_records("train")
+    batches = C.paragraph_batches(recs, n_batches=2, batch_size=3, seed=0)
+    assert [len(b) for b in batches] == [3, 3]
+    flat = [r["id"] for b in batches for r in b]
+    assert len(set(flat)) == 6
+    for b in batches:   # whole paragraphs in a row: a context never reappears after another one
+        contexts = [r["context"] for r in b]
+        assert contexts == sorted(contexts, key=contexts.index)
+
+
+def test_train_bench_losses_agree(setup: C.Setup) -> None:
+    import train_vs_peft as T
+
+    batches = C.paragraph_batches(fixture_records("train"), n_batches=1, batch_size=4, seed=0)
+    table = C.prompt_table(setup, init="random", seed=0)
+    result = T.run(setup, batches, table, repeats=1, warmup=1, max_seq_length=512, measure_peak=False)
+    assert result["agreement"]["ok"], result["agreement"]
+    assert {"peft", "ours-plain"} <= set(result["rows"])
+    for name, row in result["rows"].items():
+        assert row["examples_per_s"] > 0 and row["counted_flops_per_pass"] > 0, name
+    # the analytic count is what torch counts for the plain layouts
+    for name in ("peft", "ours-plain"):
+        row = result["rows"][name]
+        assert row["flops_per_pass"] == pytest.approx(row["counted_flops_per_pass"], rel=0.02), name
+    assert "agreement OK" in T.report(result)
+
+
+def test_eval_bench_answers_identical(setup: C.Setup) -> None:
+    import eval_vs_peft as E
+
+    batches = C.paragraph_batches(fixture_records("dev"), n_batches=1, batch_size=5, seed=0)
+    table = C.prompt_table(setup, init="random", seed=0)
+    result = E.run(setup, batches, table, repeats=1, tokens_to_generate=6)
+    assert result["identical"], result["mismatches"]
+    assert len(result["answers"]) == 5 and {"peft", "ours-plain"} <= set(result["rows"])
+    assert "identical" in E.report(result)
+
+
+def test_launcher_overhead_measures_the_dry_run() -> None:
+    import launcher_overhead as L
+
+    result = L.measure(1)
+    assert set(result["median_seconds"]) == {"python -c pass", L.FLOOR, L.DRY_RUN}
+    assert result["median_seconds"][L.DRY_RUN] > result["median_seconds"]["python -c pass"]
+
+
+def test_result_file_records_machine_and_command(tmp_path: Path) -> None:
+    out = C.write_result(tmp_path / "r.json", {"bench": "x", "rows": {}})
+    import json
+
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["cpu_count"] and doc["command"] and doc["bench"] == "x"
