@@ -245,7 +245,7 @@ def _model_config(path: Any) -> SimpleNamespace | None:
         return None
     text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
     keys = ("model_type", "num_attention_heads", "num_key_value_heads", "intermediate_size", "num_hidden_layers",
-            "sliding_window", "use_sliding_window", "is_encoder_decoder")
+            "sliding_window", "use_sliding_window")
     return SimpleNamespace(**{k: text.get(k, raw.get(k)) for k in keys})
 
 
@@ -282,38 +282,15 @@ def _check_parallel_layout(sc: DictConfig, style: Any) -> None:
             )
 
 
-_SEQ2SEQ_TYPES = ("t5", "mt5", "umt5", "longt5", "bart", "mbart")
-
-
 def _check_batching(sc: DictConfig) -> None:
-    """model.data.length_bucketing / share_prefix: booleans, single-process engine only, share_prefix decoder-only.
-
-    Rejected before launch rather than ignored: TP/PP/DP batches are built by the parallel engine's own sampler,
-    and an encoder-decoder model's bidirectional encoder makes a prefix depend on what follows it. (A model whose
-    config cannot be read here -- a hub id, a .gguf -- is checked by the stage, which then trains without sharing.)"""
-    from stages.prompt_learning.parallel.layout import layout_from_config
-
-    m, t = sc.model, sc.trainer
-    data = m.get("data") or {}
-    world = int(t.get("devices", 1)) * int(t.get("num_nodes", 1) or 1)
+    """model.data.length_bucketing / share_prefix are booleans. Where they cannot apply (the TP/PP/DP engine, an
+    encoder-decoder model) the stage switches them off with a logged line instead of failing: the CPU default
+    config turns them on, and ``trainer.devices=2`` on top of it should still just work."""
+    data = sc.model.get("data") or {}
     for key in ("length_bucketing", "share_prefix"):
         value = data.get(key, False)
         if not isinstance(value, bool):
             raise UserError(f"prompt_learning.model.data.{key}: must be true or false, got {value!r}")
-        if value and (world > 1 or layout_from_config(m, world, prefix="prompt_learning.").is_model_parallel):
-            raise UserError(
-                f"prompt_learning.model.data.{key}: true needs the single-process engine, but devices x num_nodes = {world}, "
-                f"TP = {m.get('tensor_model_parallel_size', 1)}, PP = {m.get('pipeline_model_parallel_size', 1)}; "
-                f"set prompt_learning.model.data.{key}=false"
-            )
-    if data.get("share_prefix", False):
-        config = _model_config(m.get("language_model_path"))
-        if config is not None and (getattr(config, "is_encoder_decoder", False) or config.model_type in _SEQ2SEQ_TYPES):
-            raise UserError(
-                f"prompt_learning.model.data.share_prefix: true, but {m.get('language_model_path')} is an encoder-decoder model "
-                f"(its encoder is bidirectional, so a shared prefix would depend on the question); set "
-                f"prompt_learning.model.data.share_prefix=false"
-            )
 
 
 def _check_prompt_learning(sc: DictConfig, dp: int, inputs: _Inputs) -> None:

@@ -298,36 +298,24 @@ def test_batching_options_are_checked(tmp_path, tiny):
         train(cfg)
 
 
-def test_launcher_rejects_sharing_with_parallel_engine_and_t5():
-    from launcher.validate import _check_batching
+def test_launcher_checks_types_and_the_stage_falls_back_where_sharing_cannot_apply(caplog):
+    import logging
+
     from omegaconf import OmegaConf
 
-    def sc(devices=1, tp=1, path="embedded:smollm2-135m-instruct", **data):
-        return OmegaConf.create({"trainer": {"devices": devices, "num_nodes": 1},
-                                 "model": {"language_model_path": path, "tensor_model_parallel_size": tp,
-                                           "pipeline_model_parallel_size": 1, "global_batch_size": 8, "micro_batch_size": 2,
-                                           "data": data}})
-
-    _check_batching(sc(share_prefix=True, length_bucketing=True))
-    with pytest.raises(UserError, match=r"^prompt_learning\.model\.data\.share_prefix: true needs the single-process engine.*"
-                                        r"set prompt_learning\.model\.data\.share_prefix=false$"):
-        _check_batching(sc(devices=2, share_prefix=True))
-    with pytest.raises(UserError, match=r"^prompt_learning\.model\.data\.length_bucketing: true needs the single-process"):
-        _check_batching(sc(devices=2, length_bucketing=True))
-    with pytest.raises(UserError, match=r"^prompt_learning\.model\.data\.length_bucketing: must be true or false"):
-        _check_batching(sc(length_bucketing="no"))
-
-
-def test_launcher_rejects_sharing_with_t5_folder(tmp_path):
     from launcher.validate import _check_batching
-    from omegaconf import OmegaConf
+    from stages.prompt_learning.family_seq2seq import EncoderDecoderFamily
+    from stages.prompt_learning.train import _batching_options
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True}))
-    cfg = OmegaConf.create({"trainer": {"devices": 1, "num_nodes": 1},
-                            "model": {"language_model_path": str(tmp_path), "global_batch_size": 8, "micro_batch_size": 2,
-                                      "data": {"share_prefix": True}}})
-    with pytest.raises(UserError, match=r"^prompt_learning\.model\.data\.share_prefix: true, but .* is an encoder-decoder"):
-        _check_batching(cfg)
+    _check_batching(OmegaConf.create({"model": {"data": {"share_prefix": True, "length_bucketing": False}}}))
+    with pytest.raises(UserError, match=r"^prompt_learning\.model\.data\.length_bucketing: must be true or false, got 'no'$"):
+        _check_batching(OmegaConf.create({"model": {"data": {"length_bucketing": "no"}}}))
+    d = {"share_prefix": True, "length_bucketing": True}
+    assert _batching_options(d, DecoderOnlyFamily(), parallel=False) == (True, True)
+    with caplog.at_level(logging.WARNING, logger="promptlaunch.prompt_learning"):
+        assert _batching_options(d, DecoderOnlyFamily(), parallel=True) == (False, False)
+        assert _batching_options(d, EncoderDecoderFamily.__new__(EncoderDecoderFamily), parallel=False) == (False, True)
+    assert "parallel engine uses plain batches" in caplog.text and "cannot share prefixes" in caplog.text
 
 
 # ---- 4. shared-context prefixes: generation ----------------------------------------------------------------

@@ -254,17 +254,16 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
 
 
 def _batching_options(d: Any, family: Any, parallel: bool) -> tuple[bool, bool]:
-    """(share_prefix, length_bucketing) from ``model.data``. Both need the single-process engine (the launcher
-    rejects them before launch with TP/PP/DP; this repeats the check for direct calls). share_prefix needs a
-    decoder-only model: with an encoder-decoder one it is switched off with a logged line (the launcher rejects
-    the combination when it can read the model's config)."""
+    """(share_prefix, length_bucketing) from ``model.data``. Where they cannot apply they are switched off with a
+    logged line rather than failing (the CPU default turns them on): the TP/PP/DP engine builds its batches with
+    its own sampler, and an encoder-decoder model's bidirectional encoder makes a prefix depend on what follows."""
     share, bucket = d.get("share_prefix", False), d.get("length_bucketing", False)
     for key, value in (("share_prefix", share), ("length_bucketing", bucket)):
         if not isinstance(value, bool):
             raise UserError(f"model.data.{key}: must be true or false, got {value!r}")
-        if value and parallel:
-            raise UserError(f"model.data.{key}: supported by the single-process engine only (devices x num_nodes = 1, "
-                            f"tensor/pipeline parallel size 1); set model.data.{key}=false")
+    if parallel and (share or bucket):
+        log.warning("model.data.share_prefix/length_bucketing ignored: the tensor/pipeline/data-parallel engine uses plain batches")
+        return False, False
     if share and not getattr(family, "shares_prefix", False):
         log.warning("model.data.share_prefix=true ignored: the %s family (encoder-decoder) cannot share prefixes", family.name)
         share = False
