@@ -284,23 +284,45 @@ def llama_dims(config: Any) -> dict[str, int]:
                 ffn=int(config.intermediate_size), vocab=int(config.vocab_size))
 
 
-def train_step_flops(config: Any, batch: int, length: int, logit_rows: int) -> dict[str, float]:
-    """Analytic FLOPs of one prompt-tuning step on a [batch, length] padded layout (what the hardware executes).
+def train_step_flops(config: Any, tokens: int, attn_pairs: int, logit_rows: int) -> dict[str, float]:
+    """Analytic FLOPs of one prompt-tuning step (what the hardware executes, padding included).
 
-    Forward: q/k/v/o projections and the gated MLP on every position, attention scores and values on the full
-    length x length grid (eager attention computes it whole), the LM head on ``logit_rows`` positions. Backward:
-    the weights are frozen, so only gradients to activations are computed: one matmul per linear layer (same
-    cost as forward), two per attention matmul (to both operands), one for the LM head. Norms, softmax, RoPE and
-    the loss are not matmuls and are left out."""
+    ``tokens``: positions run through the decoder; ``attn_pairs``: (query, key) pairs the attention computes (eager
+    attention computes the whole padded grid); ``logit_rows``: positions whose LM-head logits are computed.
+    Forward: q/k/v/o projections and the gated MLP on every position, attention scores and values on every pair,
+    the LM head on ``logit_rows``. Backward: the weights are frozen, so only gradients to activations are computed:
+    one matmul per linear layer (same cost as forward), two per attention matmul (to both operands), one for the LM
+    head. Norms, softmax, RoPE and the loss are not matmuls and are left out."""
     g = llama_dims(config)
-    tokens = batch * length
     linear = 2 * tokens * g["layers"] * (g["h"] * g["heads"] * g["d"] + 2 * g["h"] * g["kv"] * g["d"]
                                         + g["heads"] * g["d"] * g["h"] + 3 * g["h"] * g["ffn"])
-    attn = 2 * 2 * batch * g["layers"] * g["heads"] * length * length * g["d"]
+    attn = 2 * 2 * g["layers"] * g["heads"] * g["d"] * attn_pairs
     head = 2 * logit_rows * g["h"] * g["vocab"]
     fwd = linear + attn + head
     bwd = linear + 2 * attn + head
     return {"forward": float(fwd), "backward": float(bwd), "total": float(fwd + bwd)}
+
+
+def batch_flops(config: Any, batch: dict[str, Any], logit_rows: int) -> float:
+    """``train_step_flops`` of an engine batch: plain ([B, L] right-padded) or shared-prefix (``collate_shared``:
+    prefixes [P, Lp] once, then suffixes [B, Ls] attending to their prefix's Lp slots and to themselves).
+
+    In the shared layout autograd skips two pieces of backward, subtracted here: the prefixes' last-layer outputs
+    feed nothing (only their keys/values do), so their last-layer query, attention, o_proj and MLP gradients are
+    not computed; and the suffix embeddings carry no virtual token, so layer 0 computes no gradient into the
+    suffix queries, keys and values. (In the plain layout the input embeddings require grad as a whole tensor,
+    so everything is computed.) Checked against FlopCounterMode in tests/test_bench.py."""
+    b, ls = batch["input_ids"].shape
+    if "prefix_input_ids" not in batch:
+        return train_step_flops(config, b * ls, b * ls * ls, logit_rows)["total"]
+    p, lp = batch["prefix_input_ids"].shape
+    g = llama_dims(config)
+    q, kv = g["h"] * g["heads"] * g["d"], g["h"] * g["kv"] * g["d"]
+    skip_linear = 2 * p * lp * (2 * q + 3 * g["h"] * g["ffn"]) + 2 * b * ls * (q + 2 * kv)
+    pair = 2 * g["heads"] * g["d"]   # one attention matmul, one (query, key) pair, one layer
+    skip_attn = 4 * pair * p * lp * lp + pair * b * ls * (lp + ls)
+    full = train_step_flops(config, p * lp + b * ls, p * lp * lp + b * ls * (lp + ls), logit_rows)["total"]
+    return full - skip_linear - skip_attn
 
 
 def counted_flops(fn: Callable[[], Any]) -> float:

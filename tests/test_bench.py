@@ -54,11 +54,10 @@ def test_train_bench_losses_agree(setup: C.Setup) -> None:
     assert result["agreement"]["ok"], result["agreement"]
     assert {"peft", "ours-plain"} <= set(result["rows"])
     for name, row in result["rows"].items():
-        assert row["examples_per_s"] > 0 and row["counted_flops_per_pass"] > 0, name
-    # the analytic count is what torch counts for the plain layouts
-    for name in ("peft", "ours-plain"):
-        row = result["rows"][name]
-        assert row["flops_per_pass"] == pytest.approx(row["counted_flops_per_pass"], rel=0.02), name
+        assert row["examples_per_s"] > 0 and row["counted_flops_batch0"] > 0, name
+    # the analytic count is what torch counts, for the plain and the shared-prefix layouts
+    for name, row in result["rows"].items():
+        assert row["analytic_flops_batch0"] == pytest.approx(row["counted_flops_batch0"], rel=0.005), name
     assert "agreement OK" in T.report(result)
 
 
