@@ -191,6 +191,14 @@ def test_compare_baseline_off_writes_tuned_only(tmp_path, fake):
     assert "baseline" not in json.loads((tmp_path / "results" / "metrics.json").read_text())
 
 
+def test_share_prefix_reaches_generate(tmp_path, fake):
+    test_ds = write_jsonl(tmp_path / "test.jsonl", SQUAD_RECORDS)
+    ev.evaluate(make_cfg(tmp_path, test_ds, make_artifact(tmp_path), **{"inference.share_prefix": True}))
+    assert [c.get("share_prefix") for c in fake["model"].calls] == [True, True]      # tuned and baseline
+    ev.evaluate(make_cfg(tmp_path, test_ds, make_artifact(tmp_path)))
+    assert "share_prefix" not in fake["model"].calls[0]                              # off: the old call, unchanged
+
+
 # ---- user errors: one line naming the key or file:line and the fix ----
 def _err(tmp_path, records, match, artifact=True, **over):
     test_ds = write_jsonl(tmp_path / "test.jsonl", records)
@@ -242,6 +250,7 @@ def test_unknown_taskname_and_missing_gold(tmp_path, fake):
         ({"inference.greedy": False}, r"evaluation\.inference\.greedy: only greedy"),
         ({"inference.tokens_to_generate": 0}, r"evaluation\.inference\.tokens_to_generate"),
         ({"inference.stop_strings": "[1]"}, r"evaluation\.inference\.stop_strings"),
+        ({"inference.share_prefix": "maybe"}, r"^evaluation\.inference\.share_prefix: must be true or false, got 'maybe'$"),
         ({"inference.baseline_only": True}, r"evaluation\.model\.language_model_path: required with evaluation\.inference\.baseline_only"),
         ({"inference.baseline_only": True, "model.language_model_path": "x/y", "model.task_templates": "null"},
          r"evaluation\.model\.task_templates: required"),
