@@ -33,8 +33,6 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm():
-    import torch
-
     from launcher.prompt_template import parse_templates
     from stages.prompt_learning.inference import PromptedModel
     from stages.prompt_learning.model_source import load_model, load_tokenizer, resolve
