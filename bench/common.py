@@ -162,10 +162,13 @@ def prompt_table(setup: Setup, *, init: str = "text", seed: int = 1234, artifact
     if artifact:
         from stages.prompt_learning.artifact import load_artifact
 
-        _, _, tables = load_artifact(artifact, "--artifact")
+        _, templates, tables = load_artifact(artifact, "--artifact")
         if setup.template.taskname not in tables:
             raise SystemExit(f"--artifact {artifact}: no table for task '{setup.template.taskname}' (has {sorted(tables)})")
         table = tables[setup.template.taskname]
+        if templates[setup.template.taskname].prompt_template != setup.template.prompt_template:
+            raise SystemExit(f"--artifact {artifact}: trained with template {templates[setup.template.taskname].prompt_template!r}, "
+                             f"the bench uses {setup.template.prompt_template!r} (conf/prompt_learning/gpt3/squad_cpu.yaml)")
         if tuple(table.shape) != (n, setup.model.config.hidden_size):
             raise SystemExit(f"--artifact {artifact}: table shape {list(table.shape)} does not fit {n} virtual tokens x hidden "
                              f"{setup.model.config.hidden_size} of {setup.model_path}")

@@ -9,6 +9,7 @@ batches (whole paragraphs, about five questions per context), greedy, same max n
                 prompt ids without the leading virtual slots (PEFT prepends its virtual tokens)
   ours-plain    PromptedModel.generate(batch, batch_size=len(batch)) as stages/evaluation calls it
   ours-shared   the same with share_prefix=True: each paragraph's prefix is prefilled once (when the engine has it)
+  peft-unbatched  (--peft-unbatched) PEFT one question at a time: its exact answers, at batch-1 speed
   ours-shared-engine-batching  all questions in one PromptedModel.generate(share_prefix=True, batch_size) call, as
                 stages/evaluation makes it: the engine forms its own batches of whole paragraphs
 
@@ -103,7 +104,8 @@ def peft_generate(setup: C.Setup, peft: Any, pm: Any, records: Sequence[dict[str
 
 
 def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3,
-        tokens_to_generate: int = 32, stop: Sequence[str] = STOP_STRINGS, engine_batching: bool = True) -> dict[str, Any]:
+        tokens_to_generate: int = 32, stop: Sequence[str] = STOP_STRINGS, engine_batching: bool = True,
+        peft_unbatched: bool = False) -> dict[str, Any]:
     """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
     pm = prompted_model(setup, table)
     peft = C.peft_prompt_model(setup, table)
@@ -122,6 +124,8 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     }
     if shared:
         per_batch["ours-shared"] = ours(True)
+    if peft_unbatched:   # PEFT's exact answers (no padding), at its batch-1 speed
+        per_batch["peft-unbatched"] = lambda recs: [peft_generate(setup, peft, pm, [r], tokens_to_generate, stop)[0] for r in recs]
     preds: dict[str, list[str]] = {}
 
     def pass_of(name: str) -> Callable[[], None]:
@@ -186,8 +190,8 @@ def report(result: dict[str, Any]) -> str:
                      "positions); compared against PEFT's answer for the question alone:")
         lines += [f"  #{d['index']}: batched {d['peft_batched']!r} alone {d['peft_alone']!r} ours {d['ours']!r}" for d in dev]
     if result["identical"]:
-        lines.append(f"answers: identical on all {result['questions_per_pass']} questions "
-                     f"(e.g. {[a['answer'] for a in result['answers'][:3]]})")
+        lines.append(f"answers: every row of ours identical to PEFT's exact answer on all {result['questions_per_pass']} "
+                     f"questions (e.g. {[a['answer'] for a in result['answers'][:3]]})")
     else:
         lines.append(f"answers: {len(result['mismatches'])} MISMATCH(ES)")
         lines += [f"  {m['side']} #{m['index']} {m['question']!r}: {m['answer']!r} != PEFT {m['peft_exact']!r}" for m in result["mismatches"]]
@@ -210,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-engine-batching", dest="engine_batching", action="store_false",
                     help="drop the row that passes all questions in one share_prefix call (the engine batches them itself, "
                          "as stages/evaluation does)")
+    ap.add_argument("--peft-unbatched", action="store_true",
+                    help="add a row: PEFT one question at a time (its exact answers, without left padding)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(C.RESULTS_DIR / "eval_vs_peft.json"))
     args = ap.parse_args(argv)
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                                   batch_size=args.batch_size, seed=args.seed, keep=fits)
     table = C.prompt_table(setup, init=args.init, seed=args.seed, artifact=args.artifact)
     result = run(setup, batches, table, repeats=args.repeats, tokens_to_generate=args.tokens_to_generate,
-                 engine_batching=args.engine_batching)
+                 engine_batching=args.engine_batching, peft_unbatched=args.peft_unbatched)
     result["prompt_table"] = args.artifact or f"init={args.init} seed={args.seed}"
     print(report(result))
     C.write_result(args.out, {"bench": "eval_vs_peft", **result})
