@@ -107,8 +107,6 @@ class Side:
 def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3, warmup: int = 1,
         max_seq_length: int = 384, tol: float = 1e-4, measure_peak: bool = True, peak_repeats: int = 5) -> dict[str, Any]:
     """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
-    import torch
-
     from stages.prompt_learning.data import IGNORE
 
     fam, tpl, info = setup.family, setup.template, setup.info
