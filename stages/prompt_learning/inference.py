@@ -160,11 +160,11 @@ class PromptedModel:
             except ImportError:
                 bar = None
         for chunk in chunks:
+            # only decoder-only families take prefix_lens (share_prefix is off for the others, see above)
+            shared = {"prefix_lens": [prefix_lens[k] for k in chunk]} if share_prefix and all(prefix_lens[k] > 0 for k in chunk) else {}
             gen = self.family.generate(self.model, self.store if use_virtual else None, [rows[k] for k in chunk],
                                        pad_id=self.tok.pad_id, eos_ids=eos_ids, tokens_to_generate=tokens_to_generate,
-                                       is_done=self._stopper(stop),
-                                       prefix_lens=[prefix_lens[k] for k in chunk]
-                                       if share_prefix and all(prefix_lens[k] > 0 for k in chunk) else None)
+                                       is_done=self._stopper(stop), **shared)
             for k, g in zip(chunk, gen):
                 out[k] = self._cut(self.tok.decode(g), stop)
             if bar is not None:
