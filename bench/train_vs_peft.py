@@ -8,8 +8,7 @@ questions per context), same prompt table, same tokens and labels (answer only),
                 attention_mask, labels).loss; backward; AdamW on the prompt embedding
   ours-plain    the engine's DecoderOnlyFamily.loss(model, store, data.collate(batch)); backward; AdamW on the
                 PromptStore (what PromptLearningModule.training_step runs)
-  ours-shared   the same loss on data.collate_shared(batch): each paragraph's prefix runs once (when the engine
-                has it)
+  ours-shared   the same loss on data.collate_shared(batch): each paragraph's prefix runs once
   ours-shared-bucketed  the same questions, batched by the engine's training sampler with length bucketing and
                 whole paragraphs (batching.BucketBatchSampler), collate_shared: what the CPU config now trains
                 with; its batches differ, so its loss is not part of the agreement check (same code as ours-shared)
@@ -52,25 +51,15 @@ def peft_batch(examples: Sequence[Any], pad_id: int) -> dict[str, Any]:
     }
 
 
-def bucketed_batches(examples: list[Any], batch_size: int, seed: int = 0) -> list[list[Any]] | None:
+def bucketed_batches(examples: list[Any], batch_size: int, seed: int = 0) -> list[list[Any]]:
     """The same examples batched as the engine's training sampler does with ``length_bucketing`` and
-    ``share_prefix`` (``batching.BucketBatchSampler``: whole paragraphs, similar lengths together), or None while
-    the engine has no such sampler."""
-    try:
-        from stages.prompt_learning.batching import BucketBatchSampler
-        from stages.prompt_learning.data import prefix_groups
-    except ImportError:
-        return None
+    ``share_prefix`` (``batching.BucketBatchSampler``: whole paragraphs, similar lengths together)."""
+    from stages.prompt_learning.batching import BucketBatchSampler
+    from stages.prompt_learning.data import prefix_groups
+
     sampler = BucketBatchSampler(len(examples), batch_size, shuffle=True, seed=seed, epoch_fn=lambda: 0,
                                  lengths=[len(e.input_ids) for e in examples], groups=prefix_groups(examples))
     return [[examples[i] for i in b] for b in sampler.batches()]
-
-
-def shared_collate() -> Callable[..., dict[str, Any]] | None:
-    """The engine's shared-prefix collate (``data.collate_shared``), or None while the engine has none."""
-    from stages.prompt_learning import data as D
-
-    return getattr(D, "collate_shared", None)
 
 
 class Side:
@@ -107,7 +96,7 @@ class Side:
 def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3, warmup: int = 1,
         max_seq_length: int = 384, tol: float = 1e-4, measure_peak: bool = True, peak_repeats: int = 5) -> dict[str, Any]:
     """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
-    from stages.prompt_learning.data import IGNORE
+    from stages.prompt_learning import data as D
 
     fam, tpl, info = setup.family, setup.template, setup.info
     examples = []
@@ -134,17 +123,14 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
 
     store_plain = C.prompt_store(setup, table, trainable=True)
     sides["ours-plain"] = Side("ours-plain", plain, ours(store_plain), store_plain.table(tpl.taskname), setup.lr)
-    collate_shared = shared_collate()
-    if collate_shared is not None:
-        store_shared = C.prompt_store(setup, table, trainable=True)
-        sides["ours-shared"] = Side("ours-shared", [collate_shared(exs, task_ids, info.pad_id) for exs in examples],
-                                    ours(store_shared), store_shared.table(tpl.taskname), setup.lr)
-
+    store_shared = C.prompt_store(setup, table, trainable=True)
+    sides["ours-shared"] = Side("ours-shared", [D.collate_shared(exs, task_ids, info.pad_id) for exs in examples],
+                                ours(store_shared), store_shared.table(tpl.taskname), setup.lr)
+    # the same questions, batches formed by the engine's sampler
     bucketed = bucketed_batches([e for exs in examples for e in exs], len(examples[0]))
-    if collate_shared is not None and bucketed is not None:   # same questions, batches formed by the engine's sampler
-        store_bucketed = C.prompt_store(setup, table, trainable=True)
-        sides["ours-shared-bucketed"] = Side("ours-shared-bucketed", [collate_shared(b, task_ids, info.pad_id) for b in bucketed],
-                                             ours(store_bucketed), store_bucketed.table(tpl.taskname), setup.lr)
+    store_bucketed = C.prompt_store(setup, table, trainable=True)
+    sides["ours-shared-bucketed"] = Side("ours-shared-bucketed", [D.collate_shared(b, task_ids, info.pad_id) for b in bucketed],
+                                         ours(store_bucketed), store_bucketed.table(tpl.taskname), setup.lr)
 
     # ---- agreement on batch 0, from the same table ----------------------------------------------------
     ref_loss, ref_grad = sides["peft"].loss_and_grad(0)
@@ -169,7 +155,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     cfg = setup.model.config
 
     def ours_flops(b: dict[str, Any]) -> float:   # the engine computes logits on label positions only
-        return C.batch_flops(cfg, b, int((b["labels"][:, 1:] != IGNORE).sum()))
+        return C.batch_flops(cfg, b, int((b["labels"][:, 1:] != D.IGNORE).sum()))
 
     rows: dict[str, Any] = {}
     for name, side in sides.items():

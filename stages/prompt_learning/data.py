@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from launcher.errors import UserError
-from launcher.prompt_template import Field, TaskTemplate, Text, Virtual
+from launcher.prompt_template import Field, TaskTemplate, Virtual
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import UserError
-from launcher.io import atomic_path, write_json
+from launcher.io import write_json
 from launcher.prompt_template import parse_templates
 
 log = logging.getLogger("promptlaunch.prompt_learning")
@@ -89,7 +89,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
 
     from .artifact import base_info, check_base, load_artifact, save_artifact
     from .family import family_for
-    from .model_source import fingerprint, freeze, resolve
+    from .model_source import fingerprint, resolve
     from .module import PromptLearningModule, ResumableBatchSampler
     from .prompts import PromptStore, build_new
     from .report import write_loss_curve
@@ -98,7 +98,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
 
     # ---- base model --------------------------------------------------------------------------
     resolved = resolve(m.get("language_model_path"), "model.language_model_path")
-    from .model_source import load_model, load_tokenizer
+    from .model_source import load_tokenizer
 
     tokenizer = load_tokenizer(resolved.location)
     parallel = None
