@@ -17,17 +17,9 @@ sys.path.insert(0, str(ROOT))
 from launcher.errors import UserError  # noqa: E402
 from launcher.prompt_template import parse_templates  # noqa: E402
 from stages.evaluation import evaluate as ev  # noqa: E402
+from tests.templates import SQUAD_T  # noqa: E402
 
 RUN = ROOT / "stages" / "evaluation" / "run.py"
-SQUAD_T = {
-    "taskname": "squad",
-    "prompt_template": "<|VIRTUAL_PROMPT_0|>Context: {context} Question: {question} Answer: {answer}",
-    "total_virtual_tokens": 4,
-    "virtual_token_splits": [4],
-    "truncate_field": "context",
-    "answer_only_loss": True,
-    "answer_field": "answer",
-}
 TRIVIA_T = {
     "taskname": "trivia",
     "prompt_template": "<|VIRTUAL_PROMPT_0|>Q: {question} A: {label}",

@@ -13,19 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launcher.prompt_template import parse_templates  # noqa: E402
+from tests.templates import SQUAD_T  # noqa: E402
 from tests.test_prompt_learning import make_model_dir  # noqa: E402  (the engine's tiny random Llama + BPE tokenizer)
 
 RUN = ROOT / "stages" / "evaluation" / "run.py"
 DEV = ROOT / "tests" / "fixtures" / "squad_tiny" / "dev-v1.1.json"
-TEMPLATE = {
-    "taskname": "squad",
-    "prompt_template": "<|VIRTUAL_PROMPT_0|>Context: {context} Question: {question} Answer: {answer}",
-    "total_virtual_tokens": 4,
-    "virtual_token_splits": [4],
-    "truncate_field": "context",
-    "answer_only_loss": True,
-    "answer_field": "answer",
-}
+TEMPLATE = SQUAD_T
 
 
 def squad_records() -> list[dict]:

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from launcher.errors import UserError  # noqa: E402
 from launcher.prompt_template import parse_template, parse_templates  # noqa: E402
 from stages.prompt_learning import data as D  # noqa: E402
+from tests.templates import SQUAD_T  # noqa: E402,F401  (re-exported: other test modules import it from here)
 
 CORPUS = [
     "Context: The capital of France is Paris. Question: What is the capital of France? Answer: Paris",
@@ -25,15 +26,6 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog. Sentiment: positive negative neutral Review: good bad",
     "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;?!'\"()-",
 ]
-SQUAD_T = {
-    "taskname": "squad",
-    "prompt_template": "<|VIRTUAL_PROMPT_0|>Context: {context} Question: {question} Answer: {answer}",
-    "total_virtual_tokens": 4,
-    "virtual_token_splits": [4],
-    "truncate_field": "context",
-    "answer_only_loss": True,
-    "answer_field": "answer",
-}
 SENT_T = {
     "taskname": "sentiment",
     "prompt_template": "<|VIRTUAL_PROMPT_0|>Review: {review}<|VIRTUAL_PROMPT_1|> Sentiment: {label}",

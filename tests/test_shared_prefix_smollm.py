@@ -13,15 +13,9 @@ from pathlib import Path
 
 import pytest
 
-TEMPLATE = {
-    "taskname": "squad",
-    "prompt_template": "<|VIRTUAL_PROMPT_0|>Context: {context} Question: {question} Answer: {answer}",
-    "total_virtual_tokens": 20,
-    "virtual_token_splits": [20],
-    "truncate_field": "context",
-    "answer_only_loss": True,
-    "answer_field": "answer",
-}
+from tests.templates import SQUAD_T  # noqa: E402
+
+TEMPLATE = {**SQUAD_T, "total_virtual_tokens": 20, "virtual_token_splits": [20]}   # as gpt3/squad_cpu
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,0 +1,13 @@
+"""Task templates shared by the tests (torch-free, so any test module can import them)."""
+from __future__ import annotations
+
+# the SQuAD template of conf/prompt_learning/gpt3/squad.yaml with few virtual tokens (tiny test models)
+SQUAD_T = {
+    "taskname": "squad",
+    "prompt_template": "<|VIRTUAL_PROMPT_0|>Context: {context} Question: {question} Answer: {answer}",
+    "total_virtual_tokens": 4,
+    "virtual_token_splits": [4],
+    "truncate_field": "context",
+    "answer_only_loss": True,
+    "answer_field": "answer",
+}
