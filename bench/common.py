@@ -139,14 +139,14 @@ def load_setup(model_path: str = DEFAULT_MODEL, attn: str | None = "eager", conf
     from stages.prompt_learning import data as D
     from stages.prompt_learning.family import family_for
     from stages.prompt_learning.model_source import load_tokenizer, resolve
-    from stages.prompt_learning.train import _load_base
+    from stages.prompt_learning.train import load_base_model
 
     task_templates, init_text, lr = default_task(config)
     parsed = parse_templates(templates or task_templates, "task_templates")
     template = next(iter(parsed.values()))
     resolved = resolve(model_path, "--model")
     tokenizer = load_tokenizer(resolved.location, "--model")
-    model = _load_base(resolved.location, attn)
+    model = load_base_model(resolved.location, attn)
     family = family_for(model.config, tokenizer)
     if family.name != "gpt":
         raise SystemExit(f"--model {model_path}: the benches compare decoder-only prompt tuning with PEFT; got family {family.name}")

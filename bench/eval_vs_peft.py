@@ -91,7 +91,7 @@ def peft_generate(setup: C.Setup, peft: Any, pm: Any, records: Sequence[dict[str
     mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
     gc = GenerationConfig(max_new_tokens=tokens_to_generate, do_sample=False, num_beams=1,
                           eos_token_id=info.eos_id, pad_token_id=info.pad_id)
-    crit = RowStop(pm._stopper(tuple(stop)), n, info.eos_id)
+    crit = RowStop(pm.stop_check(tuple(stop)), n, info.eos_id)
     with torch.no_grad():
         out = peft.generate(input_ids=ids, attention_mask=mask, generation_config=gc,
                             stopping_criteria=StoppingCriteriaList([crit]))
@@ -99,7 +99,7 @@ def peft_generate(setup: C.Setup, peft: Any, pm: Any, records: Sequence[dict[str
     for row in out[:, n:].tolist():
         if info.eos_id in row:
             row = row[: row.index(info.eos_id)]
-        answers.append(pm._cut(info.decode(row), tuple(stop)))
+        answers.append(pm.cut_at_stop(info.decode(row), tuple(stop)))
     return answers
 
 

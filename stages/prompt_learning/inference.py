@@ -94,7 +94,9 @@ class PromptedModel:
         d["tasks"] = sorted(self.templates)
         return d
 
-    def _stopper(self, stop_strings: Sequence[str]):
+    def stop_check(self, stop_strings: Sequence[str]):
+        """``is_done(row, generated_ids)`` for the greedy loop: a stop string appeared after the leading whitespace
+        (public so benchmarks can give another generator exactly this rule)."""
         def is_done(_i: int, generated: list[int]) -> bool:
             if not stop_strings:
                 return False
@@ -102,7 +104,8 @@ class PromptedModel:
             return any(s in text for s in stop_strings)
         return is_done
 
-    def _cut(self, text: str, stop_strings: Sequence[str]) -> str:
+    def cut_at_stop(self, text: str, stop_strings: Sequence[str]) -> str:
+        """The answer: ``text`` without leading whitespace, cut at the first stop string, stripped."""
         text = text.lstrip()
         for s in stop_strings:
             if s and s in text:
@@ -164,9 +167,9 @@ class PromptedModel:
             shared = {"prefix_lens": [prefix_lens[k] for k in chunk]} if share_prefix and all(prefix_lens[k] > 0 for k in chunk) else {}
             gen = self.family.generate(self.model, self.store if use_virtual else None, [rows[k] for k in chunk],
                                        pad_id=self.tok.pad_id, eos_ids=eos_ids, tokens_to_generate=tokens_to_generate,
-                                       is_done=self._stopper(stop), **shared)
+                                       is_done=self.stop_check(stop), **shared)
             for k, g in zip(chunk, gen):
-                out[k] = self._cut(self.tok.decode(g), stop)
+                out[k] = self.cut_at_stop(self.tok.decode(g), stop)
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:

@@ -105,7 +105,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     if world_size_of(cfg) > 1 or batch_plan_layout(cfg).is_model_parallel:   # TP/PP/DP: parallel_module.py
         from . import parallel_module as parallel
         parallel.precheck(cfg, batch_plan_layout(cfg), resolved.location, style)
-    model = _load_base(resolved.location, m.get("attn_implementation"))
+    model = load_base_model(resolved.location, m.get("attn_implementation"))
     family = family_for(model.config, tokenizer)   # "gpt" (causal LM) or "t5" (encoder-decoder)
     fp = fingerprint(model)
     base = base_info(resolved.given, resolved.location, model, fp)
@@ -276,7 +276,8 @@ def _batching_layout(share: bool, bucket: bool) -> dict[str, Any]:
     return {"batching": kind} if kind else {}
 
 
-def _load_base(location: str, attn_implementation: str | None) -> Any:
+def load_base_model(location: str, attn_implementation: str | None) -> Any:
+    """The frozen fp32 base model as this stage loads it (also used by bench/ so both compare the same model)."""
     import torch
     import transformers
 
