@@ -8,6 +8,8 @@ while it times.
 """
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import platform
@@ -129,6 +131,32 @@ def default_task(config: str | os.PathLike[str] = DEFAULT_CONFIG) -> tuple[list[
     m = OmegaConf.to_container(OmegaConf.load(str(config)), resolve=False)["model"]
     texts = ((m.get("prompt_tuning") or {}).get("new_prompt_init_text")) or [None]
     return m["task_templates"], texts[0], float(m["optim"]["lr"])
+
+
+def arg_parser(description: str, *, name: str, batches: int) -> argparse.ArgumentParser:
+    """The flags every model bench takes (model, data, batches, prompt table, threads, output); each adds its own."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--attn", default="eager", help="attention implementation (the CPU config uses eager)")
+    ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    ap.add_argument("--batches", type=int, default=batches, help="distinct batches per pass")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0, help="paragraph order (and the random prompt table)")
+    ap.add_argument("--init", default="text", choices=["text", "random"], help="prompt table init (without --artifact)")
+    ap.add_argument("--artifact", default=None, help="start from this prompt artifact's table instead")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--out", default=str(RESULTS_DIR / f"{name}.json"))
+    return ap
+
+
+def setup_from_args(args: argparse.Namespace) -> Setup:
+    """Apply --threads, then ``load_setup`` with --model and --attn."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return load_setup(args.model, args.attn)
 
 
 def load_setup(model_path: str = DEFAULT_MODEL, attn: str | None = "eager", config: str | os.PathLike[str] = DEFAULT_CONFIG,

@@ -26,7 +26,6 @@ Writes bench/results/eval_vs_peft.json (override with --out).
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 from pathlib import Path
@@ -199,31 +198,16 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=C.DEFAULT_MODEL)
-    ap.add_argument("--attn", default="eager", help="attention implementation (the CPU config uses eager)")
-    ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA_DIR))
-    ap.add_argument("--artifact", default=None, help="prompt artifact whose table to use (default: --init table)")
-    ap.add_argument("--init", default="text", choices=["text", "random"], help="prompt table init without --artifact")
-    ap.add_argument("--batches", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = C.arg_parser(__doc__.splitlines()[0], name="eval_vs_peft", batches=3)
     ap.add_argument("--tokens-to-generate", type=int, default=32)
     ap.add_argument("--max-prompt-tokens", type=int, default=512, help="paragraphs with a longer prompt are skipped")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-engine-batching", dest="engine_batching", action="store_false",
                     help="drop the row that passes all questions in one share_prefix call (the engine batches them itself, "
                          "as stages/evaluation does)")
     ap.add_argument("--peft-unbatched", action="store_true",
                     help="add a row: PEFT one question at a time (its exact answers, without left padding)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(C.RESULTS_DIR / "eval_vs_peft.json"))
     args = ap.parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    setup = C.load_setup(args.model, args.attn)
+    setup = C.setup_from_args(args)
     fam, tpl, info = setup.family, setup.template, setup.info
     fits = lambda r: len(fam.build_prompt(tpl, r, info, where="")[0]) <= args.max_prompt_tokens  # noqa: E731
     batches = C.paragraph_batches(C.squad_records("dev", args.data_dir), n_batches=args.batches,

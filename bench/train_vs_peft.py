@@ -25,7 +25,6 @@ Writes bench/results/train_vs_peft.json (override with --out).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -211,28 +210,15 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=C.DEFAULT_MODEL)
-    ap.add_argument("--attn", default="eager", help="attention implementation (the CPU config uses eager)")
-    ap.add_argument("--data-dir", default=str(C.DEFAULT_DATA_DIR))
-    ap.add_argument("--batches", type=int, default=2, help="distinct batches per pass")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = C.arg_parser(__doc__.splitlines()[0], name="train_vs_peft", batches=2)
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side on batch 0 (>= 1; the first counts FLOPs)")
     ap.add_argument("--max-seq-length", type=int, default=384, help="paragraphs with a longer question are skipped")
-    ap.add_argument("--seed", type=int, default=0, help="paragraph order")
-    ap.add_argument("--init", default="text", choices=["text", "random"], help="prompt table init (without --artifact)")
-    ap.add_argument("--artifact", default=None, help="start from this prompt artifact's table instead")
     ap.add_argument("--tol", type=float, default=1e-4, help="relative loss agreement required")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    ap.add_argument("--out", default=str(C.RESULTS_DIR / "train_vs_peft.json"))
     args = ap.parse_args(argv)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    setup = C.load_setup(args.model, args.attn)
+    setup = C.setup_from_args(args)
     fam, tpl, info = setup.family, setup.template, setup.info
     fits = lambda r: fam.build_example(tpl, r, info, max_seq_length=args.max_seq_length, add_eos=True, where="") is not None  # noqa: E731
     batches = C.paragraph_batches(C.squad_records("train", args.data_dir), n_batches=args.batches,
