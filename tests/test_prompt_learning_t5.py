@@ -22,6 +22,7 @@ from launcher.errors import UserError  # noqa: E402
 from launcher.prompt_template import parse_template  # noqa: E402
 from stages.prompt_learning import data as D  # noqa: E402
 from tests.test_prompt_learning import SENT_T, check_two_task_incremental, make_cfg, make_model_dir, make_tokenizer, tables, train, write_jsonl  # noqa: E402
+from tests import test_prompt_learning as tp  # noqa: E402
 
 T5_SQUAD = {  # the t5/squad recipe's template, fewer virtual tokens
     "taskname": "squad",
@@ -76,16 +77,9 @@ def family_of(model_dir: str):
 
 
 def squad_records(n: int, seed: int = 0) -> list[dict]:
-    import random
-
-    rng = random.Random(seed)
-    words = ["Paris", "France", "Tower", "Eiffel", "capital", "city", "Tokyo", "Japan", "lake", "Zürich"]
-    out = []
-    for i in range(n):
-        ans = rng.choice(words)
-        ctx = " ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + f" {ans}."
-        out.append({"taskname": "squad", "context": ctx, "question": f"Which word {i % 3}?", "answer": ans})
-    return out
+    """Toy records in the tiny T5/mT5 tokenizer's vocabulary (a non-ASCII word included)."""
+    return tp.squad_records(n, seed, words=("Paris", "France", "Tower", "Eiffel", "capital", "city", "Tokyo", "Japan",
+                                            "lake", "Zürich"), context_words=(3, 10))
 
 
 def t5_cfg(tmp: Path, model_dir: str, **kw):
