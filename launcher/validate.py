@@ -392,6 +392,9 @@ def _check_evaluation(sc: DictConfig, inputs: _Inputs) -> None:
     share = sc.get("inference", {}).get("share_prefix", False)
     if not isinstance(share, bool):
         raise UserError(f"evaluation.inference.share_prefix: must be true or false, got {share!r}")
+    lookup = sc.get("inference", {}).get("prompt_lookup_num_tokens", 0)
+    if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
+        raise UserError(f"evaluation.inference.prompt_lookup_num_tokens: must be an integer >= 0 (0 = off), got {lookup!r}")
 
 
 def _check_data_preparation(sc: DictConfig, inputs: _Inputs) -> None:

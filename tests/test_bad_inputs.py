@@ -27,6 +27,8 @@ PRELAUNCH = [
     (["prompt_learning.model.optim.name=sgd"], "prompt_learning.model.optim.name: 'sgd' is not one of adamw, adam"),
     (["prompt_learning.model.optim.sched.name=step"], "prompt_learning.model.optim.sched.name: 'step' is not one of cosine"),
     (["evaluation.data.offset=-1"], "evaluation.data.offset: must be an integer >= 0, got -1"),
+    (["evaluation.inference.prompt_lookup_num_tokens=-2"],
+     "evaluation.inference.prompt_lookup_num_tokens: must be an integer >= 0 (0 = off), got -2"),
     (["prompt_learning.model.language_model_path=/nonexistent/model"],
      "prompt_learning.model.language_model_path: '/nonexistent/model' does not exist; give a Hugging Face model folder"),
     (["prompt_learning.model.language_model_path={tmp}/not_a_model"],

@@ -191,6 +191,24 @@ def test_share_prefix_reaches_generate(tmp_path, fake):
     assert "share_prefix" not in fake["model"].calls[0]                              # off: the old call, unchanged
 
 
+def test_prompt_lookup_reaches_generate_and_its_counts_reach_metrics(tmp_path, fake, monkeypatch):
+    test_ds = write_jsonl(tmp_path / "test.jsonl", SQUAD_RECORDS)
+    real = FakeModel.generate
+
+    def counting(self, records, **kw):
+        kw["stats"].update(forward_passes=3, drafted=8, accepted=5, row_tokens=20)   # as the engine would count
+        return real(self, records, **kw)
+
+    monkeypatch.setattr(FakeModel, "generate", counting)
+    ev.evaluate(make_cfg(tmp_path, test_ds, make_artifact(tmp_path), **{"inference.prompt_lookup_num_tokens": 4}))
+    assert [c.get("prompt_lookup_num_tokens") for c in fake["model"].calls] == [4, 4]   # tuned and baseline
+    m = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert m["decoding"] == m["baseline"]["decoding"] == {"forward_passes": 3, "drafted": 8, "accepted": 5, "row_tokens": 20}
+    monkeypatch.setattr(FakeModel, "generate", real)
+    ev.evaluate(make_cfg(tmp_path, test_ds, make_artifact(tmp_path)))
+    assert "prompt_lookup_num_tokens" not in fake["model"].calls[0] and "stats" not in fake["model"].calls[0]
+
+
 # ---- user errors: one line naming the key or file:line and the fix ----
 def _err(tmp_path, records, match, artifact=True, **over):
     test_ds = write_jsonl(tmp_path / "test.jsonl", records)
@@ -243,6 +261,7 @@ def test_unknown_taskname_and_missing_gold(tmp_path, fake):
         ({"inference.tokens_to_generate": 0}, r"evaluation\.inference\.tokens_to_generate"),
         ({"inference.stop_strings": "[1]"}, r"evaluation\.inference\.stop_strings"),
         ({"inference.share_prefix": "maybe"}, r"^evaluation\.inference\.share_prefix: must be true or false, got 'maybe'$"),
+        ({"inference.prompt_lookup_num_tokens": -1}, r"^evaluation\.inference\.prompt_lookup_num_tokens: must be an integer >= 0, got -1$"),
         ({"inference.baseline_only": True}, r"evaluation\.model\.language_model_path: required with evaluation\.inference\.baseline_only"),
         ({"inference.baseline_only": True, "model.language_model_path": "x/y", "model.task_templates": "null"},
          r"evaluation\.model\.task_templates: required"),

@@ -39,6 +39,7 @@ class Run:
     predictions: list[str]
     scores: list[Score]
     seconds: float
+    decoding: dict[str, int] | None = None   # forward passes, drafted / accepted tokens (decoder-only models)
 
     def metrics(self, examples: Sequence[Example]) -> dict[str, Any]:
         out: dict[str, Any] = _rounded(aggregate(self.scores))
@@ -49,6 +50,8 @@ class Run:
             }
         out["seconds"] = round(self.seconds, 3)
         out["seconds_per_example"] = round(self.seconds / max(1, len(examples)), 4)
+        if self.decoding:
+            out["decoding"] = dict(self.decoding)
         return out
 
 
@@ -100,6 +103,7 @@ def _ensure_writable(folder: Path) -> None:
 def _run(model: Any, examples: list[Example], s: Settings, kind: str) -> Run:
     log.info("generating %s answers for %d questions (batch %d, up to %d tokens)", kind, len(examples), s.batch_size, s.tokens_to_generate)
     t0 = time.monotonic()
+    decoding: dict[str, int] = {}
     preds = model.generate(
         [e.inputs for e in examples],
         tokens_to_generate=s.tokens_to_generate,
@@ -108,12 +112,16 @@ def _run(model: Any, examples: list[Example], s: Settings, kind: str) -> Run:
         stop_strings=s.stop_strings,
         progress=s.progress,
         **({"share_prefix": True} if s.share_prefix else {}),   # only when asked: older generate() contracts stay valid
+        **({"prompt_lookup_num_tokens": s.prompt_lookup_num_tokens, "stats": decoding} if s.prompt_lookup_num_tokens else {}),
     )
     seconds = time.monotonic() - t0
     if len(preds) != len(examples):
         raise RuntimeError(f"PromptedModel.generate returned {len(preds)} answers for {len(examples)} records")
     preds = [str(p).strip() for p in preds]
-    return Run(kind, preds, [score(p, e.golds) for p, e in zip(preds, examples)], seconds)
+    if decoding.get("drafted"):
+        log.info("%s: %d decoding passes, %d of %d drafted tokens accepted (prompt lookup)", kind,
+                 decoding["forward_passes"], decoding["accepted"], decoding["drafted"])
+    return Run(kind, preds, [score(p, e.golds) for p, e in zip(preds, examples)], seconds, decoding or None)
 
 
 def _rounded(m: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class Settings:
     baseline_only: bool
     progress: bool
     share_prefix: bool = False            # generate with shared-context prefixes (PromptedModel.generate)
+    prompt_lookup_num_tokens: int = 0     # draft tokens copied from the prompt per decoding pass (0 = off)
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "Settings":
@@ -135,6 +136,7 @@ class Settings:
             baseline_only=baseline_only,
             progress=_bool(inf.get("progress", True), "inference.progress"),
             share_prefix=_bool(inf.get("share_prefix", False), "inference.share_prefix"),
+            prompt_lookup_num_tokens=_int(inf.get("prompt_lookup_num_tokens", 0), "inference.prompt_lookup_num_tokens", 0),
         )
 
 

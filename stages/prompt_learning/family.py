@@ -16,6 +16,7 @@ from launcher.prompt_template import TaskTemplate
 
 from . import data as D
 from . import shared_prefix as SP
+from .decoding import greedy_decode
 from .prompts import PromptStore
 
 
@@ -23,6 +24,7 @@ class DecoderOnlyFamily:
     name = "gpt"
     auto_class = "AutoModelForCausalLM"
     shares_prefix = True    # shared-context prefixes (shared_prefix.py): training batches and generation
+    prompt_lookup = True    # generate() takes prompt_lookup_num_tokens / stats (decoding.greedy_decode)
 
     # ---- examples -------------------------------------------------------------------------------
     def build_example(self, template: TaskTemplate, record: dict[str, Any], info: D.TokenizerInfo, **kw: Any) -> D.Example | None:
@@ -69,42 +71,25 @@ class DecoderOnlyFamily:
     @torch.no_grad()
     def generate(self, model: Any, store: PromptStore | None, rows: Sequence[tuple[list[int], list[int], int]], *,
                  pad_id: int, eos_ids: set[int], tokens_to_generate: int,
-                 is_done: Callable[[int, list[int]], bool], prefix_lens: Sequence[int] | None = None) -> list[list[int]]:
+                 is_done: Callable[[int, list[int]], bool], prefix_lens: Sequence[int] | None = None,
+                 prompt_lookup_num_tokens: int = 0, stats: dict[str, int] | None = None) -> list[list[int]]:
         """Greedy decoding with the KV cache for one left-padded batch.
 
         rows: (input_ids, virtual_index, task_id). Pads come first, then [virtual + text] in template order;
         position ids are computed from the attention mask, so padding does not shift positions and a
         padded row decodes exactly as it would alone. ``is_done(i, generated)`` implements stop strings.
         ``prefix_lens`` (from ``data.build_prompt_split``): prefill each distinct prefix once and reuse its cache
-        for every row that starts with it (``shared_prefix.prefill_shared``); the decoding loop is the same.
+        for every row that starts with it (``shared_prefix.prefill_shared``). Decoding (``decoding.greedy_decode``)
+        drops finished rows from the batch and, with ``prompt_lookup_num_tokens`` > 0, verifies up to that many tokens
+        copied from the row's prompt per pass; the answers are the plain greedy ones.
         """
         if prefix_lens is not None:
             out, mask, pos = SP.prefill_shared(self, model, store, list(rows), list(prefix_lens), pad_id)
         else:
             out, mask, pos = self._prefill(model, store, rows, pad_id)
-        past = out.past_key_values
-        generated: list[list[int]] = [[] for _ in rows]
-        done = [False] * len(rows)
-        logits = out.logits[:, -1]
-        for step in range(tokens_to_generate):
-            nxt = logits.argmax(-1)
-            for i, tok in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
-                if tok in eos_ids:
-                    done[i] = True
-                    continue
-                generated[i].append(tok)
-                if is_done(i, generated[i]):
-                    done[i] = True
-            if all(done) or step == tokens_to_generate - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            pos = pos[:, -1:] + 1
-            out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[:, -1]
-        return generated
+        sources = [[-1 if v >= 0 else t for t, v in zip(ids, vidx)] for ids, vidx, _ in rows]
+        return greedy_decode(model, out, mask, pos, sources, eos_ids=eos_ids, tokens_to_generate=tokens_to_generate,
+                             is_done=is_done, prompt_lookup_num_tokens=prompt_lookup_num_tokens, stats=stats)
 
     def _prefill(self, model: Any, store: PromptStore | None, rows: Sequence[tuple[list[int], list[int], int]],
                  pad_id: int) -> tuple[Any, torch.Tensor, torch.Tensor]:

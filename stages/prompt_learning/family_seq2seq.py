@@ -59,6 +59,7 @@ class EncoderDecoderFamily(DecoderOnlyFamily):
     name = "t5"
     auto_class = "AutoModelForSeq2SeqLM"
     shares_prefix = False   # the encoder is bidirectional: a prefix's states depend on what follows it
+    prompt_lookup = False   # its own one-token decoding loop (drafts from the encoder input are not built)
 
     def __init__(self, tokenizer: Any = None) -> None:
         self.sentinel: int | None = None

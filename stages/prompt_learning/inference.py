@@ -114,7 +114,7 @@ class PromptedModel:
 
     def generate(self, records: list[dict], *, tokens_to_generate: int = 32, batch_size: int = 8,
                  use_virtual_prompt: bool = True, stop_strings: tuple[str, ...] = ("\n",), progress: bool = True,
-                 share_prefix: bool = False) -> list[str]:
+                 share_prefix: bool = False, prompt_lookup_num_tokens: int = 0, stats: dict[str, int] | None = None) -> list[str]:
         """Greedy, batched (mixed tasks allowed), left padding with the virtual tokens kept adjacent to the real text
         (pads come first, then [virtual+text] in template order), stops at EOS or a stop string; returns stripped answers
         in input order. A record missing a template input field -> UserError naming the field and record index.
@@ -123,11 +123,22 @@ class PromptedModel:
 
         ``share_prefix=True`` (decoder-only models): questions with the same prefix ([BOS] + virtual tokens +
         "Context:" + context) go into one batch and the prefix is prefilled once for all of them; the answers are
-        the same as without it (the logits differ only by float rounding). Encoder-decoder models ignore it (logged)."""
+        the same as without it (the logits differ only by float rounding). Encoder-decoder models ignore it (logged).
+
+        ``prompt_lookup_num_tokens=k`` (decoder-only models): each decoding pass also verifies up to k tokens copied from the
+        question's own prompt (``decoding.greedy_decode``); same greedy answers in fewer passes. ``stats`` (a dict)
+        accumulates the decoding counts over the batches (forward passes, drafted and accepted tokens)."""
         use_virtual = bool(use_virtual_prompt) and self.store is not None
         if share_prefix and not getattr(self.family, "shares_prefix", False):
             log.info("share_prefix: not supported by the %s family (bidirectional encoder); generating without it", self.family.name)
             share_prefix = False
+        if isinstance(prompt_lookup_num_tokens, bool) or not isinstance(prompt_lookup_num_tokens, int) or prompt_lookup_num_tokens < 0:
+            raise UserError(f"prompt_lookup_num_tokens: must be an integer >= 0 (draft tokens per decoding pass, 0 = off), got {prompt_lookup_num_tokens!r}")
+        decode_kw: dict[str, Any] = {}
+        if getattr(self.family, "prompt_lookup", False):
+            decode_kw = {"prompt_lookup_num_tokens": prompt_lookup_num_tokens, "stats": {}}
+        elif prompt_lookup_num_tokens:
+            log.info("prompt_lookup_num_tokens: not supported by the %s family; decoding one token per pass", self.family.name)
         task_ids = {t: i for i, t in enumerate(self.store.tasks)} if self.store is not None else {t: i for i, t in enumerate(self.templates)}
         rows = []
         prefix_lens: list[int] = []
@@ -167,7 +178,10 @@ class PromptedModel:
             shared = {"prefix_lens": [prefix_lens[k] for k in chunk]} if share_prefix and all(prefix_lens[k] > 0 for k in chunk) else {}
             gen = self.family.generate(self.model, self.store if use_virtual else None, [rows[k] for k in chunk],
                                        pad_id=self.tok.pad_id, eos_ids=eos_ids, tokens_to_generate=tokens_to_generate,
-                                       is_done=self.stop_check(stop), **shared)
+                                       is_done=self.stop_check(stop), **shared, **decode_kw)
+            if stats is not None and decode_kw:
+                for key, value in decode_kw["stats"].items():
+                    stats[key] = stats.get(key, 0) + value
             for k, g in zip(chunk, gen):
                 out[k] = self.cut_at_stop(self.tok.decode(g), stop)
             if bar is not None:
