@@ -7,11 +7,15 @@ batches (whole paragraphs, about five questions per context), greedy, same max n
   peft          PeftModelForCausalLM.generate(input_ids, attention_mask, greedy GenerationConfig, a stopping
                 criterion implementing the evaluation stage's stop rule); the prompt ids are the engine's own
                 prompt ids without the leading virtual slots (PEFT prepends its virtual tokens)
-  ours-plain    PromptedModel.generate(batch, batch_size=len(batch)) as stages/evaluation calls it
-  ours-shared   the same with share_prefix=True: each paragraph's prefix is prefilled once (when the engine has it)
+  ours-plain    PromptedModel.generate(batch, batch_size=len(batch)), one token per decoding pass
+  ours-shared   the same with share_prefix=True: each paragraph's prefix is prefilled once
+  ours-shared-lookup  share_prefix=True and prompt_lookup_num_tokens=K (default: the evaluation config's value):
+                each decoding pass also verifies up to K tokens copied from the question's prompt; what
+                stages/evaluation runs
   peft-unbatched  (--peft-unbatched) PEFT one question at a time: its exact answers, at batch-1 speed
-  ours-shared-engine-batching  all questions in one PromptedModel.generate(share_prefix=True, batch_size) call, as
-                stages/evaluation makes it: the engine forms its own batches of whole paragraphs
+  ours-shared-lookup-engine-batching  all questions in one PromptedModel.generate(share_prefix=True, K, batch_size)
+                call, as stages/evaluation makes it: the engine forms its own batches of whole paragraphs
+(every ours row drops finished rows from its batch: that is how the engine decodes)
 
 Answers are compared after the same EOS / stop-string truncation (PromptedModel's own rule); any difference is
 printed and the exit code is 1. PEFT drops ``position_ids`` for prompt tuning, so in a left-padded batch the text
@@ -36,6 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
 STOP_STRINGS = ("\n",)   # conf/evaluation/prompt_gpt3/squad.yaml inference.stop_strings
+EVAL_CONFIG = C.ROOT / "conf" / "evaluation" / "prompt_gpt3" / "squad.yaml"
+
+
+def default_lookup() -> int:
+    """inference.prompt_lookup_num_tokens of the GPT evaluation config: the bench measures what the stage runs."""
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(str(EVAL_CONFIG)).inference.get("prompt_lookup_num_tokens", 0))
 
 
 def prompted_model(setup: C.Setup, table: Any) -> Any:
@@ -104,7 +116,7 @@ def peft_generate(setup: C.Setup, peft: Any, pm: Any, records: Sequence[dict[str
 
 def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3,
         tokens_to_generate: int = 32, stop: Sequence[str] = STOP_STRINGS, engine_batching: bool = True,
-        peft_unbatched: bool = False) -> dict[str, Any]:
+        peft_unbatched: bool = False, lookup: int = 4) -> dict[str, Any]:
     """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
     pm = prompted_model(setup, table)
     peft = C.peft_prompt_model(setup, table)
@@ -112,17 +124,25 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     shared = supports_share_prefix()
     flat = [r for recs in batch_records for r in recs]
 
-    def ours(share: bool) -> Callable[[list[dict[str, Any]]], list[str]]:
-        kw = {"share_prefix": True} if share else {}
+    decoding: dict[str, dict[str, int]] = {}   # decoding counts of each ours side, summed over one pass
+
+    def ours(name: str, share: bool, k: int = 0) -> Callable[[list[dict[str, Any]]], list[str]]:
+        kw: dict[str, Any] = {"share_prefix": True} if share else {}
+        if k:
+            kw["prompt_lookup_num_tokens"] = k
+        if "stats" in inspect.signature(pm.generate).parameters:
+            kw["stats"] = decoding.setdefault(name, {})
         return lambda recs: pm.generate(recs, tokens_to_generate=tokens_to_generate, batch_size=len(recs),
                                         stop_strings=stop, progress=False, **kw)
 
     per_batch: dict[str, Callable[[list[dict[str, Any]]], list[str]]] = {
         "peft": lambda recs: peft_generate(setup, peft, pm, recs, tokens_to_generate, stop),
-        "ours-plain": ours(False),
+        "ours-plain": ours("ours-plain", False),
     }
     if shared:
-        per_batch["ours-shared"] = ours(True)
+        per_batch["ours-shared"] = ours("ours-shared", True)
+        if lookup:
+            per_batch["ours-shared-lookup"] = ours("ours-shared-lookup", True, lookup)
     if peft_unbatched:   # PEFT's exact answers (no padding), at its batch-1 speed
         per_batch["peft-unbatched"] = lambda recs: [peft_generate(setup, peft, pm, [r], tokens_to_generate, stop)[0] for r in recs]
     preds: dict[str, list[str]] = {}
@@ -134,13 +154,17 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
 
     sides = {name: pass_of(name) for name in per_batch}
     if engine_batching and shared:   # the whole list in one call: the engine picks its own batches
+        engine_name = "ours-shared-lookup-engine-batching" if lookup else "ours-shared-engine-batching"
+        engine_kw = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+
         def engine() -> None:
-            preds["ours-shared-engine-batching"] = pm.generate(flat, tokens_to_generate=tokens_to_generate,
-                                                               batch_size=len(batch_records[0]), stop_strings=stop,
-                                                               progress=False, share_prefix=True)
-        sides["ours-shared-engine-batching"] = engine
+            preds[engine_name] = pm.generate(flat, tokens_to_generate=tokens_to_generate, batch_size=len(batch_records[0]),
+                                             stop_strings=stop, progress=False, share_prefix=True, **engine_kw)
+        sides[engine_name] = engine
     for name, fn in per_batch.items():   # warm-up: one batch per side, untimed
         fn(batch_records[0])
+    for counts in decoding.values():
+        counts.clear()
     times = C.interleaved_timing(sides, repeats)
 
     # ---- identical answers ----------------------------------------------------------------------------
@@ -164,14 +188,17 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     for name in sides:
         sec = C.median(times[name])
         rows[name] = {"median_pass_seconds": sec, "pass_seconds": times[name], "questions_per_s": len(flat) / sec}
-    for r in rows.values():
+    for name, r in rows.items():
         r["speedup_vs_peft"] = rows["peft"]["median_pass_seconds"] / r["median_pass_seconds"]
+        if decoding.get(name):   # summed over the timed passes: per pass
+            r["decoding_per_pass"] = {k: v // repeats for k, v in decoding[name].items()}
     return {
         "model": setup.model_path, "attn_implementation": getattr(setup.model.config, "_attn_implementation", None),
         "template": setup.template.prompt_template, "virtual_tokens": setup.template.total_virtual_tokens,
         "batches": len(batch_records), "batch_size": len(batch_records[0]), "questions_per_pass": len(flat),
         "contexts_per_batch": [len({r["context"] for r in recs}) for recs in batch_records],
         "tokens_to_generate": tokens_to_generate, "stop_strings": list(stop), "repeats": repeats,
+        "prompt_lookup_num_tokens": lookup,
         "rows": rows, "identical": not mismatches, "mismatches": mismatches,
         "peft_padding_deviations": peft_padding,
         "answers": [{"id": r.get("id"), "question": r["question"], "answer": a} for r, a in zip(flat, reference)],
@@ -183,6 +210,12 @@ def report(result: dict[str, Any]) -> str:
                      [[n, r["questions_per_s"], r["speedup_vs_peft"], r["median_pass_seconds"]] for n, r in result["rows"].items()])]
     lines.append(f"{result['batches']} batches x {result['batch_size']} questions (contexts per batch {result['contexts_per_batch']}), "
                  f"up to {result['tokens_to_generate']} new tokens, median of {result['repeats']} passes")
+    for name, r in result["rows"].items():
+        d = r.get("decoding_per_pass")
+        if d:
+            lines.append(f"  {name}: {d['forward_passes']} decoding passes, {d['row_tokens']} row-tokens"
+                         + (f", {d['accepted']} of {d['drafted']} drafted tokens accepted" if d.get("drafted") else "")
+                         + " per pass over the questions")
     dev = result["peft_padding_deviations"]
     if dev:
         lines.append(f"PEFT's left-padded batches changed {len(dev)} answer(s) (PEFT ignores position_ids, so padding shifts "
@@ -204,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-engine-batching", dest="engine_batching", action="store_false",
                     help="drop the row that passes all questions in one share_prefix call (the engine batches them itself, "
                          "as stages/evaluation does)")
+    ap.add_argument("--prompt-lookup-num-tokens", type=int, default=None,
+                    help="draft tokens per decoding pass of the ours-shared-lookup rows (default: the evaluation config's "
+                         "inference.prompt_lookup_num_tokens; 0 drops those rows)")
     ap.add_argument("--peft-unbatched", action="store_true",
                     help="add a row: PEFT one question at a time (its exact answers, without left padding)")
     args = ap.parse_args(argv)
@@ -214,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                                   batch_size=args.batch_size, seed=args.seed, keep=fits)
     table = C.prompt_table(setup, init=args.init, seed=args.seed, artifact=args.artifact)
     result = run(setup, batches, table, repeats=args.repeats, tokens_to_generate=args.tokens_to_generate,
-                 engine_batching=args.engine_batching, peft_unbatched=args.peft_unbatched)
+                 engine_batching=args.engine_batching, peft_unbatched=args.peft_unbatched,
+                 lookup=default_lookup() if args.prompt_lookup_num_tokens is None else args.prompt_lookup_num_tokens)
     result["prompt_table"] = args.artifact or f"init={args.init} seed={args.seed}"
     print(report(result))
     C.write_result(args.out, {"bench": "eval_vs_peft", **result})

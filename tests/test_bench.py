@@ -50,8 +50,11 @@ def test_train_bench_losses_agree(setup: C.Setup) -> None:
 
     batches = C.paragraph_batches(fixture_records("train"), n_batches=1, batch_size=4, seed=0)
     table = C.prompt_table(setup, init="random", seed=0)
-    result = T.run(setup, batches, table, repeats=1, warmup=1, max_seq_length=512, measure_peak=False)
+    result = T.run(setup, batches, table, repeats=2, warmup=1, max_seq_length=512, peak_repeats=1)
     assert result["agreement"]["ok"], result["agreement"]
+    assert len(result["matmul_peak"]["per_round_gflops"]) == 2     # a peak per round, between the passes
+    for name, row in result["rows"].items():
+        assert len(row["pct_of_peak_per_round"]) == 2 and row["pct_of_peak"] > 0 and row["pct_of_peak_best"] > 0, name
     assert {"peft", "ours-plain"} <= set(result["rows"])
     for name, row in result["rows"].items():
         assert row["examples_per_s"] > 0 and row["counted_flops_batch0"] > 0, name
@@ -66,9 +69,11 @@ def test_eval_bench_answers_identical(setup: C.Setup) -> None:
 
     batches = C.paragraph_batches(fixture_records("dev"), n_batches=1, batch_size=5, seed=0)
     table = C.prompt_table(setup, init="random", seed=0)
-    result = E.run(setup, batches, table, repeats=1, tokens_to_generate=6, peft_unbatched=True)
+    result = E.run(setup, batches, table, repeats=1, tokens_to_generate=6, peft_unbatched=True, lookup=E.default_lookup())
     assert result["identical"], result["mismatches"]
-    assert len(result["answers"]) == 5 and {"peft", "ours-plain"} <= set(result["rows"])
+    assert len(result["answers"]) == 5 and {"peft", "ours-plain", "ours-shared-lookup"} <= set(result["rows"])
+    assert result["rows"]["ours-shared-lookup"]["decoding_per_pass"]["forward_passes"] > 0
+    assert E.default_lookup() > 0          # the GPT evaluation config drafts from the prompt
     assert "identical to PEFT" in E.report(result)
 
 
