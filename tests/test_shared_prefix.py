@@ -356,6 +356,36 @@ def test_shared_prefill_logits_equal_plain(tiny):
     assert sh_mask.sum(1).tolist() == pm_mask.sum(1).tolist()
 
 
+def test_prefixes_of_very_different_lengths_run_in_separate_passes(tiny, monkeypatch):
+    """Prefixes whose padding would cost more than 15 % run in separate passes (``length_groups``); the cache laid
+    out from them gives the plain prefill's logits and the same answers."""
+    from stages.prompt_learning import shared_prefix as SP
+
+    assert SP.length_groups([266, 206, 129]) == [[0, 1], [2]]          # 266 and 206 together, 129 alone
+    assert SP.length_groups([100, 98, 95, 50, 49, 10]) == [[0, 1, 2], [3, 4], [5]]
+    pm = prompted(tiny, [SQUAD_T])
+    tpl = pm.templates["squad"]
+    recs = paragraph_records(3, 2, seed=5)
+    recs[0]["context"] = recs[1]["context"] = "fox dog " * 25 + "Paris."    # one long paragraph
+    split = [D.build_prompt_split(tpl, r, pm.tok, where="r") for r in recs]
+    rows = [(ids, v, 0) for ids, v, _ in split]
+    passes = []
+    real = SP.run_prefixes
+    monkeypatch.setattr(SP, "run_prefixes", lambda *a: passes.append(a[3].shape) or real(*a))
+    fam = DecoderOnlyFamily()
+    with torch.no_grad():
+        plain, _, _ = fam._prefill(pm.model, pm.store, rows, pm.tok.pad_id)
+        shared, mask, pos = SP.prefill_shared(fam, pm.model, pm.store, rows, [p for *_, p in split], pm.tok.pad_id)
+    distinct = {(tuple(ids[:p]), tuple(v[:p])) for ids, v, p in split}
+    assert len(passes) > 1 and passes[0][0] == 1, passes               # the long prefix alone, first
+    assert sum(r * n for r, n in passes) <= 1.15 * sum(len(k[0]) for k in distinct)   # little padding computed
+    a, b = plain.logits[:, -1], shared.logits[:, -1]
+    assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+    assert pos[:, -1].tolist() == [len(ids) - 1 for ids, _, _ in rows]
+    kw = dict(tokens_to_generate=8, stop_strings=(), progress=False)
+    assert pm.generate(recs, batch_size=6, share_prefix=True, **kw) == pm.generate(recs, batch_size=6, **kw)
+
+
 @pytest.mark.parametrize("use_virtual", [True, False])
 def test_shared_generation_identical_predictions(tiny, use_virtual):
     pm = prompted(tiny, [SQUAD_T, SENT_T])

@@ -100,10 +100,8 @@ def prefill_shared(family: Any, model: Any, store: PromptStore | None, rows: lis
         first.setdefault(r, i)
     pre = [D.Example("", rows[i][0][:prefix_lens[i]], rows[i][1][:prefix_lens[i]], [D.IGNORE] * prefix_lens[i])
            for i in (first[r] for r in range(len(keys)))]
-    pb = D.collate(pre, {"": 0}, pad_id)
-    ptask = torch.tensor([rows[first[r]][2] for r in range(len(keys))], dtype=torch.long, device=device)
-    pmask = pb["attention_mask"].to(device)
-    cache = run_prefixes(family, model, store, pb["input_ids"].to(device), pb["virtual_index"].to(device), pmask, ptask)
+    ptask = [rows[first[r]][2] for r in range(len(keys))]
+    cache, pmask = _prefill_prefixes(family, model, store, pre, ptask, pad_id, device)
     rows_t = torch.tensor(prow, dtype=torch.long, device=device)
     cache = expand_cache(cache, rows_t)
     suf = [D.Example("", ids[p:], v[p:], [D.IGNORE] * (len(ids) - p)) for (ids, v, _), p in zip(rows, prefix_lens)]
@@ -120,3 +118,52 @@ def prefill_shared(family: Any, model: Any, store: PromptStore | None, rows: lis
     except TypeError:  # models without logits_to_keep
         out = model(**kw)
     return out, mask, pos
+
+
+def length_groups(lengths: list[int], slack: float = 0.15) -> list[list[int]]:
+    """Indices grouped so that padding each group to its longest adds at most ``slack`` x its real tokens (longest
+    first): prefixes of similar length share a forward pass, very different ones do not pay for padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g is not None and lengths[g[0]] * (len(g) + 1) <= (1 + slack) * (sum(lengths[j] for j in g) + lengths[i]):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _prefill_prefixes(family: Any, model: Any, store: PromptStore | None, pre: list[D.Example], tasks: list[int],
+                      pad_id: int, device: Any) -> tuple[Any, torch.Tensor]:
+    """Run the distinct generation prefixes in ``length_groups`` (no pass computes much padding: the prefixes of
+    one batch can differ by 2x) and lay their caches out as one right-padded [P, Lp] cache with its 2D mask, as
+    a single padded pass would (pad slots are zeros, masked out)."""
+    lengths = [len(e.input_ids) for e in pre]
+    lp = max(lengths)
+    pmask = torch.zeros(len(pre), lp, dtype=torch.long, device=device)
+    for i, n in enumerate(lengths):
+        pmask[i, :n] = 1
+    groups = length_groups(lengths)
+    if len(groups) == 1:
+        pb = D.collate(pre, {"": 0}, pad_id)
+        return run_prefixes(family, model, store, pb["input_ids"].to(device), pb["virtual_index"].to(device),
+                            pmask, torch.tensor(tasks, dtype=torch.long, device=device)), pmask
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    for g in groups:
+        pb = D.collate([pre[i] for i in g], {"": 0}, pad_id)
+        part = run_prefixes(family, model, store, pb["input_ids"].to(device), pb["virtual_index"].to(device),
+                            pb["attention_mask"].to(device), torch.tensor([tasks[i] for i in g], dtype=torch.long, device=device))
+        idx = torch.tensor(g, dtype=torch.long, device=device)
+        for layer, kv in enumerate(part.layers):
+            if layer == len(keys):
+                shape = (len(pre), kv.keys.shape[1], lp, kv.keys.shape[3])
+                keys.append(kv.keys.new_zeros(shape))
+                values.append(kv.values.new_zeros(shape[:3] + (kv.values.shape[3],)))
+            keys[layer][idx, :, :kv.keys.shape[2]] = kv.keys
+            values[layer][idx, :, :kv.values.shape[2]] = kv.values
+    cache = _fresh_cache(model)
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k, v, layer)
+    return cache, pmask
