@@ -54,9 +54,9 @@ def greedy_decode(model: Any, out: Any, mask: torch.Tensor, pos: torch.Tensor, s
     ``out``: the prefill output (its ``past_key_values`` and last-position ``logits``); ``mask`` [B, L] the 2D
     attention mask of the cache slots; ``pos`` [B, L] their position ids. ``sources[i]``: row i's prompt ids
     (negative for virtual slots), where drafts are looked up together with the answer so far.
-    ``prompt_lookup_num_tokens``: draft
-    tokens per step (0 = one token per step). ``is_done(i, generated)`` implements stop strings; a row also ends
-    at EOS or after ``tokens_to_generate`` tokens (EOS counted), as in a plain one-token loop.
+    ``prompt_lookup_num_tokens``: draft tokens per pass (0 = one token per pass). ``is_done(i, generated)``
+    implements stop strings; a row also ends at EOS or after ``tokens_to_generate`` tokens (EOS counted), as in a
+    plain one-token loop.
     ``stats`` (optional) receives ``forward_passes``, ``row_tokens`` (row x slot positions run) and ``drafted`` /
     ``accepted`` draft tokens."""
     n_rows = len(sources)
