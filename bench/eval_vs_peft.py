@@ -9,7 +9,8 @@ batches (whole paragraphs, about five questions per context), greedy, same max n
                 prompt ids without the leading virtual slots (PEFT prepends its virtual tokens)
   ours-plain    PromptedModel.generate(batch, batch_size=len(batch)), one token per decoding pass
   ours-shared   the same with share_prefix=True: each paragraph's prefix is prefilled once
-  ours-shared-lookup  share_prefix=True and prompt_lookup_num_tokens=K (default: the evaluation config's value):
+  ours-shared-lookup  share_prefix=True, prompt_lookup_num_tokens=K and prompt_lookup_pass_budget (default: the
+                evaluation config's values):
                 each decoding pass also verifies up to K tokens copied from the question's prompt; what
                 stages/evaluation runs
   peft-unbatched  (--peft-unbatched) PEFT one question at a time: its exact answers, at batch-1 speed
@@ -43,11 +44,13 @@ STOP_STRINGS = ("\n",)   # conf/evaluation/prompt_gpt3/squad.yaml inference.stop
 EVAL_CONFIG = C.ROOT / "conf" / "evaluation" / "prompt_gpt3" / "squad.yaml"
 
 
-def default_lookup() -> int:
-    """inference.prompt_lookup_num_tokens of the GPT evaluation config: the bench measures what the stage runs."""
+def default_lookup() -> tuple[int, int | None]:
+    """inference.prompt_lookup_num_tokens and prompt_lookup_pass_budget of the GPT evaluation config: the bench
+    measures what the stage runs."""
     from omegaconf import OmegaConf
 
-    return int(OmegaConf.load(str(EVAL_CONFIG)).inference.get("prompt_lookup_num_tokens", 0))
+    inf = OmegaConf.load(str(EVAL_CONFIG)).inference
+    return int(inf.get("prompt_lookup_num_tokens", 0)), inf.get("prompt_lookup_pass_budget", None)
 
 
 def prompted_model(setup: C.Setup, table: Any) -> Any:
@@ -116,7 +119,7 @@ def peft_generate(setup: C.Setup, peft: Any, pm: Any, records: Sequence[dict[str
 
 def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3,
         tokens_to_generate: int = 32, stop: Sequence[str] = STOP_STRINGS, engine_batching: bool = True,
-        peft_unbatched: bool = False, lookup: int = 4) -> dict[str, Any]:
+        peft_unbatched: bool = False, lookup: int = 4, pass_budget: int | None = None) -> dict[str, Any]:
     """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
     pm = prompted_model(setup, table)
     peft = C.peft_prompt_model(setup, table)
@@ -129,7 +132,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     def ours(name: str, share: bool, k: int = 0) -> Callable[[list[dict[str, Any]]], list[str]]:
         kw: dict[str, Any] = {"share_prefix": True} if share else {}
         if k:
-            kw["prompt_lookup_num_tokens"] = k
+            kw.update(prompt_lookup_num_tokens=k, prompt_lookup_pass_budget=pass_budget)
         if "stats" in inspect.signature(pm.generate).parameters:
             kw["stats"] = decoding.setdefault(name, {})
         return lambda recs: pm.generate(recs, tokens_to_generate=tokens_to_generate, batch_size=len(recs),
@@ -155,7 +158,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     sides = {name: pass_of(name) for name in per_batch}
     if engine_batching and shared:   # the whole list in one call: the engine picks its own batches
         engine_name = "ours-shared-lookup-engine-batching" if lookup else "ours-shared-engine-batching"
-        engine_kw = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+        engine_kw = {"prompt_lookup_num_tokens": lookup, "prompt_lookup_pass_budget": pass_budget} if lookup else {}
 
         def engine() -> None:
             preds[engine_name] = pm.generate(flat, tokens_to_generate=tokens_to_generate, batch_size=len(batch_records[0]),
@@ -198,7 +201,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         "batches": len(batch_records), "batch_size": len(batch_records[0]), "questions_per_pass": len(flat),
         "contexts_per_batch": [len({r["context"] for r in recs}) for recs in batch_records],
         "tokens_to_generate": tokens_to_generate, "stop_strings": list(stop), "repeats": repeats,
-        "prompt_lookup_num_tokens": lookup,
+        "prompt_lookup_num_tokens": lookup, "prompt_lookup_pass_budget": pass_budget,
         "rows": rows, "identical": not mismatches, "mismatches": mismatches,
         "peft_padding_deviations": peft_padding,
         "answers": [{"id": r.get("id"), "question": r["question"], "answer": a} for r, a in zip(flat, reference)],
@@ -240,9 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-lookup-num-tokens", type=int, default=None,
                     help="draft tokens per decoding pass of the ours-shared-lookup rows (default: the evaluation config's "
                          "inference.prompt_lookup_num_tokens; 0 drops those rows)")
+    ap.add_argument("--prompt-lookup-pass-budget", type=int, default=None,
+                    help="row-tokens per decoding pass of those rows (default: the evaluation config's "
+                         "inference.prompt_lookup_pass_budget; 0 = no limit)")
     ap.add_argument("--peft-unbatched", action="store_true",
                     help="add a row: PEFT one question at a time (its exact answers, without left padding)")
     args = ap.parse_args(argv)
+    default_k, default_budget = default_lookup()
     setup = C.setup_from_args(args)
     fam, tpl, info = setup.family, setup.template, setup.info
     fits = lambda r: len(fam.build_prompt(tpl, r, info, where="")[0]) <= args.max_prompt_tokens  # noqa: E731
@@ -251,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     table = C.prompt_table(setup, init=args.init, seed=args.seed, artifact=args.artifact)
     result = run(setup, batches, table, repeats=args.repeats, tokens_to_generate=args.tokens_to_generate,
                  engine_batching=args.engine_batching, peft_unbatched=args.peft_unbatched,
-                 lookup=default_lookup() if args.prompt_lookup_num_tokens is None else args.prompt_lookup_num_tokens)
+                 lookup=default_k if args.prompt_lookup_num_tokens is None else args.prompt_lookup_num_tokens,
+                 pass_budget=default_budget if args.prompt_lookup_pass_budget is None else (args.prompt_lookup_pass_budget or None))
     result["prompt_table"] = args.artifact or f"init={args.init} seed={args.seed}"
     print(report(result))
     C.write_result(args.out, {"bench": "eval_vs_peft", **result})

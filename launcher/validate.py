@@ -395,6 +395,9 @@ def _check_evaluation(sc: DictConfig, inputs: _Inputs) -> None:
     lookup = sc.get("inference", {}).get("prompt_lookup_num_tokens", 0)
     if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
         raise UserError(f"evaluation.inference.prompt_lookup_num_tokens: must be an integer >= 0 (0 = off), got {lookup!r}")
+    budget = sc.get("inference", {}).get("prompt_lookup_pass_budget", None)
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        raise UserError(f"evaluation.inference.prompt_lookup_pass_budget: must be an integer >= 1 or null (no limit), got {budget!r}")
 
 
 def _check_data_preparation(sc: DictConfig, inputs: _Inputs) -> None:

@@ -29,6 +29,8 @@ PRELAUNCH = [
     (["evaluation.data.offset=-1"], "evaluation.data.offset: must be an integer >= 0, got -1"),
     (["evaluation.inference.prompt_lookup_num_tokens=-2"],
      "evaluation.inference.prompt_lookup_num_tokens: must be an integer >= 0 (0 = off), got -2"),
+    (["evaluation.inference.prompt_lookup_pass_budget=0"],
+     "evaluation.inference.prompt_lookup_pass_budget: must be an integer >= 1 or null (no limit), got 0"),
     (["prompt_learning.model.language_model_path=/nonexistent/model"],
      "prompt_learning.model.language_model_path: '/nonexistent/model' does not exist; give a Hugging Face model folder"),
     (["prompt_learning.model.language_model_path={tmp}/not_a_model"],

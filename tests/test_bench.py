@@ -69,11 +69,12 @@ def test_eval_bench_answers_identical(setup: C.Setup) -> None:
 
     batches = C.paragraph_batches(fixture_records("dev"), n_batches=1, batch_size=5, seed=0)
     table = C.prompt_table(setup, init="random", seed=0)
-    result = E.run(setup, batches, table, repeats=1, tokens_to_generate=6, peft_unbatched=True, lookup=E.default_lookup())
+    k, budget = E.default_lookup()
+    result = E.run(setup, batches, table, repeats=1, tokens_to_generate=6, peft_unbatched=True, lookup=k, pass_budget=budget)
     assert result["identical"], result["mismatches"]
     assert len(result["answers"]) == 5 and {"peft", "ours-plain", "ours-shared-lookup"} <= set(result["rows"])
     assert result["rows"]["ours-shared-lookup"]["decoding_per_pass"]["forward_passes"] > 0
-    assert E.default_lookup() > 0          # the GPT evaluation config drafts from the prompt
+    assert k > 0 and budget == 32          # the GPT evaluation config drafts from the prompt, within a budget
     assert "identical to PEFT" in E.report(result)
 
 

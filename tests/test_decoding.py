@@ -81,12 +81,14 @@ def test_lookup_and_compaction_give_the_naive_tokens(tiny, attn, shared):
     fam = DecoderOnlyFamily()
     extra = {"prefix_lens": plens} if shared else {}
     seen = {}
-    for k in (0, 1, 4, 9):
+    for k, budget in ((0, None), (1, None), (4, None), (9, None), (4, 12), (4, 1)):
         stats: dict[str, int] = {}
         got = fam.generate(model, pm.store, rows, pad_id=pm.tok.pad_id, eos_ids=set(), tokens_to_generate=steps,
-                           is_done=lambda i, g: False, prompt_lookup_num_tokens=k, stats=stats, **extra)
-        assert got == want, f"prompt_lookup_num_tokens={k}"
-        seen[k] = stats
+                           is_done=lambda i, g: False, prompt_lookup_num_tokens=k, pass_budget=budget, stats=stats, **extra)
+        assert got == want, f"prompt_lookup_num_tokens={k} pass_budget={budget}"
+        seen[k, budget] = stats
+    seen = {k: v for (k, b), v in seen.items() if b is None} | {("budget", b): v for (k, b), v in seen.items() if b}
+    assert seen["budget", 1]["drafted"] == 0                    # a budget of one row-token per pass: no drafts
     assert seen[0]["drafted"] == 0 and seen[0]["forward_passes"] == steps - 1
     assert seen[4]["accepted"] > 0, seen[4]                     # the drafts did something...
     alone = []
@@ -154,6 +156,9 @@ def test_prompt_lookup_num_tokens_is_checked(tiny):
     for bad in (-1, 1.5, True, "4"):
         with pytest.raises(UserError, match="prompt_lookup_num_tokens: must be an integer >= 0"):
             pm.generate(paragraph_records(1, 1), prompt_lookup_num_tokens=bad, progress=False)
+    for bad in (0, -3, 2.0, False):
+        with pytest.raises(UserError, match="prompt_lookup_pass_budget: must be an integer >= 1"):
+            pm.generate(paragraph_records(1, 1), prompt_lookup_num_tokens=2, prompt_lookup_pass_budget=bad, progress=False)
 
 
 def test_only_the_decoder_only_family_drafts():
@@ -189,3 +194,26 @@ def test_positions_count_only_real_slots(tiny):
     for mask, pos, width in calls:
         before = mask[:, :-width].sum(1)
         assert pos[:, 0].tolist() == before.tolist()
+
+
+def test_pass_budget_caps_the_row_tokens_of_every_pass(tiny):
+    """With ``pass_budget`` a pass carries at most max(budget, rows) row-tokens: drafts shrink while many rows are
+    active and grow as rows finish."""
+    pm = prompted(tiny, [SQUAD_T])
+    rows, plens = squad_rows(pm, repetitive_records(seed=3))
+    widths = []
+    real_forward = pm.model.forward
+
+    def spy(*args, **kw):
+        if kw.get("input_ids") is not None:
+            widths.append(tuple(kw["input_ids"].shape))
+        return real_forward(*args, **kw)
+
+    pm.model.forward = spy
+    try:
+        DecoderOnlyFamily().generate(pm.model, pm.store, rows, pad_id=pm.tok.pad_id, eos_ids=set(), tokens_to_generate=12,
+                                     is_done=lambda i, g: False, prompt_lookup_num_tokens=6, pass_budget=16, prefix_lens=plens)
+    finally:
+        del pm.model.forward
+    assert all(b * w <= max(16, b) for b, w in widths), widths
+    assert widths[0] == (len(rows), 1) and len(rows) > 8          # 9 rows: no room for drafts at first

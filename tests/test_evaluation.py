@@ -200,8 +200,10 @@ def test_prompt_lookup_reaches_generate_and_its_counts_reach_metrics(tmp_path, f
         return real(self, records, **kw)
 
     monkeypatch.setattr(FakeModel, "generate", counting)
-    ev.evaluate(make_cfg(tmp_path, test_ds, make_artifact(tmp_path), **{"inference.prompt_lookup_num_tokens": 4}))
+    ev.evaluate(make_cfg(tmp_path, test_ds, make_artifact(tmp_path), **{"inference.prompt_lookup_num_tokens": 4,
+                                                                         "inference.prompt_lookup_pass_budget": 24}))
     assert [c.get("prompt_lookup_num_tokens") for c in fake["model"].calls] == [4, 4]   # tuned and baseline
+    assert [c.get("prompt_lookup_pass_budget") for c in fake["model"].calls] == [24, 24]
     m = json.loads((tmp_path / "results" / "metrics.json").read_text())
     assert m["decoding"] == m["baseline"]["decoding"] == {"forward_passes": 3, "drafted": 8, "accepted": 5, "row_tokens": 20}
     monkeypatch.setattr(FakeModel, "generate", real)
@@ -262,6 +264,7 @@ def test_unknown_taskname_and_missing_gold(tmp_path, fake):
         ({"inference.stop_strings": "[1]"}, r"evaluation\.inference\.stop_strings"),
         ({"inference.share_prefix": "maybe"}, r"^evaluation\.inference\.share_prefix: must be true or false, got 'maybe'$"),
         ({"inference.prompt_lookup_num_tokens": -1}, r"^evaluation\.inference\.prompt_lookup_num_tokens: must be an integer >= 0, got -1$"),
+        ({"inference.prompt_lookup_pass_budget": 0}, r"^evaluation\.inference\.prompt_lookup_pass_budget: must be an integer >= 1, got 0$"),
         ({"inference.baseline_only": True}, r"evaluation\.model\.language_model_path: required with evaluation\.inference\.baseline_only"),
         ({"inference.baseline_only": True, "model.language_model_path": "x/y", "model.task_templates": "null"},
          r"evaluation\.model\.task_templates: required"),

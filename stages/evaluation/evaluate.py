@@ -112,7 +112,8 @@ def _run(model: Any, examples: list[Example], s: Settings, kind: str) -> Run:
         stop_strings=s.stop_strings,
         progress=s.progress,
         **({"share_prefix": True} if s.share_prefix else {}),   # only when asked: older generate() contracts stay valid
-        **({"prompt_lookup_num_tokens": s.prompt_lookup_num_tokens, "stats": decoding} if s.prompt_lookup_num_tokens else {}),
+        **({"prompt_lookup_num_tokens": s.prompt_lookup_num_tokens, "prompt_lookup_pass_budget": s.prompt_lookup_pass_budget,
+            "stats": decoding} if s.prompt_lookup_num_tokens else {}),
     )
     seconds = time.monotonic() - t0
     if len(preds) != len(examples):

@@ -47,6 +47,7 @@ class Settings:
     progress: bool
     share_prefix: bool = False            # generate with shared-context prefixes (PromptedModel.generate)
     prompt_lookup_num_tokens: int = 0     # draft tokens copied from the prompt per decoding pass (0 = off)
+    prompt_lookup_pass_budget: int | None = None   # at most this many row-tokens per decoding pass (None: no limit)
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "Settings":
@@ -137,6 +138,8 @@ class Settings:
             progress=_bool(inf.get("progress", True), "inference.progress"),
             share_prefix=_bool(inf.get("share_prefix", False), "inference.share_prefix"),
             prompt_lookup_num_tokens=_int(inf.get("prompt_lookup_num_tokens", 0), "inference.prompt_lookup_num_tokens", 0),
+            prompt_lookup_pass_budget=(None if inf.get("prompt_lookup_pass_budget") is None else
+                                       _int(inf.get("prompt_lookup_pass_budget"), "inference.prompt_lookup_pass_budget", 1)),
         )
 
 

@@ -48,13 +48,17 @@ def draft_from(seq: Sequence[int], max_tokens: int, ngram: int = 3) -> list[int]
 
 def greedy_decode(model: Any, out: Any, mask: torch.Tensor, pos: torch.Tensor, sources: Sequence[Sequence[int]], *,
                   eos_ids: set[int], tokens_to_generate: int, is_done: Callable[[int, list[int]], bool],
-                  prompt_lookup_num_tokens: int = 0, ngram: int = 3, stats: dict[str, int] | None = None) -> list[list[int]]:
+                  prompt_lookup_num_tokens: int = 0, pass_budget: int | None = None, ngram: int = 3,
+                  stats: dict[str, int] | None = None) -> list[list[int]]:
     """Continue a prefilled, left-padded batch greedily; returns the generated ids of each row (EOS excluded).
 
     ``out``: the prefill output (its ``past_key_values`` and last-position ``logits``); ``mask`` [B, L] the 2D
     attention mask of the cache slots; ``pos`` [B, L] their position ids. ``sources[i]``: row i's prompt ids
     (negative for virtual slots), where drafts are looked up together with the answer so far.
-    ``prompt_lookup_num_tokens``: draft tokens per pass (0 = one token per pass). ``is_done(i, generated)``
+    ``prompt_lookup_num_tokens``: draft tokens per pass (0 = one token per pass); ``pass_budget``: drafts are
+    shortened so that a pass carries at most this many row-tokens (rows x fed slots; at least one per row): on a
+    CPU a pass costs more with every row-token, so wide drafts pay off only once few rows are left (``None``: no
+    limit, e.g. on a GPU, where a pass costs about the same up to hundreds of tokens). ``is_done(i, generated)``
     implements stop strings; a row also ends at EOS or after ``tokens_to_generate`` tokens (EOS counted), as in a
     plain one-token loop.
     ``stats`` (optional) receives ``forward_passes``, ``row_tokens`` (row x slot positions run) and ``drafted`` /
@@ -105,8 +109,9 @@ def greedy_decode(model: Any, out: Any, mask: torch.Tensor, pos: torch.Tensor, s
         if unused:                                   # rejected drafts at the end of every row: drop those slots
             past.crop(-unused)
             mask = mask[:, :-unused]
-        drafts = [draft_from(list(sources[i]) + generated[i], min(prompt_lookup_num_tokens, tokens_to_generate - emitted[i] - 1), ngram)
-                  if prompt_lookup_num_tokens > 0 else [] for i in active]
+        k = prompt_lookup_num_tokens if pass_budget is None else min(prompt_lookup_num_tokens, pass_budget // len(active) - 1)
+        drafts = [draft_from(list(sources[i]) + generated[i], min(k, tokens_to_generate - emitted[i] - 1), ngram)
+                  if k > 0 else [] for i in active]
         fed_width = 1 + max(len(d) for d in drafts)
         feed = [[generated[i][-1]] + d + [generated[i][-1]] * (fed_width - 1 - len(d)) for i, d in zip(active, drafts)]
         ids = torch.tensor(feed, dtype=torch.long, device=mask.device)

@@ -72,7 +72,8 @@ class DecoderOnlyFamily:
     def generate(self, model: Any, store: PromptStore | None, rows: Sequence[tuple[list[int], list[int], int]], *,
                  pad_id: int, eos_ids: set[int], tokens_to_generate: int,
                  is_done: Callable[[int, list[int]], bool], prefix_lens: Sequence[int] | None = None,
-                 prompt_lookup_num_tokens: int = 0, stats: dict[str, int] | None = None) -> list[list[int]]:
+                 prompt_lookup_num_tokens: int = 0, pass_budget: int | None = None,
+                 stats: dict[str, int] | None = None) -> list[list[int]]:
         """Greedy decoding with the KV cache for one left-padded batch.
 
         rows: (input_ids, virtual_index, task_id). Pads come first, then [virtual + text] in template order;
@@ -89,7 +90,7 @@ class DecoderOnlyFamily:
             out, mask, pos = self._prefill(model, store, rows, pad_id)
         sources = [[-1 if v >= 0 else t for t, v in zip(ids, vidx)] for ids, vidx, _ in rows]
         return greedy_decode(model, out, mask, pos, sources, eos_ids=eos_ids, tokens_to_generate=tokens_to_generate,
-                             is_done=is_done, prompt_lookup_num_tokens=prompt_lookup_num_tokens, stats=stats)
+                             is_done=is_done, prompt_lookup_num_tokens=prompt_lookup_num_tokens, pass_budget=pass_budget, stats=stats)
 
     def _prefill(self, model: Any, store: PromptStore | None, rows: Sequence[tuple[list[int], list[int], int]],
                  pad_id: int) -> tuple[Any, torch.Tensor, torch.Tensor]:

@@ -114,7 +114,8 @@ class PromptedModel:
 
     def generate(self, records: list[dict], *, tokens_to_generate: int = 32, batch_size: int = 8,
                  use_virtual_prompt: bool = True, stop_strings: tuple[str, ...] = ("\n",), progress: bool = True,
-                 share_prefix: bool = False, prompt_lookup_num_tokens: int = 0, stats: dict[str, int] | None = None) -> list[str]:
+                 share_prefix: bool = False, prompt_lookup_num_tokens: int = 0, prompt_lookup_pass_budget: int | None = None,
+                 stats: dict[str, int] | None = None) -> list[str]:
         """Greedy, batched (mixed tasks allowed), left padding with the virtual tokens kept adjacent to the real text
         (pads come first, then [virtual+text] in template order), stops at EOS or a stop string; returns stripped answers
         in input order. A record missing a template input field -> UserError naming the field and record index.
@@ -126,7 +127,8 @@ class PromptedModel:
         the same as without it (the logits differ only by float rounding). Encoder-decoder models ignore it (logged).
 
         ``prompt_lookup_num_tokens=k`` (decoder-only models): each decoding pass also verifies up to k tokens copied from the
-        question's own prompt (``decoding.greedy_decode``); same greedy answers in fewer passes. ``stats`` (a dict)
+        question's own prompt (``decoding.greedy_decode``); same greedy answers in fewer passes; drafts are shortened
+        so that a pass carries at most ``prompt_lookup_pass_budget`` row-tokens (None: no limit). ``stats`` (a dict)
         accumulates the decoding counts over the batches (forward passes, drafted and accepted tokens)."""
         use_virtual = bool(use_virtual_prompt) and self.store is not None
         if share_prefix and not getattr(self.family, "shares_prefix", False):
@@ -134,9 +136,12 @@ class PromptedModel:
             share_prefix = False
         if isinstance(prompt_lookup_num_tokens, bool) or not isinstance(prompt_lookup_num_tokens, int) or prompt_lookup_num_tokens < 0:
             raise UserError(f"prompt_lookup_num_tokens: must be an integer >= 0 (draft tokens per decoding pass, 0 = off), got {prompt_lookup_num_tokens!r}")
+        budget = prompt_lookup_pass_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise UserError(f"prompt_lookup_pass_budget: must be an integer >= 1 (row-tokens per decoding pass) or None, got {budget!r}")
         decode_kw: dict[str, Any] = {}
         if getattr(self.family, "prompt_lookup", False):
-            decode_kw = {"prompt_lookup_num_tokens": prompt_lookup_num_tokens, "stats": {}}
+            decode_kw = {"prompt_lookup_num_tokens": prompt_lookup_num_tokens, "pass_budget": budget, "stats": {}}
         elif prompt_lookup_num_tokens:
             log.info("prompt_lookup_num_tokens: not supported by the %s family; decoding one token per pass", self.family.name)
         task_ids = {t: i for i, t in enumerate(self.store.tasks)} if self.store is not None else {t: i for i, t in enumerate(self.templates)}
