@@ -31,7 +31,6 @@ Writes bench/results/eval_vs_peft.json (override with --out).
 """
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -60,12 +59,6 @@ def prompted_model(setup: C.Setup, table: Any) -> Any:
     store = C.prompt_store(setup, table, trainable=False).eval()
     info = {"family": setup.family.name, "language_model_path": setup.model_path, "artifact_path": None}
     return PromptedModel(setup.model, setup.tokenizer, {setup.template.taskname: setup.template}, store, info)
-
-
-def supports_share_prefix() -> bool:
-    from stages.prompt_learning.inference import PromptedModel
-
-    return "share_prefix" in inspect.signature(PromptedModel.generate).parameters
 
 
 class RowStop:
@@ -124,28 +117,23 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     pm = prompted_model(setup, table)
     peft = C.peft_prompt_model(setup, table)
     stop = tuple(stop)
-    shared = supports_share_prefix()
     flat = [r for recs in batch_records for r in recs]
 
-    decoding: dict[str, dict[str, int]] = {}   # decoding counts of each ours side, summed over one pass
+    decoding: dict[str, dict[str, int]] = {}   # decoding counts of each ours side, summed over the timed passes
+    lookup_kw = {"prompt_lookup_num_tokens": lookup, "prompt_lookup_pass_budget": pass_budget}
 
-    def ours(name: str, share: bool, k: int = 0) -> Callable[[list[dict[str, Any]]], list[str]]:
-        kw: dict[str, Any] = {"share_prefix": True} if share else {}
-        if k:
-            kw.update(prompt_lookup_num_tokens=k, prompt_lookup_pass_budget=pass_budget)
-        if "stats" in inspect.signature(pm.generate).parameters:
-            kw["stats"] = decoding.setdefault(name, {})
+    def ours(name: str, share: bool, use_lookup: bool = False) -> Callable[[list[dict[str, Any]]], list[str]]:
+        kw: dict[str, Any] = {"share_prefix": share, "stats": decoding.setdefault(name, {}), **(lookup_kw if use_lookup else {})}
         return lambda recs: pm.generate(recs, tokens_to_generate=tokens_to_generate, batch_size=len(recs),
                                         stop_strings=stop, progress=False, **kw)
 
     per_batch: dict[str, Callable[[list[dict[str, Any]]], list[str]]] = {
         "peft": lambda recs: peft_generate(setup, peft, pm, recs, tokens_to_generate, stop),
         "ours-plain": ours("ours-plain", False),
+        "ours-shared": ours("ours-shared", True),
     }
-    if shared:
-        per_batch["ours-shared"] = ours("ours-shared", True)
-        if lookup:
-            per_batch["ours-shared-lookup"] = ours("ours-shared-lookup", True, lookup)
+    if lookup:
+        per_batch["ours-shared-lookup"] = ours("ours-shared-lookup", True, use_lookup=True)
     if peft_unbatched:   # PEFT's exact answers (no padding), at its batch-1 speed
         per_batch["peft-unbatched"] = lambda recs: [peft_generate(setup, peft, pm, [r], tokens_to_generate, stop)[0] for r in recs]
     preds: dict[str, list[str]] = {}
@@ -156,13 +144,13 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         return go
 
     sides = {name: pass_of(name) for name in per_batch}
-    if engine_batching and shared:   # the whole list in one call: the engine picks its own batches
+    if engine_batching:   # the whole list in one call: the engine picks its own batches
         engine_name = "ours-shared-lookup-engine-batching" if lookup else "ours-shared-engine-batching"
-        engine_kw = {"prompt_lookup_num_tokens": lookup, "prompt_lookup_pass_budget": pass_budget} if lookup else {}
 
         def engine() -> None:
             preds[engine_name] = pm.generate(flat, tokens_to_generate=tokens_to_generate, batch_size=len(batch_records[0]),
-                                             stop_strings=stop, progress=False, share_prefix=True, **engine_kw)
+                                             stop_strings=stop, progress=False, share_prefix=True,
+                                             **(lookup_kw if lookup else {}))
         sides[engine_name] = engine
     for name, fn in per_batch.items():   # warm-up: one batch per side, untimed
         fn(batch_records[0])

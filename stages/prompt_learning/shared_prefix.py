@@ -144,14 +144,9 @@ def _prefill_prefixes(family: Any, model: Any, store: PromptStore | None, pre: l
     pmask = torch.zeros(len(pre), lp, dtype=torch.long, device=device)
     for i, n in enumerate(lengths):
         pmask[i, :n] = 1
-    groups = length_groups(lengths)
-    if len(groups) == 1:
-        pb = D.collate(pre, {"": 0}, pad_id)
-        return run_prefixes(family, model, store, pb["input_ids"].to(device), pb["virtual_index"].to(device),
-                            pmask, torch.tensor(tasks, dtype=torch.long, device=device)), pmask
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
-    for g in groups:
+    for g in length_groups(lengths):
         pb = D.collate([pre[i] for i in g], {"": 0}, pad_id)
         part = run_prefixes(family, model, store, pb["input_ids"].to(device), pb["virtual_index"].to(device),
                             pb["attention_mask"].to(device), torch.tensor([tasks[i] for i in g], dtype=torch.long, device=device))
