@@ -357,8 +357,9 @@ def test_shared_prefill_logits_equal_plain(tiny):
 
 
 def test_prefixes_of_very_different_lengths_run_in_separate_passes(tiny, monkeypatch):
-    """Prefixes whose padding would cost more than 15 % run in separate passes (``length_groups``); the cache laid
-    out from them gives the plain prefill's logits and the same answers."""
+    """Packed sequences ([prefix] [suffixes of its questions]) whose padding would cost more than 15 % run in
+    separate passes (``length_groups``); the cache gathered from them gives the plain prefill's logits and the same
+    answers."""
     from stages.prompt_learning import shared_prefix as SP
 
     assert SP.length_groups([266, 206, 129]) == [[0, 1], [2]]          # 266 and 206 together, 129 alone
@@ -370,15 +371,17 @@ def test_prefixes_of_very_different_lengths_run_in_separate_passes(tiny, monkeyp
     split = [D.build_prompt_split(tpl, r, pm.tok, where="r") for r in recs]
     rows = [(ids, v, 0) for ids, v, _ in split]
     passes = []
-    real = SP.run_prefixes
-    monkeypatch.setattr(SP, "run_prefixes", lambda *a: passes.append(a[3].shape) or real(*a))
+    real = SP._run_packed
+    monkeypatch.setattr(SP, "_run_packed", lambda *a: passes.append([len(pk.ids) for pk in a[3]]) or real(*a))
     fam = DecoderOnlyFamily()
     with torch.no_grad():
-        plain, _, _ = fam._prefill(pm.model, pm.store, rows, pm.tok.pad_id)
+        plain, plain_mask, _ = fam._prefill(pm.model, pm.store, rows, pm.tok.pad_id)
         shared, mask, pos = SP.prefill_shared(fam, pm.model, pm.store, rows, [p for *_, p in split], pm.tok.pad_id)
     distinct = {(tuple(ids[:p]), tuple(v[:p])) for ids, v, p in split}
-    assert len(passes) > 1 and passes[0][0] == 1, passes               # the long prefix alone, first
-    assert sum(r * n for r, n in passes) <= 1.15 * sum(len(k[0]) for k in distinct)   # little padding computed
+    packed_tokens = sum(len(k[0]) for k in distinct) + sum(len(ids) - p for ids, _, p in split)
+    assert sum(len(p) for p in passes) == len(distinct) and len(passes) > 1 and len(passes[0]) == 1, passes
+    assert sum(len(p) * max(p) for p in passes) <= 1.15 * packed_tokens          # little padding computed
+    assert sum(len(p) * max(p) for p in passes) < plain_mask.numel()              # less than one plain pass
     a, b = plain.logits[:, -1], shared.logits[:, -1]
     assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
     assert pos[:, -1].tolist() == [len(ids) - 1 for ids, _, _ in rows]

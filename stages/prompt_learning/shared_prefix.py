@@ -18,6 +18,7 @@ plain path. Results equal the plain path up to float rounding (different matmul 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -91,33 +92,118 @@ def shared_loss(family: Any, model: Any, store: PromptStore, batch: dict[str, to
 def prefill_shared(family: Any, model: Any, store: PromptStore | None, rows: list[tuple[list[int], list[int], int]],
                    prefix_lens: list[int], pad_id: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """Generation prefill with each distinct prefix run once: (model output of the last position, 2D mask, position ids),
-    ready for the same greedy loop as the plain path. ``prefix_lens[i] >= 1`` and leaves a token after it."""
+    ready for the same greedy loop as the plain path. ``prefix_lens[i] >= 1`` and leaves a token after it.
+
+    One packed sequence per distinct prefix, ``[prefix] [suffix of question 1] [suffix of question 2] ...``, runs in
+    a single forward pass with a block mask (prefix causal; each suffix sees the prefix and itself, causally) and
+    position ids restarting after the prefix for every suffix: no suffix padding is computed, the prefix keys/values
+    are not copied per question before the suffixes run, and prefix and suffixes share one pass (larger matmuls).
+    Sequences of very different lengths run in separate passes (``length_groups``). The decoding cache is then
+    gathered per question in the plain layout ``[prefix (right-padded)] [suffix (left-padded)]``."""
     device = next(model.parameters()).device
     keys: dict[tuple[Any, ...], int] = {}
     prow = [keys.setdefault((t, tuple(ids[:p]), tuple(v[:p])), len(keys)) for (ids, v, t), p in zip(rows, prefix_lens)]
-    first: dict[int, int] = {}
+    members: list[list[int]] = [[] for _ in keys]
     for i, r in enumerate(prow):
-        first.setdefault(r, i)
-    pre = [D.Example("", rows[i][0][:prefix_lens[i]], rows[i][1][:prefix_lens[i]], [D.IGNORE] * prefix_lens[i])
-           for i in (first[r] for r in range(len(keys)))]
-    ptask = [rows[first[r]][2] for r in range(len(keys))]
-    cache, pmask = _prefill_prefixes(family, model, store, pre, ptask, pad_id, device)
-    rows_t = torch.tensor(prow, dtype=torch.long, device=device)
-    cache = expand_cache(cache, rows_t)
-    suf = [D.Example("", ids[p:], v[p:], [D.IGNORE] * (len(ids) - p)) for (ids, v, _), p in zip(rows, prefix_lens)]
-    sb = D.collate(suf, {"": 0}, pad_id, left=True)
-    smask = sb["attention_mask"].to(device)
-    task_ids = torch.tensor([t for _, _, t in rows], dtype=torch.long, device=device)
-    x = family.embed(model, store, sb["input_ids"].to(device), sb["virtual_index"].to(device), task_ids)
-    plen = torch.tensor(prefix_lens, dtype=torch.long, device=device).unsqueeze(1)
-    pos = plen + (smask.cumsum(-1) - 1).clamp(min=0)
-    mask = torch.cat([pmask[rows_t], smask], dim=1)
-    kw = dict(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-    try:
-        out = model(**kw, logits_to_keep=1)
-    except TypeError:  # models without logits_to_keep
-        out = model(**kw)
+        members[r].append(i)
+    packed = [_pack([rows[i] for i in m], prefix_lens[m[0]]) for m in members]
+    # where each question's prefix and suffix slots sit in the flattened (pass, row, slot) bank of keys/values
+    slot_of: dict[int, tuple[int, int]] = {}   # question -> (bank offset of its packed row, start of its suffix)
+    banks: list[list[torch.Tensor]] = []
+    last_hidden: list[torch.Tensor | None] = [None] * len(rows)
+    offset = 0
+    for g in length_groups([len(p.ids) for p in packed]):
+        out, width = _run_packed(family, model, store, [packed[r] for r in g], pad_id, device)
+        for k, r in enumerate(g):
+            for q, (start, end) in zip(members[r], packed[r].spans):
+                slot_of[q] = (offset + k * width, start)
+                last_hidden[q] = out[0][k, end - 1]
+        banks.append([torch.cat([kv.keys, kv.values], dim=1).transpose(1, 2).reshape(len(g) * width, -1, kv.keys.shape[-1])
+                      for kv in out[1].layers])
+        offset += len(g) * width
+    # gather index [B, Lp + Ls] into the bank (index ``offset`` = an all-zero slot for padding) and the 2D mask
+    lp, ls = max(prefix_lens), max(len(ids) - p for (ids, _, _), p in zip(rows, prefix_lens))
+    index = torch.full((len(rows), lp + ls), offset, dtype=torch.long)
+    mask = torch.zeros(len(rows), lp + ls, dtype=torch.long)
+    for q, ((ids, _, _), p) in enumerate(zip(rows, prefix_lens)):
+        base, start = slot_of[q]
+        s = len(ids) - p
+        index[q, :p] = torch.arange(base, base + p)
+        index[q, lp + ls - s:] = torch.arange(base + start, base + start + s)
+        mask[q, :p] = 1
+        mask[q, lp + ls - s:] = 1
+    index, mask = index.to(device), mask.to(device)
+    cache = _fresh_cache(model)
+    for layer in range(len(banks[0])):
+        bank = torch.cat([b[layer] for b in banks] + [banks[0][layer].new_zeros(1, *banks[0][layer].shape[1:])])
+        kv = bank[index].transpose(1, 2)                   # [B, 2 x kv heads, L, head dim]
+        half = kv.shape[1] // 2
+        cache.update(kv[:, :half].contiguous(), kv[:, half:].contiguous(), layer)
+    states = torch.stack(last_hidden).unsqueeze(1)          # [B, 1, H] (or [B, 1, V] without a separate head)
+    _, head = body_and_head(model)
+    out = PrefillOutput(head(states) if head is not None else states, cache)
+    pos = torch.tensor(prefix_lens, dtype=torch.long, device=device).unsqueeze(1) + (mask[:, lp:].cumsum(-1) - 1).clamp(min=0)
     return out, mask, pos
+
+
+@dataclass
+class PrefillOutput:
+    """What ``decoding.greedy_decode`` reads from a prefill: last-position logits [B, 1, V] and the cache."""
+    logits: torch.Tensor
+    past_key_values: Any
+
+
+@dataclass
+class Packed:
+    """One distinct prefix followed by the suffixes of its questions; ``spans``: [start, end) of each suffix."""
+    ids: list[int]
+    vidx: list[int]
+    task: int
+    prefix_len: int
+    spans: list[tuple[int, int]]
+
+
+def _pack(rows: list[tuple[list[int], list[int], int]], p: int) -> Packed:
+    ids, vidx = list(rows[0][0][:p]), list(rows[0][1][:p])
+    spans = []
+    for r_ids, r_vidx, _ in rows:
+        spans.append((len(ids), len(ids) + len(r_ids) - p))
+        ids += r_ids[p:]
+        vidx += r_vidx[p:]
+    return Packed(ids, vidx, rows[0][2], p, spans)
+
+
+def _run_packed(family: Any, model: Any, store: PromptStore | None, packs: list[Packed], pad_id: int,
+                device: Any) -> tuple[tuple[torch.Tensor, Any], int]:
+    """One forward pass over right-padded packed sequences: ((last hidden states [R, T, H] — logits [R, T, V] for
+    a model without a separate head —, cache), T). Block mask: a prefix token sees the prefix causally, a suffix
+    token the prefix and its own suffix causally (padding sees only padding); suffix positions restart after the
+    prefix, so every token sees exactly the tokens and positions of its plain prompt."""
+    width = max(len(pk.ids) for pk in packs)
+    seg = torch.full((len(packs), width), -1, dtype=torch.long)      # 0 prefix, j + 1 suffix j, -1 padding
+    pos = torch.zeros(len(packs), width, dtype=torch.long)
+    for r, pk in enumerate(packs):
+        seg[r, :pk.prefix_len] = 0
+        pos[r, :pk.prefix_len] = torch.arange(pk.prefix_len)
+        for j, (a, b) in enumerate(pk.spans):
+            seg[r, a:b] = j + 1
+            pos[r, a:b] = torch.arange(pk.prefix_len, pk.prefix_len + b - a)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    sq, sk = seg.unsqueeze(2), seg.unsqueeze(1)
+    allowed = causal & ((sk == sq) | ((sk == 0) & (sq > 0)))
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    ids = torch.tensor([pk.ids + [pad_id] * (width - len(pk.ids)) for pk in packs], dtype=torch.long, device=device)
+    vidx = torch.tensor([pk.vidx + [-1] * (width - len(pk.vidx)) for pk in packs], dtype=torch.long, device=device)
+    x = family.embed(model, store, ids, vidx, torch.tensor([pk.task for pk in packs], dtype=torch.long, device=device))
+    body, _ = body_and_head(model)
+    kw = dict(inputs_embeds=x, attention_mask=mask.to(device), position_ids=pos.to(device),
+              past_key_values=_fresh_cache(model), use_cache=True)
+    if body is not None:
+        out = body(**kw)
+        return (out.last_hidden_state, out.past_key_values), width
+    out = model(**kw)
+    return (out.logits, out.past_key_values), width
 
 
 def length_groups(lengths: list[int], slack: float = 0.15) -> list[list[int]]:
@@ -132,33 +218,3 @@ def length_groups(lengths: list[int], slack: float = 0.15) -> list[list[int]]:
         else:
             groups.append([i])
     return groups
-
-
-def _prefill_prefixes(family: Any, model: Any, store: PromptStore | None, pre: list[D.Example], tasks: list[int],
-                      pad_id: int, device: Any) -> tuple[Any, torch.Tensor]:
-    """Run the distinct generation prefixes in ``length_groups`` (no pass computes much padding: the prefixes of
-    one batch can differ by 2x) and lay their caches out as one right-padded [P, Lp] cache with its 2D mask, as
-    a single padded pass would (pad slots are zeros, masked out)."""
-    lengths = [len(e.input_ids) for e in pre]
-    lp = max(lengths)
-    pmask = torch.zeros(len(pre), lp, dtype=torch.long, device=device)
-    for i, n in enumerate(lengths):
-        pmask[i, :n] = 1
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    for g in length_groups(lengths):
-        pb = D.collate([pre[i] for i in g], {"": 0}, pad_id)
-        part = run_prefixes(family, model, store, pb["input_ids"].to(device), pb["virtual_index"].to(device),
-                            pb["attention_mask"].to(device), torch.tensor([tasks[i] for i in g], dtype=torch.long, device=device))
-        idx = torch.tensor(g, dtype=torch.long, device=device)
-        for layer, kv in enumerate(part.layers):
-            if layer == len(keys):
-                shape = (len(pre), kv.keys.shape[1], lp, kv.keys.shape[3])
-                keys.append(kv.keys.new_zeros(shape))
-                values.append(kv.values.new_zeros(shape[:3] + (kv.values.shape[3],)))
-            keys[layer][idx, :, :kv.keys.shape[2]] = kv.keys
-            values[layer][idx, :, :kv.values.shape[2]] = kv.values
-    cache = _fresh_cache(model)
-    for layer, (k, v) in enumerate(zip(keys, values)):
-        cache.update(k, v, layer)
-    return cache, pmask
