@@ -14,8 +14,8 @@ questions per context), same prompt table, same tokens and labels (answer only),
                 with; its batches differ, so its loss is not part of the agreement check (same code as ours-shared)
 
 First the loss and the prompt gradient of every side on the same batch from the same table (must agree to
---tol relative), then one untimed warm-up pass per side (under torch's FlopCounterMode, which also counts
-the executed FLOPs), then --repeats timed passes over the same batches, interleaved across sides; the
+--tol relative), then --warmup untimed passes per side over all batches (its first step
+under torch's FlopCounterMode, which also counts the executed FLOPs), then --repeats timed passes over the same batches, interleaved across sides; the
 median pass gives examples/s and template tokens/s (real tokens incl. virtual ones, padding excluded; data
 collation is done beforehand for every side). Efficiency: analytic FLOPs of the executed step against the
 best fp32 torch.mm GFLOP/s of the model's matmul shapes, measured once per round between the timed passes (this
@@ -146,11 +146,14 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
                            "grad_rel_diff": float((grad - ref_grad).norm() / ref_grad.norm().clamp(min=1e-30))}
     ok = all(a["loss_rel_diff"] <= tol and a["grad_rel_diff"] <= max(tol, 1e-3) for a in agreement.values())
 
-    # ---- warm-up on batch 0 (the first step counts FLOPs), then interleaved timed passes ------------------
+    # ---- warm-up: untimed passes over every batch (its first step counts FLOPs), then interleaved timed passes --
+    # (every batch shape once before timing: the first step of a new shape pays for allocations, which made the
+    # first timed round the slowest of every side)
     counted0 = {name: C.counted_flops(lambda side=side: side.step(0)) for name, side in sides.items()}
-    for _ in range(warmup - 1):
+    for w in range(warmup):
         for side in sides.values():
-            side.step(0)
+            for i in range(1 if w == 0 else 0, len(side.batches)):
+                side.step(i)
     timed = {n: s.train_pass for n, s in sides.items()}
     peaks: list[dict[str, Any]] = []
     if measure_peak:   # the matmul peak is measured once per round, between the passes: the same machine state
@@ -188,7 +191,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         "batches": len(examples), "batch_size": len(examples[0]), "examples_per_pass": n_examples,
         "template_tokens_per_pass": template_tokens, "padded_shapes": [list(b["input_ids"].shape) for b in plain],
         "contexts_per_batch": [len({r["context"] for r in recs}) for recs in batch_records],
-        "repeats": repeats, "warmup_steps": warmup, "max_seq_length": max_seq_length,
+        "repeats": repeats, "warmup_passes": warmup, "max_seq_length": max_seq_length,
         "rows": rows, "agreement": {"reference": "peft", "tol": tol, "ok": ok, "per_side": agreement},
     }
     if measure_peak:
@@ -228,7 +231,7 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = C.arg_parser(__doc__.splitlines()[0], name="train_vs_peft", batches=2)
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side on batch 0 (>= 1; the first counts FLOPs)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed passes per side over all batches before timing (>= 1; the first step counts FLOPs)")
     ap.add_argument("--max-seq-length", type=int, default=384, help="paragraphs with a longer question are skipped")
     ap.add_argument("--tol", type=float, default=1e-4, help="relative loss agreement required")
     args = ap.parse_args(argv)
