@@ -108,6 +108,12 @@ def interleaved_timing(sides: dict[str, Callable[[], Any]], repeats: int) -> dic
     return times
 
 
+def paired_speedup(ref: Sequence[float], side: Sequence[float]) -> float:
+    """Median over rounds of ref's pass / side's pass in the same round: robust to this VM's drift across rounds
+    (the ratio of the two medians can pair a slow round of one side with a fast round of the other)."""
+    return median([a / b for a, b in zip(ref, side)])
+
+
 # ---- model, tokenizer, template -------------------------------------------------------------------
 @dataclass
 class Setup:

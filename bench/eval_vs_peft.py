@@ -181,6 +181,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         rows[name] = {"median_pass_seconds": sec, "pass_seconds": times[name], "questions_per_s": len(flat) / sec}
     for name, r in rows.items():
         r["speedup_vs_peft"] = rows["peft"]["median_pass_seconds"] / r["median_pass_seconds"]
+        r["speedup_vs_peft_paired"] = C.paired_speedup(rows["peft"]["pass_seconds"], r["pass_seconds"])
         if decoding.get(name):   # summed over the timed passes: per pass
             r["decoding_per_pass"] = {k: v // repeats for k, v in decoding[name].items()}
     return {
@@ -197,10 +198,12 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
 
 
 def report(result: dict[str, Any]) -> str:
-    lines = [C.table(["side", "questions/s", "x PEFT", "median pass s"],
-                     [[n, r["questions_per_s"], r["speedup_vs_peft"], r["median_pass_seconds"]] for n, r in result["rows"].items()])]
+    lines = [C.table(["side", "questions/s", "x PEFT", "x PEFT paired", "median pass s"],
+                     [[n, r["questions_per_s"], r["speedup_vs_peft"], r["speedup_vs_peft_paired"], r["median_pass_seconds"]]
+                      for n, r in result["rows"].items()])]
     lines.append(f"{result['batches']} batches x {result['batch_size']} questions (contexts per batch {result['contexts_per_batch']}), "
-                 f"up to {result['tokens_to_generate']} new tokens, median of {result['repeats']} passes")
+                 f"up to {result['tokens_to_generate']} new tokens, median of {result['repeats']} passes; x PEFT = ratio of the "
+                 "median passes, x PEFT paired = median over rounds of the ratio within a round")
     for name, r in result["rows"].items():
         d = r.get("decoding_per_pass")
         if d:

@@ -58,6 +58,8 @@ def test_train_bench_losses_agree(setup: C.Setup) -> None:
     assert {"peft", "ours-plain"} <= set(result["rows"])
     for name, row in result["rows"].items():
         assert row["examples_per_s"] > 0 and row["counted_flops_batch0"] > 0, name
+        assert row["speedup_vs_peft_paired"] == pytest.approx(
+            C.median([a / b for a, b in zip(result["rows"]["peft"]["pass_seconds"], row["pass_seconds"])])), name
     # the analytic count is what torch counts, for the plain and the shared-prefix layouts
     for name, row in result["rows"].items():
         assert row["analytic_flops_batch0"] == pytest.approx(row["counted_flops_batch0"], rel=0.005), name
@@ -74,6 +76,7 @@ def test_eval_bench_answers_identical(setup: C.Setup) -> None:
     assert result["identical"], result["mismatches"]
     assert len(result["answers"]) == 5 and {"peft", "ours-plain", "ours-shared-lookup"} <= set(result["rows"])
     assert result["rows"]["ours-shared-lookup"]["decoding_per_pass"]["forward_passes"] > 0
+    assert result["rows"]["ours-shared-lookup"]["speedup_vs_peft_paired"] > 0
     assert k > 0 and budget == 32          # the GPT evaluation config drafts from the prompt, within a budget
     assert "identical to PEFT" in E.report(result)
 
@@ -84,6 +87,13 @@ def test_launcher_overhead_measures_the_dry_run() -> None:
     result = L.measure(1)
     assert set(result["median_seconds"]) == {"python -c pass", L.FLOOR, L.DRY_RUN}
     assert result["median_seconds"][L.DRY_RUN] > result["median_seconds"]["python -c pass"]
+
+
+def test_paired_speedup_pairs_passes_of_the_same_round() -> None:
+    # round 2 ran on a machine twice as slow for both sides: paired ratios stay 2, the ratio of medians does not
+    ref, side = [4.0, 8.0, 4.2], [2.0, 4.0, 2.1]
+    assert C.paired_speedup(ref, side) == pytest.approx(2.0)
+    assert C.paired_speedup([10.0, 2.0, 9.0], [1.0, 2.0, 3.0]) == pytest.approx(3.0)
 
 
 def test_result_file_records_machine_and_command(tmp_path: Path) -> None:
