@@ -8,8 +8,9 @@ first. Causal attention means a prefix's hidden states and keys/values do not de
   differentiable: every question's loss flows back through its prefix into the prompt table); the suffixes
   ("Question: ... Answer: ... </s>") run attending to them. Suffix labels start inside the suffix
   (``data.shared_prefix_len``), so no prefix logits are needed.
-* generation (``prefill_shared``): each distinct prefix is prefilled once, its cache copied per question row; the
-  left-padded suffixes are prefilled on top, then greedy decoding continues exactly as in the plain path.
+* generation (``prefill_shared``): each distinct prefix and the suffixes of its questions run as one packed
+  sequence with a block mask (no suffix padding); each question's cache is gathered from it, then greedy decoding
+  continues exactly as in the plain path.
 
 Layout of one row's key/value slots: ``[prefix (right-padded to Lp)] [suffix]``; the 2D attention mask is 0 on
 padding wherever it sits (HF builds the causal mask by slot index from the cache length), and position ids are
@@ -113,13 +114,14 @@ def prefill_shared(family: Any, model: Any, store: PromptStore | None, rows: lis
     last_hidden: list[torch.Tensor | None] = [None] * len(rows)
     offset = 0
     for g in length_groups([len(p.ids) for p in packed]):
-        out, width = _run_packed(family, model, store, [packed[r] for r in g], pad_id, device)
+        states, cache = _run_packed(family, model, store, [packed[r] for r in g], pad_id, device)
+        width = states.shape[1]
         for k, r in enumerate(g):
             for q, (start, end) in zip(members[r], packed[r].spans):
                 slot_of[q] = (offset + k * width, start)
-                last_hidden[q] = out[0][k, end - 1]
+                last_hidden[q] = states[k, end - 1]
         banks.append([torch.cat([kv.keys, kv.values], dim=1).transpose(1, 2).reshape(len(g) * width, -1, kv.keys.shape[-1])
-                      for kv in out[1].layers])
+                      for kv in cache.layers])
         offset += len(g) * width
     # gather index [B, Lp + Ls] into the bank (index ``offset`` = an all-zero slot for padding) and the 2D mask
     lp, ls = max(prefix_lens), max(len(ids) - p for (ids, _, _), p in zip(rows, prefix_lens))
@@ -174,9 +176,9 @@ def _pack(rows: list[tuple[list[int], list[int], int]], p: int) -> Packed:
 
 
 def _run_packed(family: Any, model: Any, store: PromptStore | None, packs: list[Packed], pad_id: int,
-                device: Any) -> tuple[tuple[torch.Tensor, Any], int]:
-    """One forward pass over right-padded packed sequences: ((last hidden states [R, T, H] — logits [R, T, V] for
-    a model without a separate head —, cache), T). Block mask: a prefix token sees the prefix causally, a suffix
+                device: Any) -> tuple[torch.Tensor, Any]:
+    """One forward pass over right-padded packed sequences [R, T]: (last hidden states [R, T, H] — logits
+    [R, T, V] for a model without a separate head —, cache). Block mask: a prefix token sees the prefix causally, a suffix
     token the prefix and its own suffix causally (padding sees only padding); suffix positions restart after the
     prefix, so every token sees exactly the tokens and positions of its plain prompt."""
     width = max(len(pk.ids) for pk in packs)
@@ -201,9 +203,9 @@ def _run_packed(family: Any, model: Any, store: PromptStore | None, packs: list[
               past_key_values=_fresh_cache(model), use_cache=True)
     if body is not None:
         out = body(**kw)
-        return (out.last_hidden_state, out.past_key_values), width
+        return out.last_hidden_state, out.past_key_values
     out = model(**kw)
-    return (out.logits, out.past_key_values), width
+    return out.logits, out.past_key_values
 
 
 def length_groups(lengths: list[int], slack: float = 0.15) -> list[list[int]]:
