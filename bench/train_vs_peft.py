@@ -14,10 +14,10 @@ questions per context), same prompt table, same tokens and labels (answer only),
                 with; its batches differ, so its loss is not part of the agreement check (same code as ours-shared)
 
 First the loss and the prompt gradient of every side on the same batch from the same table (must agree to
---tol relative), then --warmup untimed passes per side over all batches (its first step
-under torch's FlopCounterMode, which also counts the executed FLOPs), then --repeats timed passes over the same batches, interleaved across sides; the
-median pass gives examples/s and template tokens/s (real tokens incl. virtual ones, padding excluded; data
-collation is done beforehand for every side). Efficiency: analytic FLOPs of the executed step against the
+--tol relative), then --warmup untimed passes per side over all batches (the first step under torch's
+FlopCounterMode, which also counts the executed FLOPs), then --repeats timed passes over the same batches,
+interleaved across sides; the median pass gives examples/s and template tokens/s (real tokens incl. virtual
+ones, padding excluded; data collation is done beforehand for every side). Efficiency: analytic FLOPs of the executed step against the
 best fp32 torch.mm GFLOP/s of the model's matmul shapes, measured once per round between the timed passes (this
 VM's speed drifts by up to 2x over minutes, so each pass is compared with the peak of its own round).
 
