@@ -58,6 +58,7 @@ class Settings:
         model = cfg.get("model") or {}
         data = cfg.get("data") or {}
         inf = cfg.get("inference") or {}
+        budget = inf.get("prompt_lookup_pass_budget")   # null = no limit
 
         accel = trainer.get("accelerator", "cpu")
         if accel not in ("cpu", "gpu"):
@@ -138,8 +139,7 @@ class Settings:
             progress=_bool(inf.get("progress", True), "inference.progress"),
             share_prefix=_bool(inf.get("share_prefix", False), "inference.share_prefix"),
             prompt_lookup_num_tokens=_int(inf.get("prompt_lookup_num_tokens", 0), "inference.prompt_lookup_num_tokens", 0),
-            prompt_lookup_pass_budget=(None if inf.get("prompt_lookup_pass_budget") is None else
-                                       _int(inf.get("prompt_lookup_pass_budget"), "inference.prompt_lookup_pass_budget", 1)),
+            prompt_lookup_pass_budget=(None if budget is None else _int(budget, "inference.prompt_lookup_pass_budget", 1)),
         )
 
 

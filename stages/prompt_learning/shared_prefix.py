@@ -195,9 +195,9 @@ def _run_packed(family: Any, model: Any, store: PromptStore | None, packs: list[
     allowed = causal & ((sk == sq) | ((sk == 0) & (sq > 0)))
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    ids = torch.tensor([pk.ids + [pad_id] * (width - len(pk.ids)) for pk in packs], dtype=torch.long, device=device)
-    vidx = torch.tensor([pk.vidx + [-1] * (width - len(pk.vidx)) for pk in packs], dtype=torch.long, device=device)
-    x = family.embed(model, store, ids, vidx, torch.tensor([pk.task for pk in packs], dtype=torch.long, device=device))
+    batch = D.collate([D.Example("", pk.ids, pk.vidx, [D.IGNORE] * len(pk.ids)) for pk in packs], {"": 0}, pad_id)
+    x = family.embed(model, store, batch["input_ids"].to(device), batch["virtual_index"].to(device),
+                     torch.tensor([pk.task for pk in packs], dtype=torch.long, device=device))
     body, _ = body_and_head(model)
     kw = dict(inputs_embeds=x, attention_mask=mask.to(device), position_ids=pos.to(device),
               past_key_values=_fresh_cache(model), use_cache=True)
