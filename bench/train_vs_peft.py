@@ -96,11 +96,8 @@ class Side:
             self.step(i)
 
 
-def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3, warmup: int = 1,
-        max_seq_length: int = 384, tol: float = 1e-4, measure_peak: bool = True, peak_repeats: int = 5) -> dict[str, Any]:
-    """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
-    from stages.prompt_learning import data as D
-
+def build_examples(setup: C.Setup, batch_records: list[list[dict[str, Any]]], max_seq_length: int) -> list[list[Any]]:
+    """The engine's training examples (answer-only labels, EOS) of every batch; a question that does not fit stops."""
     fam, tpl, info = setup.family, setup.template, setup.info
     examples = []
     for b, recs in enumerate(batch_records):
@@ -109,6 +106,27 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         if any(e is None for e in exs):
             raise SystemExit(f"batch {b}: a question does not fit --max-seq-length {max_seq_length}")
         examples.append(exs)
+    return examples
+
+
+def ours_side(setup: C.Setup, name: str, batches: list[dict[str, Any]], table: Any) -> Side:
+    """The engine's training step on ``batches`` (plain or collate_shared) with its own trainable copy of ``table``."""
+    store = C.prompt_store(setup, table, trainable=True)
+
+    def loss(b: dict[str, Any]) -> Any:
+        total, n = setup.family.loss(setup.model, store, b)
+        return total / n.clamp(min=1)          # PromptLearningModule.training_step
+
+    return Side(name, batches, loss, store.table(setup.template.taskname), setup.lr)
+
+
+def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3, warmup: int = 1,
+        max_seq_length: int = 384, tol: float = 1e-4, measure_peak: bool = True, peak_repeats: int = 5) -> dict[str, Any]:
+    """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
+    from stages.prompt_learning import data as D
+
+    fam, tpl, info = setup.family, setup.template, setup.info
+    examples = build_examples(setup, batch_records, max_seq_length)
     task_ids = {tpl.taskname: 0}
     plain = [fam.collate(exs, task_ids, info.pad_id) for exs in examples]
     sides: dict[str, Side] = {}
@@ -118,22 +136,12 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     sides["peft"] = Side("peft", [peft_batch(exs, info.pad_id) for exs in examples],
                          lambda b: peft(**b).loss, peft_param, setup.lr)
 
-    def ours(store: Any) -> Callable[[dict[str, Any]], Any]:
-        def loss(b: dict[str, Any]) -> Any:
-            total, n = fam.loss(setup.model, store, b)
-            return total / n.clamp(min=1)          # PromptLearningModule.training_step
-        return loss
-
-    store_plain = C.prompt_store(setup, table, trainable=True)
-    sides["ours-plain"] = Side("ours-plain", plain, ours(store_plain), store_plain.table(tpl.taskname), setup.lr)
-    store_shared = C.prompt_store(setup, table, trainable=True)
-    sides["ours-shared"] = Side("ours-shared", [D.collate_shared(exs, task_ids, info.pad_id) for exs in examples],
-                                ours(store_shared), store_shared.table(tpl.taskname), setup.lr)
+    sides["ours-plain"] = ours_side(setup, "ours-plain", plain, table)
+    sides["ours-shared"] = ours_side(setup, "ours-shared", [D.collate_shared(exs, task_ids, info.pad_id) for exs in examples], table)
     # the same questions, batches formed by the engine's sampler
     bucketed = bucketed_batches([e for exs in examples for e in exs], len(examples[0]))
-    store_bucketed = C.prompt_store(setup, table, trainable=True)
-    sides["ours-shared-bucketed"] = Side("ours-shared-bucketed", [D.collate_shared(b, task_ids, info.pad_id) for b in bucketed],
-                                         ours(store_bucketed), store_bucketed.table(tpl.taskname), setup.lr)
+    sides["ours-shared-bucketed"] = ours_side(setup, "ours-shared-bucketed",
+                                              [D.collate_shared(b, task_ids, info.pad_id) for b in bucketed], table)
 
     # ---- agreement on batch 0, from the same table ----------------------------------------------------
     ref_loss, ref_grad = sides["peft"].loss_and_grad(0)
@@ -230,6 +238,14 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def train_batches(setup: C.Setup, args: Any) -> list[list[dict[str, Any]]]:
+    """--batches x --batch-size SQuAD train questions, whole paragraphs that fit --max-seq-length (seeded)."""
+    fam, tpl, info = setup.family, setup.template, setup.info
+    fits = lambda r: fam.build_example(tpl, r, info, max_seq_length=args.max_seq_length, add_eos=True, where="") is not None  # noqa: E731
+    return C.paragraph_batches(C.squad_records("train", args.data_dir), n_batches=args.batches,
+                               batch_size=args.batch_size, seed=args.seed, keep=fits)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = C.arg_parser(__doc__.splitlines()[0], name="train_vs_peft", batches=2)
     ap.add_argument("--warmup", type=int, default=1, help="untimed passes per side over all batches before timing (>= 1; the first step counts FLOPs)")
@@ -240,10 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     setup = C.setup_from_args(args)
-    fam, tpl, info = setup.family, setup.template, setup.info
-    fits = lambda r: fam.build_example(tpl, r, info, max_seq_length=args.max_seq_length, add_eos=True, where="") is not None  # noqa: E731
-    batches = C.paragraph_batches(C.squad_records("train", args.data_dir), n_batches=args.batches,
-                                  batch_size=args.batch_size, seed=args.seed, keep=fits)
+    batches = train_batches(setup, args)
     table = C.prompt_table(setup, init=args.init, seed=args.seed, artifact=args.artifact)
     result = run(setup, batches, table, repeats=args.repeats, warmup=max(1, args.warmup),
                  max_seq_length=args.max_seq_length, tol=args.tol)

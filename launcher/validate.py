@@ -207,6 +207,9 @@ def _check_trainer(stage: str, sc: DictConfig, g: GlobalSchema, model: DictConfi
         raise UserError(f"{stage}.trainer.precision: {precision} on CPU is emulated and ~300x slower; set {stage}.trainer.precision=32")
     if accel == "cpu" and precision.startswith("16"):
         raise UserError(f"{stage}.trainer.precision: {precision} is not supported on CPU; set {stage}.trainer.precision=32")
+    reuse = t.get("reuse_host_memory", True)
+    if not isinstance(reuse, bool):
+        raise UserError(f"{stage}.trainer.reuse_host_memory: must be true or false, got {reuse!r}")
     if accel == "gpu" and g.cluster_type == "interactive" and not g.dry_run and shutil.which("nvidia-smi") is None:
         raise UserError(f"{stage}.trainer.accelerator: gpu, but this machine has no GPU; set {stage}.trainer.accelerator=cpu")
     tp = _positive_int(model.get("tensor_model_parallel_size", 1), f"{stage}.model.tensor_model_parallel_size")

@@ -26,6 +26,8 @@ PRELAUNCH = [
     (["prompt_learning.trainer.max_steps=0"], "prompt_learning.trainer.max_steps: must be a positive integer or -1"),
     (["prompt_learning.model.optim.name=sgd"], "prompt_learning.model.optim.name: 'sgd' is not one of adamw, adam"),
     (["prompt_learning.model.optim.sched.name=step"], "prompt_learning.model.optim.sched.name: 'step' is not one of cosine"),
+    (["prompt_learning.trainer.reuse_host_memory=maybe"], "prompt_learning.trainer.reuse_host_memory: must be true or false, got 'maybe'"),
+    (["evaluation.trainer.reuse_host_memory=1"], "evaluation.trainer.reuse_host_memory: must be true or false, got 1"),
     (["evaluation.data.offset=-1"], "evaluation.data.offset: must be an integer >= 0, got -1"),
     (["evaluation.inference.prompt_lookup_num_tokens=-2"],
      "evaluation.inference.prompt_lookup_num_tokens: must be an integer >= 0 (0 = off), got -2"),

@@ -81,6 +81,29 @@ def test_eval_bench_answers_identical(setup: C.Setup) -> None:
     assert "identical to PEFT" in E.report(result)
 
 
+def test_host_memory_bench_runs_both_settings_in_children(setup: C.Setup, tmp_path: Path) -> None:
+    import json
+
+    import host_memory as H
+
+    squad = tmp_path / "data" / "prompt_data" / "v1.1"
+    squad.mkdir(parents=True)
+    (squad / C.SQUAD_FILES["train"]).write_text("".join(json.dumps(r) + "\n" for r in fixture_records("train")))
+    out = tmp_path / "hm.json"
+    assert H.main(["--model", setup.model_path, "--data-dir", str(tmp_path / "data"), "--batches", "1", "--batch-size", "3",
+                   "--repeats", "2", "--init", "random", "--max-seq-length", "512", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [sorted(r) for r in doc["rounds"]] == [["default", "reuse"]] * 2
+    for r in doc["rounds"]:
+        assert r["default"]["setting"] == "default" and r["reuse"]["setting"] == "reuse"
+        for s in ("default", "reuse"):
+            assert set(r[s]["passes"]) == set(H.KINDS) and r[s]["peak_rss_mb"] > 0
+    for kind, row in doc["rows"].items():
+        assert row["speedup_paired"] == pytest.approx(
+            C.median([a / b for a, b in zip(row["seconds"]["default"], row["seconds"]["reuse"])])), kind
+    assert "x paired" in H.report(doc)
+
+
 def test_launcher_overhead_measures_the_dry_run() -> None:
     import launcher_overhead as L
 

@@ -183,6 +183,15 @@ def test_compare_baseline_off_writes_tuned_only(tmp_path, fake):
     assert "baseline" not in json.loads((tmp_path / "results" / "metrics.json").read_text())
 
 
+def test_reuse_host_memory_is_applied_first(tmp_path, fake, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ev, "reuse_host_memory", lambda *a: calls.append(a))
+    test_ds = write_jsonl(tmp_path / "test.jsonl", SQUAD_RECORDS)
+    ev.evaluate(make_cfg(tmp_path, test_ds, make_artifact(tmp_path)))
+    ev.evaluate(make_cfg(tmp_path, test_ds, make_artifact(tmp_path), **{"trainer.reuse_host_memory": False}))
+    assert calls == [(True, "evaluation.trainer.reuse_host_memory"), (False, "evaluation.trainer.reuse_host_memory")]
+
+
 def test_share_prefix_reaches_generate(tmp_path, fake):
     test_ds = write_jsonl(tmp_path / "test.jsonl", SQUAD_RECORDS)
     ev.evaluate(make_cfg(tmp_path, test_ds, make_artifact(tmp_path), **{"inference.share_prefix": True}))
@@ -263,6 +272,7 @@ def test_unknown_taskname_and_missing_gold(tmp_path, fake):
         ({"inference.tokens_to_generate": 0}, r"evaluation\.inference\.tokens_to_generate"),
         ({"inference.stop_strings": "[1]"}, r"evaluation\.inference\.stop_strings"),
         ({"inference.share_prefix": "maybe"}, r"^evaluation\.inference\.share_prefix: must be true or false, got 'maybe'$"),
+        ({"trainer.reuse_host_memory": "maybe"}, r"^evaluation\.trainer\.reuse_host_memory: must be true or false, got 'maybe'$"),
         ({"inference.prompt_lookup_num_tokens": -1}, r"^evaluation\.inference\.prompt_lookup_num_tokens: must be an integer >= 0, got -1$"),
         ({"inference.prompt_lookup_pass_budget": 0}, r"^evaluation\.inference\.prompt_lookup_pass_budget: must be an integer >= 1, got 0$"),
         ({"inference.baseline_only": True}, r"evaluation\.model\.language_model_path: required with evaluation\.inference\.baseline_only"),

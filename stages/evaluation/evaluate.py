@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from launcher.errors import UserError
 from launcher.io import remove_stale_tmp, write_json, write_jsonl, write_text
+from stages.host_memory import reuse_host_memory
 
 from .data import Example, TestSlice, check_examples, read_slice
 from .metrics import Score, aggregate, score
@@ -73,6 +74,7 @@ def load_prompted_model(s: Settings) -> Any:
 def evaluate(cfg: DictConfig) -> None:
     """Stage entry (called by ``run_stage``)."""
     s = Settings.from_cfg(cfg)
+    reuse_host_memory(s.reuse_host_memory, f"{PREFIX}.trainer.reuse_host_memory")
     _ensure_writable(s.results_dir)
     data = read_slice(s.test_ds, s.offset, s.max_examples)  # cheap checks before the slow model load
     log.info("test set: %s (%d of %d records)", data.label, len(data.lines), data.records_in_file)

@@ -48,6 +48,7 @@ class Settings:
     share_prefix: bool = False            # generate with shared-context prefixes (PromptedModel.generate)
     prompt_lookup_num_tokens: int = 0     # draft tokens copied from the prompt per decoding pass (0 = off)
     prompt_lookup_pass_budget: int | None = None   # at most this many row-tokens per decoding pass (None: no limit)
+    reuse_host_memory: bool = True        # keep freed CPU memory for the next batch (stages/host_memory.py)
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "Settings":
@@ -140,6 +141,7 @@ class Settings:
             share_prefix=_bool(inf.get("share_prefix", False), "inference.share_prefix"),
             prompt_lookup_num_tokens=_int(inf.get("prompt_lookup_num_tokens", 0), "inference.prompt_lookup_num_tokens", 0),
             prompt_lookup_pass_budget=(None if budget is None else _int(budget, "inference.prompt_lookup_pass_budget", 1)),
+            reuse_host_memory=_bool(trainer.get("reuse_host_memory", True), "trainer.reuse_host_memory"),
         )
 
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from launcher.errors import UserError
 from launcher.io import write_json
 from launcher.prompt_template import parse_templates
+from stages.host_memory import reuse_host_memory
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 
@@ -63,6 +64,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     from .fault import FaultTolerance, install_preemption_handler
 
     preempt_flag = install_preemption_handler()   # first: from here on the preemption signal cannot kill the process
+    reuse = (cfg.get("trainer") or {}).get("reuse_host_memory", True)
+    if not isinstance(reuse, bool):
+        raise UserError(f"trainer.reuse_host_memory: must be true or false, got {reuse!r}")
+    reuse_host_memory(reuse)
     m = cfg.model
     seed = int(m.get("seed", 1234))
     style = str(m.get("virtual_prompt_style", "prompt-tuning"))
