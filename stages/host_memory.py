@@ -18,6 +18,7 @@ import ctypes
 import logging
 import platform
 import sys
+from typing import Callable
 
 log = logging.getLogger("promptlaunch")
 
@@ -28,7 +29,7 @@ TRIM_THRESHOLD = 2**31 - 1   # mallopt takes an int: trim only when 2 GB at the 
 _in_effect = False
 
 
-def _mallopt() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _mallopt() -> Callable[[int, int], int] | None:
     """glibc's mallopt, or None where this process does not run on glibc."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
