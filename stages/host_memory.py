@@ -6,7 +6,9 @@ threshold (which grows to at most 32 MB) to fresh ``mmap()`` calls and unmaps th
 the heap back to the kernel once more than the trim threshold is free there, so every step writes to new pages
 and pays a page fault for each 4 KB: 48,000 per pass of the training bench's plain steps on this VM (up to
 400,000 in other runs), 4 % of their time (``bench/host_memory.py``). With mmap off and trimming out of reach,
-the next step reuses the memory the previous one freed: the same result, bit for bit.
+the next step reuses the memory the previous one freed. No arithmetic changes: the same loss, and the same
+prompt gradient bit for bit on shared-prefix batches (on plain batches it already varies in its last bits
+between two identical steps, with or without this).
 
 Cost: the process keeps its peak heap until it exits (the RSS does not shrink between steps); the knob is
 ``trainer.reuse_host_memory`` in the prompt_learning and evaluation configs, true by default. On a libc other
