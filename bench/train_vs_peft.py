@@ -9,6 +9,9 @@ questions per context), same prompt table, same tokens and labels (answer only),
   ours-plain    the engine's DecoderOnlyFamily.loss(model, store, data.collate(batch)); backward; AdamW on the
                 PromptStore (what PromptLearningModule.training_step runs)
   ours-shared   the same loss on data.collate_shared(batch): each paragraph's prefix runs once
+  ours-plain-compiled  ours-plain with ``trainer.compile`` (layer_compile.py: the decoder layers through
+                torch.compile, dynamic shapes); the first step, in the agreement check, pays the compilation (reported
+                as ``first_step_seconds``); --no-compile leaves this side out
   ours-shared-bucketed  the same questions, batched by the engine's training sampler with length bucketing and
                 whole paragraphs (batching.BucketBatchSampler), collate_shared: what the CPU config now trains
                 with; its batches differ, so its loss is not part of the agreement check (same code as ours-shared)
@@ -27,6 +30,7 @@ Writes bench/results/train_vs_peft.json (override with --out).
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -120,8 +124,29 @@ def ours_side(setup: C.Setup, name: str, batches: list[dict[str, Any]], table: A
     return Side(name, batches, loss, store.table(setup.template.taskname), setup.lr)
 
 
+def compiled_side(setup: C.Setup, name: str, batches: list[dict[str, Any]], table: Any) -> Side:
+    """``ours_side`` whose forward passes run the decoder layers compiled (``trainer.compile``); switched on only
+    while its loss is built, so the other sides keep the eager layers of the same model object (the backward of a
+    compiled forward is compiled too)."""
+    from stages.prompt_learning.layer_compile import LayerCompiler
+
+    side = ours_side(setup, name, batches, table)
+    compiler, eager_loss = LayerCompiler(setup.model), side.loss_fn
+
+    def loss(b: dict[str, Any]) -> Any:
+        compiler.enable()
+        try:
+            return eager_loss(b)
+        finally:
+            compiler.disable()
+
+    side.loss_fn = loss
+    return side
+
+
 def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3, warmup: int = 1,
-        max_seq_length: int = 384, tol: float = 1e-4, measure_peak: bool = True, peak_repeats: int = 5) -> dict[str, Any]:
+        max_seq_length: int = 384, tol: float = 1e-4, measure_peak: bool = True, peak_repeats: int = 5,
+        compile_plain: bool = True) -> dict[str, Any]:
     """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
     from stages.prompt_learning import data as D
 
@@ -137,6 +162,11 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
                          lambda b: peft(**b).loss, peft_param, setup.lr)
 
     sides["ours-plain"] = ours_side(setup, "ours-plain", plain, table)
+    if compile_plain:
+        from stages.prompt_learning.layer_compile import check_compiler
+
+        check_compiler("ours-plain-compiled", fix="run the bench with --no-compile")
+        sides["ours-plain-compiled"] = compiled_side(setup, "ours-plain-compiled", plain, table)
     sides["ours-shared"] = ours_side(setup, "ours-shared", [D.collate_shared(exs, task_ids, info.pad_id) for exs in examples], table)
     # the same questions, batches formed by the engine's sampler
     bucketed = bucketed_batches([e for exs in examples for e in exs], len(examples[0]))
@@ -146,10 +176,13 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     # ---- agreement on batch 0, from the same table ----------------------------------------------------
     ref_loss, ref_grad = sides["peft"].loss_and_grad(0)
     agreement: dict[str, Any] = {}
+    first_step: dict[str, float] = {}     # seconds of each side's first step (the compiled side compiles here)
     for name, side in sides.items():
         if name == "ours-shared-bucketed":   # other batches; its loss code is ours-shared's, checked here
             continue
+        t0 = time.perf_counter()
         loss, grad = side.loss_and_grad(0)
+        first_step[name] = time.perf_counter() - t0
         agreement[name] = {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-12),
                            "grad_rel_diff": float((grad - ref_grad).norm() / ref_grad.norm().clamp(min=1e-30))}
     ok = all(a["loss_rel_diff"] <= tol and a["grad_rel_diff"] <= max(tol, 1e-3) for a in agreement.values())
@@ -157,7 +190,11 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     # ---- warm-up: untimed passes over every batch (its first step counts FLOPs), then interleaved timed passes --
     # (every batch shape once before timing: the first step of a new shape pays for allocations, which made the
     # first timed round the slowest of every side)
-    counted0 = {name: C.counted_flops(lambda side=side: side.step(0)) for name, side in sides.items()}
+    # (the compiled side executes ours-plain's matmuls; FlopCounterMode does not see into compiled graphs)
+    counted0 = {name: C.counted_flops(lambda side=side: side.step(0)) for name, side in sides.items() if name != "ours-plain-compiled"}
+    if "ours-plain-compiled" in sides:
+        sides["ours-plain-compiled"].step(0)
+        counted0["ours-plain-compiled"] = counted0["ours-plain"]
     for w in range(warmup):
         for side in sides.values():
             for i in range(1 if w == 0 else 0, len(side.batches)):
@@ -191,6 +228,8 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
                       "analytic_flops_batch0": per_batch[0], "counted_flops_batch0": counted0[name],
                       "gflops_per_s": sum(per_batch) / sec / 1e9,
                       "pass_gflops_per_s": [sum(per_batch) / x / 1e9 for x in times[name]]}
+        if name in first_step:
+            rows[name]["first_step_seconds"] = first_step[name]
     for name, r in rows.items():
         r["speedup_vs_peft"] = rows["peft"]["median_pass_seconds"] / r["median_pass_seconds"]
         r["speedup_vs_peft_paired"] = C.paired_speedup(rows["peft"]["pass_seconds"], r["pass_seconds"])
@@ -230,6 +269,8 @@ def report(result: dict[str, Any]) -> str:
                      + ", ".join(f"{k} {v:.1f}" for k, v in p["per_shape_gflops"].items()))
         lines.append("% peak: median over rounds of each pass's GFLOP/s against the peak measured in the same round; "
                      "% peak best: the best pass against the best peak")
+    lines.append("first step, s (the agreement check; ours-plain-compiled compiles in it): " + "; ".join(
+        f"{n} {r['first_step_seconds']:.1f}" for n, r in rows.items() if "first_step_seconds" in r))
     lines.append("GFLOP of one step on its first batch, analytic | torch FlopCounterMode: " + "; ".join(
         f"{n} {r['analytic_flops_batch0'] / 1e9:.1f} | {r['counted_flops_batch0'] / 1e9:.1f}" for n, r in rows.items()))
     lines.append(f"{result['batches']} batches x {result['batch_size']} questions (contexts per batch {result['contexts_per_batch']}, "
@@ -251,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed passes per side over all batches before timing (>= 1; the first step counts FLOPs)")
     ap.add_argument("--max-seq-length", type=int, default=384, help="paragraphs with a longer question are skipped")
     ap.add_argument("--tol", type=float, default=1e-4, help="relative loss agreement required")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the ours-plain-compiled side (needs a C++ compiler)")
     args = ap.parse_args(argv)
     import torch
 
@@ -259,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = train_batches(setup, args)
     table = C.prompt_table(setup, init=args.init, seed=args.seed, artifact=args.artifact)
     result = run(setup, batches, table, repeats=args.repeats, warmup=max(1, args.warmup),
-                 max_seq_length=args.max_seq_length, tol=args.tol)
+                 max_seq_length=args.max_seq_length, tol=args.tol, compile_plain=not args.no_compile)
     print(report(result))
     C.write_result(args.out, {"bench": "train_vs_peft", **result})
     print(f"written: {args.out}")

@@ -207,9 +207,9 @@ def _check_trainer(stage: str, sc: DictConfig, g: GlobalSchema, model: DictConfi
         raise UserError(f"{stage}.trainer.precision: {precision} on CPU is emulated and ~300x slower; set {stage}.trainer.precision=32")
     if accel == "cpu" and precision.startswith("16"):
         raise UserError(f"{stage}.trainer.precision: {precision} is not supported on CPU; set {stage}.trainer.precision=32")
-    reuse = t.get("reuse_host_memory", True)
-    if not isinstance(reuse, bool):
-        raise UserError(f"{stage}.trainer.reuse_host_memory: must be true or false, got {reuse!r}")
+    for key, default in (("reuse_host_memory", True), ("compile", False)):
+        if not isinstance(t.get(key, default), bool):
+            raise UserError(f"{stage}.trainer.{key}: must be true or false, got {t.get(key)!r}")
     if accel == "gpu" and g.cluster_type == "interactive" and not g.dry_run and shutil.which("nvidia-smi") is None:
         raise UserError(f"{stage}.trainer.accelerator: gpu, but this machine has no GPU; set {stage}.trainer.accelerator=cpu")
     tp = _positive_int(model.get("tensor_model_parallel_size", 1), f"{stage}.model.tensor_model_parallel_size")
@@ -220,6 +220,9 @@ def _check_trainer(stage: str, sc: DictConfig, g: GlobalSchema, model: DictConfi
             f"{stage}.model: tensor_model_parallel_size x pipeline_model_parallel_size = {tp}x{pp} does not divide "
             f"trainer.devices x trainer.num_nodes = {world}; change the devices or the parallel sizes"
         )
+    if t.get("compile") is True and world > 1:
+        raise UserError(f"{stage}.trainer.compile: runs in one process only, this run has {world} "
+                        f"(trainer.devices x trainer.num_nodes); set {stage}.trainer.compile=false or devices=1")
     return world // (tp * pp)
 
 

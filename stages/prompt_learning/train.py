@@ -16,6 +16,8 @@ from launcher.errors import UserError
 from launcher.io import write_json
 from launcher.prompt_template import parse_templates
 from stages.host_memory import reuse_host_memory
+from stages.prompt_learning.layer_compile import check_setting as check_compile
+from stages.prompt_learning.layer_compile import compile_layers
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 
@@ -68,6 +70,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     if not isinstance(reuse, bool):
         raise UserError(f"trainer.reuse_host_memory: must be true or false, got {reuse!r}")
     reuse_host_memory(reuse)
+    tr_cfg = cfg.get("trainer") or {}
+    compile_on = check_compile(tr_cfg.get("compile", False), cpu=str(tr_cfg.get("accelerator", "cpu")) == "cpu")
     m = cfg.model
     seed = int(m.get("seed", 1234))
     style = str(m.get("virtual_prompt_style", "prompt-tuning"))
@@ -110,8 +114,14 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     if world_size_of(cfg) > 1 or batch_plan_layout(cfg).is_model_parallel:   # TP/PP/DP: parallel_module.py
         from . import parallel_module as parallel
         parallel.precheck(cfg, batch_plan_layout(cfg), resolved.location, style)
+        if compile_on:
+            raise UserError("trainer.compile: the tensor/pipeline/data-parallel engine runs its layers uncompiled; "
+                            "set trainer.compile=false (or train in one process)")
     model = load_base_model(resolved.location, m.get("attn_implementation"))
     family = family_for(model.config, tokenizer)   # "gpt" (causal LM) or "t5" (encoder-decoder)
+    if compile_on and family.name != "gpt":
+        raise UserError(f"trainer.compile: supported for decoder-only models; {type(model).__name__} is an "
+                        f"encoder-decoder ({family.name}); set trainer.compile=false")
     fp = fingerprint(model)
     base = base_info(resolved.given, resolved.location, model, fp)
     info = D.TokenizerInfo(tokenizer)
@@ -153,6 +163,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
 
     # ---- data ------------------------------------------------------------------------------------
     share, bucket = _batching_options(d, family, parallel is not None)
+    if compile_on:
+        if share:
+            log.warning("trainer.compile: with model.data.share_prefix=true every batch carries its prefix's KV cache "
+                        "and runs the eager layers; set model.data.share_prefix=false to train compiled")
+        compile_layers(model)
     max_len = int(d.get("max_seq_length", 1024))
     common = dict(max_seq_length=max_len, min_seq_length=int(d.get("min_seq_length", 1) or 1),
                   add_eos=bool(d.get("add_eos", True)), seed=seed)
