@@ -220,9 +220,14 @@ def _check_trainer(stage: str, sc: DictConfig, g: GlobalSchema, model: DictConfi
             f"{stage}.model: tensor_model_parallel_size x pipeline_model_parallel_size = {tp}x{pp} does not divide "
             f"trainer.devices x trainer.num_nodes = {world}; change the devices or the parallel sizes"
         )
-    if t.get("compile") is True and world > 1:
-        raise UserError(f"{stage}.trainer.compile: runs in one process only, this run has {world} "
-                        f"(trainer.devices x trainer.num_nodes); set {stage}.trainer.compile=false or devices=1")
+    if stage == "prompt_learning" and t.get("compile") is True:
+        if world > 1:
+            raise UserError(f"{stage}.trainer.compile: runs in one process only, this run has {world} "
+                            f"(trainer.devices x trainer.num_nodes); set {stage}.trainer.compile=false or devices=1")
+        if accel == "cpu" and g.cluster_type == "interactive" and not g.dry_run:   # the job runs here
+            from stages.prompt_learning.layer_compile import check_compiler
+
+            check_compiler(f"{stage}.trainer.compile")
     return world // (tp * pp)
 
 

@@ -116,3 +116,27 @@ def test_the_stage_config_documents_the_knob_off_by_default():
 
     root = Path(__file__).resolve().parents[1]
     assert OmegaConf.load(root / "conf/prompt_learning/gpt3/squad.yaml").trainer.compile is False
+
+
+def test_launcher_refuses_a_local_compiled_run_without_a_compiler(tmp_path):
+    """Run here (interactive): no compiler on PATH is one line before anything is written; dry runs and Slurm jobs
+    (whose nodes may have one) are left to the stage's own check."""
+    import os
+    import sys
+
+    from tests.launcher_helpers import run_main
+
+    bin_dir = tmp_path / "bin"                       # a PATH with python and nothing else
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = {"PATH": str(bin_dir), "CXX": ""}
+    args = [f"base_results_dir={tmp_path}/results", f"data_dir={tmp_path}/data", "stages=[prompt_learning]",
+            "prompt_learning.trainer.compile=true"]
+    out = run_main(args, env=env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: prompt_learning.trainer.compile: torch.compile on CPU builds C++ kernels, and this node has no C++ "
+        "compiler (g++, c++, clang++ or $CXX); install one (apt-get install g++) or set prompt_learning.trainer.compile=false")
+    assert not (tmp_path / "results").exists()
+    assert run_main([*args, "dry_run=true"], env=env).returncode == 0
+    assert os.environ.get("PATH")                    # the test's own environment is untouched
