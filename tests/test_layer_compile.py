@@ -87,6 +87,11 @@ def test_training_stage_checks_the_setting_before_any_work(tmp_path, tiny, monke
     cfg.trainer.compile = True
     with pytest.raises(UserError, match=r"^trainer\.compile: .*no C\+\+ compiler"):
         train(cfg)
+    monkeypatch.undo()
+    cfg.trainer.devices = 2                                           # the TP/PP/DP engine: refused before the model loads
+    cfg.model.global_batch_size = 8
+    with pytest.raises(UserError, match=r"^trainer\.compile: the tensor/pipeline/data-parallel engine runs its layers uncompiled"):
+        train(cfg)
 
 
 def test_compiled_training_ends_with_the_eager_prompt(tmp_path, tiny, caplog):

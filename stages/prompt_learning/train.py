@@ -66,11 +66,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     from .fault import FaultTolerance, install_preemption_handler
 
     preempt_flag = install_preemption_handler()   # first: from here on the preemption signal cannot kill the process
-    reuse = (cfg.get("trainer") or {}).get("reuse_host_memory", True)
+    tr_cfg = cfg.get("trainer") or {}
+    reuse = tr_cfg.get("reuse_host_memory", True)
     if not isinstance(reuse, bool):
         raise UserError(f"trainer.reuse_host_memory: must be true or false, got {reuse!r}")
     reuse_host_memory(reuse)
-    tr_cfg = cfg.get("trainer") or {}
     compile_on = check_compile(tr_cfg.get("compile", False), cpu=str(tr_cfg.get("accelerator", "cpu")) == "cpu")
     m = cfg.model
     seed = int(m.get("seed", 1234))
