@@ -107,13 +107,13 @@ def main(argv: list[str]) -> None:
     fault.keep_previous = keep_previous
 
     if opts.kill_in_artifact:
-        real_export = artifact._export
+        real_export = artifact.write_exports
 
         def export(folder, *a, **kw):
             print("fault_runner: SIGKILL while writing the artifact", flush=True)
             _die()
 
-        artifact._export = export
+        artifact.write_exports = export
         del real_export
 
     sys.argv = [entry, *args]

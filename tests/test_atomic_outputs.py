@@ -137,7 +137,7 @@ def test_artifact_write_interrupted_keeps_the_previous_artifact(tmp_path, monkey
         (folder / "npy" / "squad.npy").write_bytes(b"\x93NUMPY half")
         raise Boom("killed during the exports")
 
-    monkeypatch.setattr(artifact, "_export", failing_export)
+    monkeypatch.setattr(artifact, "write_exports", failing_export)
     with pytest.raises(Boom):
         artifact.save_artifact(path, tables={"squad": torch.zeros(4, 8)}, **kw)
     meta, _, tables = artifact.load_artifact(path)         # the earlier artifact, whole

@@ -143,3 +143,10 @@ def test_launcher_refuses_a_local_compiled_run_without_a_compiler(tmp_path):
         "compiler (g++, c++, clang++ or $CXX); install one (apt-get install g++) or set prompt_learning.trainer.compile=false")
     assert not (tmp_path / "results").exists()
     assert run_main([*args, "dry_run=true"], env=env).returncode == 0
+
+
+def test_cache_passes_are_recognised_under_every_keyword_transformers_used():
+    """transformers 5.25 renamed the layer's ``past_key_values`` to ``cache``: both (and 4.x's name) stay eager."""
+    for name in ("past_key_values", "cache", "past_key_value"):
+        assert LC.carries_cache({name: object()}) and not LC.carries_cache({name: None})
+    assert not LC.carries_cache({"attention_mask": object()})

@@ -363,6 +363,98 @@ def test_peft_export_loads(trained, tiny):
     assert torch.equal(got, tables(str(art))["prompt_table.squad"])
 
 
+HANDOFF_TOKENS = 8
+
+
+def _handoff(trained, tiny, records, *, adapter=None, text=None):
+    """(engine answers, {decoder: PEFT answers}) for ``records``: the engine's PromptedModel against the PEFT
+    export used as a user would (whole-text ids with the call promptlaunch_input.json names, unpadded, greedy)."""
+    from stages.prompt_learning.inference import PromptedModel
+    from tests import peft_handoff as H
+
+    art = Path(trained[0].model.artifact_path)
+    adapter = adapter or art / "export/peft/squad"
+    pm = PromptedModel.load(str(art))
+    engine = pm.generate(records, tokens_to_generate=HANDOFF_TOKENS, batch_size=len(records), stop_strings=(), progress=False)
+    spec = H.input_spec(art / "export/peft/squad")
+    model = H.load_peft(tiny, adapter)
+    peft = {}
+    for decoder in H.DECODERS:
+        answers = []
+        for r in records:
+            ids = H.user_ids(pm.tokenizer, spec, r, text=text(spec, r) if text else None)
+            toks = H.causal_answer(model, ids, max_new_tokens=HANDOFF_TOKENS, eos_id=pm.tok.eos_id, pad_id=pm.tok.pad_id,
+                                   decoder=decoder)
+            answers.append(pm.tok.decode(toks).strip())
+        peft[decoder] = answers
+    return engine, peft
+
+
+def test_peft_export_input_spec_names_the_text_call_and_checked_records(trained):
+    from stages.prompt_learning.artifact import peft_input_ids
+    from tests import peft_handoff as H
+
+    art = Path(trained[0].model.artifact_path)
+    spec = H.input_spec(art / "export/peft/squad")
+    assert spec["peft_export_exact"] is True and spec["why_not_exact"] is None
+    assert spec["text"] == "Context: {context} Question: {question} Answer:"
+    assert spec["tokenizer_call"] == "tokenizer(text)"
+    check = spec["whole_text_tokenisation"]
+    assert check["records_checked"] == 32 and check["identical"] == 32 and check["first_difference"] is None   # 8 val + 24 train
+    meta = json.loads((art / "artifact.json").read_text())
+    assert meta["tasks"]["squad"]["peft_export_exact"] is True
+    tok = make_tokenizer()
+    rec = squad_records(1, seed=21)[0]
+    assert peft_input_ids(str(art), tok, rec) == H.user_ids(tok, spec, rec)
+
+
+@pytest.mark.parametrize("decoder", ["generate", "loop"])
+def test_peft_export_gives_the_engine_answers(trained, tiny, decoder):
+    """PeftModel.from_pretrained + whole-text tokenisation + greedy = the engine's answers. ``generate`` is PEFT's
+    own generation path (what users call); ``loop`` a cache-free greedy loop over PEFT's forward pass. When only
+    ``generate`` fails, PEFT's generation broke, not the export."""
+    from tests import peft_handoff as H
+
+    records = squad_records(6, seed=31)
+    engine, peft = _handoff(trained, tiny, records)
+    assert any(engine) and len(set(engine)) > 1, engine   # answers that can tell two prompts apart
+    assert H.mismatches(engine, peft[decoder], records) == []
+
+
+def test_peft_handoff_check_fails_on_a_perturbed_table_and_on_other_tokens(trained, tiny, tmp_path):
+    """The hand-off comparison can fail: a random table in place of the exported one, or a text tokenised differently (a trailing
+    space after "Answer:", a common slip), change PEFT's answers and both decoders report it."""
+    from tests import peft_handoff as H
+
+    records = squad_records(6, seed=31)
+    art = Path(trained[0].model.artifact_path)
+    bad = H.perturbed_copy(art / "export/peft/squad", tmp_path / "perturbed")
+    engine, peft = _handoff(trained, tiny, records, adapter=bad)
+    for decoder in H.DECODERS:
+        assert H.mismatches(engine, peft[decoder], records), f"{decoder}: a random table gave the same answers"
+    engine, peft = _handoff(trained, tiny, records, text=lambda spec, r: H.user_text(spec, r) + " ")
+    for decoder in H.DECODERS:
+        assert H.mismatches(engine, peft[decoder], records), f"{decoder}: other input tokens gave the same answers"
+
+
+def test_tokenisation_check_reports_where_whole_text_differs(tok):
+    """Two fields glued together ("{context}{question}") are tokenised apart by the engine and as one word by a
+    whole-text tokenizer: the check counts such a record and shows the ids and tokens where they part."""
+    from stages.prompt_learning.export import input_spec
+    from stages.prompt_learning.family import DecoderOnlyFamily
+
+    tpl = parse_template(dict(SQUAD_T, prompt_template="<|VIRTUAL_PROMPT_0|>Context: {context}{question} Answer: {answer}"))
+    same = [{"taskname": "squad", "context": f"{w} is here.", "question": " Which?"} for w in ("Paris", "water", "fox")]
+    glued = {"taskname": "squad", "context": "Par", "question": "is"}
+    spec = input_spec(DecoderOnlyFamily(), tpl, same + [glued], tok)
+    assert spec["text"] == "Context: {context}{question} Answer:"
+    check = spec["whole_text_tokenisation"]
+    assert check["records_checked"] == 4 and check["identical"] == 3, check
+    diff = check["first_difference"]
+    assert diff["record"] == 3 and diff["text"] == "Context: Paris Answer:" and diff["position"] == 2
+    assert "ĠParis" in diff["whole_text_tokens"] and "ĠParis" not in diff["engine_tokens"]
+
+
 def test_batched_greedy_equals_unbatched(trained):
     from stages.prompt_learning.inference import PromptedModel
 

@@ -48,3 +48,44 @@ def train(cfg):
     from stages.prompt_learning.train import train as _train
 
     return _train(cfg)
+
+
+@pytest.fixture(scope="module")
+def smollm_artifact(tmp_path_factory, squad_v11_dir):
+    """A prompt trained 2 steps on real SQuAD questions (the CPU recipe's template and text init)."""
+    from tests.test_prompt_learning import make_cfg, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("smollm_handoff")
+    rows = [json.loads(line) for line in (squad_v11_dir / "squad_train.jsonl").open(encoding="utf-8")]
+    tr = write_jsonl(tmp / "train.jsonl", rows[:160])
+    va = write_jsonl(tmp / "val.jsonl", rows[160:200])
+    cfg = make_cfg(tmp, "embedded:smollm2-135m-instruct", train=tr, val=va, max_steps=2)
+    cfg.model.data.max_seq_length = 384
+    cfg.model.data.max_val_examples = 8
+    cfg.model.prompt_tuning.new_prompt_init_methods = ["text"]
+    cfg.model.prompt_tuning.new_prompt_init_text = ["Answer with a short span of the context."]
+    train(cfg)
+    return Path(cfg.model.artifact_path)
+
+
+@pytest.mark.parametrize("decoder", ["generate", "loop"])
+def test_smollm2_peft_export_gives_the_engine_answers(smollm_artifact, squad_v11_dir, decoder):
+    """On the real SmolLM2 and real SQuAD dev questions: PeftModel.from_pretrained on export/peft/squad, the text of
+    promptlaunch_input.json tokenised whole, greedy through PEFT's generate (``generate``) or a cache-free loop over
+    its forward pass (``loop``) = the engine's answers. A failure of ``generate`` alone is PEFT's generation path."""
+    from stages.prompt_learning.inference import PromptedModel
+    from tests import peft_handoff as H
+
+    spec = H.input_spec(smollm_artifact / "export/peft/squad")
+    check = spec["whole_text_tokenisation"]
+    assert spec["peft_export_exact"] is True and check["records_checked"] == 200
+    assert check["identical"] == 200, check   # SmolLM2's byte-level BPE: the pieces join without a seam
+    pm = PromptedModel.load(str(smollm_artifact))
+    dev = [json.loads(line) for line in (squad_v11_dir / "squad_val.jsonl").open(encoding="utf-8")]
+    records = [r for r in dev if len(r["context"]) < 700][:6]
+    engine = [pm.generate([r], tokens_to_generate=16, batch_size=1, stop_strings=(), progress=False)[0] for r in records]
+    model = H.load_peft(pm.describe()["resolved_model"], smollm_artifact / "export/peft/squad")
+    peft = [pm.tok.decode(H.causal_answer(model, H.user_ids(pm.tokenizer, spec, r), max_new_tokens=16, eos_id=pm.tok.eos_id,
+                                          pad_id=pm.tok.pad_id, decoder=decoder)).strip() for r in records]
+    assert any(engine)
+    assert H.mismatches(engine, peft, records) == []

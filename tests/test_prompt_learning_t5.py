@@ -210,6 +210,22 @@ def test_tokenizer_without_sentinel_is_a_clear_error(tiny_t5):
 # learning through the soft prompt alone
 # ----------------------------------------------------------------------------------------------------------
 
+QA_T = {"taskname": "qa", "prompt_template": "<|VIRTUAL_PROMPT_0|> Question: {question} Answer: {answer}",
+        "total_virtual_tokens": 32, "virtual_token_splits": [32], "truncate_field": None, "answer_only_loss": True,
+        "answer_field": "answer"}
+
+
+def train_qa(tmp_path: Path, model_dir: str, callbacks=()):
+    """(cfg, summary) of a soft prompt trained to memorise PAIRS on ``model_dir`` (120 steps, ~2 s)."""
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"taskname": "qa", "question": q, "answer": a} for q, a in PAIRS])
+    cfg = make_cfg(tmp_path, model_dir, templates=(QA_T,), new_tasks=("qa",), train=data, val=data, max_steps=120)
+    OmegaConf.update(cfg, "model.optim.lr", 0.1)
+    OmegaConf.update(cfg, "model.optim.sched.name", "constant")
+    OmegaConf.update(cfg, "trainer.val_check_interval", 60)
+    cfg._check_frozen = True
+    return cfg, train(cfg, callbacks=list(callbacks))
+
+
 @pytest.mark.parametrize("which", ["t5", "mt5"])
 def test_soft_prompt_alone_memorises_a_toy_mapping(tmp_path, which, tiny_t5, tiny_mt5):
     import pytorch_lightning as pl
@@ -218,11 +234,6 @@ def test_soft_prompt_alone_memorises_a_toy_mapping(tmp_path, which, tiny_t5, tin
     from stages.prompt_learning.model_source import load_model
 
     model_dir = tiny_t5 if which == "t5" else tiny_mt5
-    template = {"taskname": "qa", "prompt_template": "<|VIRTUAL_PROMPT_0|> Question: {question} Answer: {answer}",
-                "total_virtual_tokens": 32, "virtual_token_splits": [32], "truncate_field": None, "answer_only_loss": True,
-                "answer_field": "answer"}
-    recs = [{"taskname": "qa", "question": q, "answer": a} for q, a in PAIRS]
-    data = write_jsonl(tmp_path / "qa.jsonl", recs)
     hashes = {}
 
     class Hash(pl.Callback):
@@ -232,12 +243,7 @@ def test_soft_prompt_alone_memorises_a_toy_mapping(tmp_path, which, tiny_t5, tin
         def on_fit_end(self, trainer, module):
             hashes["end"] = param_hash(module.base_model)
 
-    cfg = make_cfg(tmp_path, model_dir, templates=(template,), new_tasks=("qa",), train=data, val=data, max_steps=120)
-    OmegaConf.update(cfg, "model.optim.lr", 0.1)
-    OmegaConf.update(cfg, "model.optim.sched.name", "constant")
-    OmegaConf.update(cfg, "trainer.val_check_interval", 60)
-    cfg._check_frozen = True
-    s = train(cfg, callbacks=[Hash()])
+    cfg, s = train_qa(tmp_path, model_dir, callbacks=[Hash()])
     assert s["first_val_loss"] > 10 and s["final_val_loss"] < 0.1, s     # strongly decreasing
     on_disk = param_hash(load_model(model_dir))
     assert hashes["start"] == hashes["end"] == on_disk                    # every base parameter unchanged
@@ -412,3 +418,62 @@ def test_artifact_of_another_family_is_a_clear_user_error(gpt_artifact, trained_
     cfg = t5_cfg(tmp_path, tiny_t5, templates=(T5_SQUAD, SENT_T), new_tasks=("sentiment",), restore_path=gpt_art, existing_tasks=["squad"])
     with pytest.raises(UserError, match=r"holds prompts for a gpt .* but model\.language_model_path points to .*a t5"):
         train(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the PEFT hand-off, as a user runs it
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qa_t5(tmp_path_factory, tiny_t5):
+    """A soft prompt that answers PAIRS on the tiny T5: answers worth comparing (a few steps on random data
+    leave the tiny model answering nothing at all)."""
+    return train_qa(tmp_path_factory.mktemp("qa_t5"), tiny_t5)[0]
+
+
+def _t5_handoff(cfg, tiny_t5, records, adapter=None):
+    """(engine answers, {decoder: PEFT answers}, input spec): PeftModel.from_pretrained on the export, the text and
+    tokenizer call of promptlaunch_input.json, greedy through PEFT's generate and through a cache-free loop."""
+    from stages.prompt_learning.inference import PromptedModel
+    from tests import peft_handoff as H
+
+    art = Path(cfg.model.artifact_path)
+    pm = PromptedModel.load(str(art))
+    engine = pm.generate(records, tokens_to_generate=8, batch_size=len(records), stop_strings=(), progress=False)
+    spec = H.input_spec(art / "export/peft/qa")
+    model = H.load_peft(tiny_t5, adapter or art / "export/peft/qa", seq2seq=True)
+    fam = pm.family
+    stops = {pm.tok.eos_id} | (fam.sentinels - {fam.sentinel})
+    peft = {decoder: [pm.tok.decode(H.seq2seq_answer(model, H.user_ids(pm.tokenizer, spec, r), max_new_tokens=8,
+                                                      stop_ids=stops, sentinel=fam.sentinel, vocab_limit=fam.vocab_limit,
+                                                      decoder=decoder)).strip() for r in records]
+            for decoder in H.DECODERS}
+    return engine, peft, spec
+
+
+QA_RECORDS = [{"taskname": "qa", "question": q} for q, _ in PAIRS]
+
+
+@pytest.mark.parametrize("decoder", ["generate", "loop"])
+def test_peft_seq2seq_export_gives_the_engine_answers(qa_t5, tiny_t5, decoder):
+    """The T5 export used as a user would gives the engine's answers (here the memorised ones)."""
+    from tests import peft_handoff as H
+
+    engine, peft, spec = _t5_handoff(qa_t5, tiny_t5, QA_RECORDS)
+    assert engine == [a for _, a in PAIRS]
+    assert spec["text"] == " Question: {question} Answer:<extra_id_0>"
+    assert spec["tokenizer_call"] == "tokenizer(text, add_special_tokens=False)"   # no </s> after the sentinel
+    assert spec["whole_text_tokenisation"] == {"records_checked": 8, "identical": 8, "first_difference": None}   # val + train
+    assert H.mismatches(engine, peft[decoder], QA_RECORDS) == []
+
+
+def test_peft_seq2seq_handoff_check_fails_on_a_perturbed_table(qa_t5, tiny_t5, tmp_path):
+    """The comparison can fail: a random table in place of the trained one changes PEFT's answers. (The memorised
+    answers survive a text without its sentinel, so the tokenisation counterpart is shown on the decoder-only
+    path, tests/test_prompt_learning.py.)"""
+    from tests import peft_handoff as H
+
+    art = Path(qa_t5.model.artifact_path)
+    bad = H.perturbed_copy(art / "export/peft/qa", tmp_path / "perturbed")
+    engine, peft, _ = _t5_handoff(qa_t5, tiny_t5, QA_RECORDS, adapter=bad)
+    for decoder in H.DECODERS:
+        assert H.mismatches(engine, peft[decoder], QA_RECORDS), f"{decoder}: a random table gave the same answers"

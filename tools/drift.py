@@ -7,7 +7,8 @@ ignored), prints which packages moved past the lock, runs the suite there and pr
 It is not part of .ci/run: a new upstream release must not turn CI red overnight.
 
     python3 tools/drift.py                      # newest everything but torch (kept at the lock's CPU build)
-    python3 tools/drift.py --torch newest       # torch too (on Linux, PyPI's torch is a CUDA build of several GB)
+    python3 tools/drift.py --torch newest       # torch too, as far as pyproject.toml's range (and pip's own
+                                                # configuration) admit; on Linux PyPI's torch is a CUDA build of GBs
     python3 tools/drift.py -- -m "not slow"     # arguments after -- go to pytest
 
 Exit code: 0 when every test passes on the newest releases, 1 when some break, 2 when the venv cannot be built.
@@ -43,10 +44,13 @@ def build_venv(venv: Path, torch_choice: str) -> None:
     if venv.exists():
         shutil.rmtree(venv)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pins = lock.read_pins()
     pip(venv, "--upgrade", "pip")
-    pip(venv, "--upgrade", "torch") if torch_choice == "newest" else pip(venv, f"torch=={pins['torch']}")
-    pip(venv, "--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]")
+    held: list[str] = []
+    if torch_choice == "lock":   # a constraint, or the eager upgrade below would move torch too
+        hold = venv / "torch-constraint.txt"
+        hold.write_text(f"torch=={lock.read_pins()['torch']}\n", encoding="utf-8")
+        held = ["--constraint", str(hold)]
+    pip(venv, "--upgrade", "--upgrade-strategy", "eager", *held, "torch", "-e", ".[test]")
     pip(venv, "--no-deps", SMOLLM)
 
 

@@ -7,15 +7,10 @@ Folder layout (written atomically as a whole)::
                                max_seq_length, training summary
     prompts.safetensors        prompt_table.<task>: fp32 [total_virtual_tokens, hidden] per task
     export/npy/<task>.npy      the same tables as numpy arrays
-    export/peft/<task>/        PEFT PROMPT_TUNING adapter (adapter_config.json + adapter_model.safetensors)
+    export/peft/<task>/        PEFT PROMPT_TUNING adapter (adapter_config.json + adapter_model.safetensors) and
+                               promptlaunch_input.json (the text and tokenizer call that give the trained tokens)
 
-Note on the PEFT export: PEFT prepends all virtual tokens before the input, so it matches our template only
-when the task has a single marker at the start of the template (the common case); ``artifact.json`` says so.
-For the encoder-decoder family ("t5") the adapter is SEQ_2_SEQ_LM with ``num_transformer_submodules: 1``:
-PEFT prompt tuning then prepends the table to the ENCODER input only, which is what the table was trained
-for (PEFT's default for seq2seq, 2, would expect a second block of rows for the decoder that PROMPT_TUNING
-never uses). With PEFT, the caller supplies the rest of the encoder input itself: the template text up to the
-answer followed by ``<extra_id_0>``; the generated answer starts after a leading ``<extra_id_0>``.
+The exports and what to feed them: ``export.py``.
 """
 from __future__ import annotations
 
@@ -29,6 +24,8 @@ from launcher.errors import UserError
 from launcher.io import atomic_dir, atomic_path, remove_stale_tmp, write_json
 from launcher.prompt_template import TaskTemplate, parse_templates
 
+from .export import engine_ids, write_exports
+
 FORMAT_VERSION = 1
 META = "artifact.json"
 TABLES = "prompts.safetensors"
@@ -36,7 +33,9 @@ TABLES = "prompts.safetensors"
 
 def save_artifact(path: str | Path, *, tables: dict[str, torch.Tensor], templates: dict[str, TaskTemplate], style: str,
                   base: dict[str, Any], add_eos: bool, max_seq_length: int, training: dict[str, Any],
-                  family: str = "gpt") -> Path:
+                  family: str = "gpt", export_specs: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write the artifact folder atomically. ``export_specs`` (task -> ``export.input_spec``) describe the PEFT
+    input; without them (tables saved outside a training run) the exports carry no input file."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -45,12 +44,9 @@ def save_artifact(path: str | Path, *, tables: dict[str, torch.Tensor], template
         t = templates[task]
         if table.shape[0] != t.total_virtual_tokens:
             raise UserError(f"task '{task}': prompt table has {table.shape[0]} rows but its template says {t.total_virtual_tokens}")
-        first_virtual = next((i for i, p in enumerate(t.pieces) if type(p).__name__ == "Virtual"), None)
-        tasks[task] = {
-            "template": t.to_dict(),
-            "total_virtual_tokens": int(table.shape[0]),
-            "peft_export_exact": t.total_virtual_tokens > 0 and len(t.virtual_token_splits) == 1 and first_virtual == 0,
-        }
+        tasks[task] = {"template": t.to_dict(), "total_virtual_tokens": int(table.shape[0])}
+        if export_specs and task in export_specs:
+            tasks[task]["peft_export_exact"] = export_specs[task]["peft_export_exact"]
     meta = {
         "format_version": FORMAT_VERSION,
         "family": family,
@@ -69,39 +65,8 @@ def save_artifact(path: str | Path, *, tables: dict[str, torch.Tensor], template
         save_file({f"prompt_table.{k}": v.to(torch.float32).contiguous() for k, v in tables.items()}, str(tmp / TABLES),
                   metadata={"format": "promptlaunch", "format_version": str(FORMAT_VERSION)})
         write_json(tmp / META, meta)
-        _export(tmp / "export", tables, base, family)
+        write_exports(tmp / "export", tables, base, family, export_specs or {})
     return path
-
-
-def _export(folder: Path, tables: dict[str, torch.Tensor], base: dict[str, Any], family: str = "gpt") -> None:
-    import numpy as np
-    from safetensors.torch import save_file
-
-    for task, table in tables.items():
-        with atomic_path(folder / "npy" / f"{task}.npy", suffix=".npy") as tmp:
-            with open(tmp, "wb") as fh:   # a file object: np.save would append .npy to a path
-                np.save(fh, table.numpy())
-        if table.shape[0] == 0:
-            continue
-        peft = folder / "peft" / task
-        peft.mkdir(parents=True, exist_ok=True)
-        write_json(peft / "adapter_config.json", {
-            "peft_type": "PROMPT_TUNING",
-            "task_type": "SEQ_2_SEQ_LM" if family == "t5" else "CAUSAL_LM",
-            "num_virtual_tokens": int(table.shape[0]),
-            "token_dim": int(table.shape[1]),
-            "num_transformer_submodules": 1,   # t5: the encoder only (see the module docstring)
-            "num_attention_heads": base.get("num_attention_heads"),
-            "num_layers": base.get("num_layers"),
-            "prompt_tuning_init": "RANDOM",
-            "prompt_tuning_init_text": None,
-            "tokenizer_name_or_path": base.get("resolved"),
-            "base_model_name_or_path": base.get("resolved"),
-            "inference_mode": True,
-            "revision": None,
-        })
-        with atomic_path(peft / "adapter_model.safetensors") as tmp:
-            save_file({"prompt_embeddings": table.contiguous()}, str(tmp))
 
 
 def load_artifact(path: str | Path, key: str = "model.artifact_path") -> tuple[dict[str, Any], dict[str, TaskTemplate], dict[str, torch.Tensor]]:
@@ -164,3 +129,19 @@ def base_info(given: str, resolved: str, model: Any, fingerprint: dict[str, Any]
         "num_attention_heads": getattr(cfg, "num_attention_heads", None),
         "num_layers": getattr(cfg, "num_hidden_layers", None),
     }
+
+
+def peft_input_ids(artifact_path: str | Path, tokenizer: Any, record: dict[str, Any], task: str | None = None) -> list[int]:
+    """The engine's ids for ``record`` without virtual slots, for a user of the PEFT export who needs exactly the
+    tokens the prompt was trained on (``record`` holds the template's input fields; ``task`` defaults to its
+    ``taskname``, else the artifact's only task). Loads no model."""
+    from .data import TokenizerInfo
+    from .family import DecoderOnlyFamily
+    from .family_seq2seq import EncoderDecoderFamily
+
+    meta, templates, _ = load_artifact(artifact_path, "artifact_path")
+    task = task or record.get("taskname") or (next(iter(templates)) if len(templates) == 1 else None)
+    if task not in templates:
+        raise UserError(f"task: {task!r} is not one of the artifact's tasks {sorted(templates)}; pass task= or a record taskname")
+    family = EncoderDecoderFamily(tokenizer) if meta.get("family") == "t5" else DecoderOnlyFamily()
+    return engine_ids(family, templates[task], record, TokenizerInfo(tokenizer))

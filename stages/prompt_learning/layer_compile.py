@@ -43,6 +43,16 @@ def check_compiler(key: str = "trainer.compile", fix: str | None = None) -> str:
                     f"clang++ or $CXX); install one (apt-get install g++) or {fix or f'set {key}=false'}")
 
 
+# the keyword a decoder layer receives its KV cache under: ``past_key_values`` up to transformers 5.24,
+# ``cache`` from 5.25 on (``past_key_value`` in 4.x)
+CACHE_KWARGS = ("past_key_values", "cache", "past_key_value")
+
+
+def carries_cache(kwargs: dict[str, Any]) -> bool:
+    """Whether a decoder layer call carries a KV cache, under any of the names transformers has used."""
+    return any(kwargs.get(name) is not None for name in CACHE_KWARGS)
+
+
 class LayerCompiler:
     """Compiled forwards of a model's decoder layers that can be switched on and off (the bench times both on one
     model). Compilation itself happens lazily, on the first pass with the layers switched on."""
@@ -60,7 +70,7 @@ class LayerCompiler:
     def _dispatch(eager: Callable[..., Any], compiled: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             # a KV cache would make dynamo recompile per layer: those passes stay eager
-            return eager(*args, **kwargs) if kwargs.get("past_key_values") is not None else compiled(*args, **kwargs)
+            return eager(*args, **kwargs) if carries_cache(kwargs) else compiled(*args, **kwargs)
         return forward
 
     def enable(self) -> int:

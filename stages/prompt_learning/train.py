@@ -97,6 +97,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     from torch.utils.data import DataLoader
 
     from .artifact import base_info, check_base, load_artifact, save_artifact
+    from .export import input_spec
     from .family import family_for
     from .model_source import fingerprint, resolve
     from .module import PromptLearningModule, ResumableBatchSampler
@@ -261,8 +262,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
             "existing_tasks": existing,
             "new_tasks": new_tasks,
         }
+        checked = [r for r, _ in val_records + train_records]   # the PEFT input check runs on the run's own records
+        specs = {t: input_spec(family, templates[t], checked, info) for t in tasks}
         art = save_artifact(str(m.artifact_path), tables=store.export_tables(), templates=templates, style=style, base=base,
-                            add_eos=common["add_eos"], max_seq_length=max_len, training=training, family=family.name)
+                            add_eos=common["add_eos"], max_seq_length=max_len, training=training, family=family.name,
+                            export_specs=specs)
         write_loss_curve(log_dir / "loss_curve.png", hist, title=f"{cfg.run.get('name', 'prompt_learning')}: {', '.join(new_tasks)}")
         write_json(log_dir / "loss_history.json", hist)
         summary = {**training, "artifact_path": str(art), "seconds": round(time.monotonic() - t_start, 1),
