@@ -117,6 +117,21 @@ def paired_speedup(ref: Sequence[float], side: Sequence[float]) -> float:
     return median([a / b for a, b in zip(ref, side)])
 
 
+def add_speedups(rows: dict[str, dict[str, Any]], baseline: str, refused: str | None) -> None:
+    """``speedup_vs_<baseline>`` and ``..._paired`` on every row, or None on all of them when ``refused`` says why
+    the baseline's output is wrong: a ratio against a baseline that computes something else is not a result."""
+    ref = rows[baseline]
+    for r in rows.values():
+        ok = refused is None
+        r["speedup_vs_peft"] = ref["median_pass_seconds"] / r["median_pass_seconds"] if ok else None
+        r["speedup_vs_peft_paired"] = paired_speedup(ref["pass_seconds"], r["pass_seconds"]) if ok else None
+
+
+def refusal_line(refused: str | None) -> list[str]:
+    """The report's line when ratios were refused (empty otherwise)."""
+    return [f"NO RATIO: {refused}"] if refused else []
+
+
 # ---- model, tokenizer, template -------------------------------------------------------------------
 @dataclass
 class Setup:

@@ -179,9 +179,13 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     for name in sides:
         sec = C.median(times[name])
         rows[name] = {"median_pass_seconds": sec, "pass_seconds": times[name], "questions_per_s": len(flat) / sec}
+    refused = None
+    if mismatches:
+        refused = (f"{len(mismatches)} answer(s) of ours differ from PEFT's exact answers (e.g. "
+                   f"{mismatches[0]['answer']!r} against PEFT {mismatches[0]['peft_exact']!r}): one side decodes wrong, "
+                   "so no speed ratio is reported")
+    C.add_speedups(rows, "peft", refused)
     for name, r in rows.items():
-        r["speedup_vs_peft"] = rows["peft"]["median_pass_seconds"] / r["median_pass_seconds"]
-        r["speedup_vs_peft_paired"] = C.paired_speedup(rows["peft"]["pass_seconds"], r["pass_seconds"])
         if decoding.get(name):   # summed over the timed passes: per pass
             r["decoding_per_pass"] = {k: v // repeats for k, v in decoding[name].items()}
     return {
@@ -191,7 +195,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         "contexts_per_batch": [len({r["context"] for r in recs}) for recs in batch_records],
         "tokens_to_generate": tokens_to_generate, "stop_strings": list(stop), "repeats": repeats,
         "prompt_lookup_num_tokens": lookup, "prompt_lookup_pass_budget": pass_budget,
-        "rows": rows, "identical": not mismatches, "mismatches": mismatches,
+        "rows": rows, "identical": not mismatches, "mismatches": mismatches, "ratio_refused": refused,
         "peft_padding_deviations": peft_padding,
         "answers": [{"id": r.get("id"), "question": r["question"], "answer": a} for r, a in zip(flat, reference)],
     }
@@ -215,6 +219,7 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"PEFT's left-padded batches changed {len(dev)} answer(s) (PEFT ignores position_ids, so padding shifts "
                      "positions); compared against PEFT's answer for the question alone:")
         lines += [f"  #{d['index']}: batched {d['peft_batched']!r} alone {d['peft_alone']!r} ours {d['ours']!r}" for d in dev]
+    lines += C.refusal_line(result.get("ratio_refused"))
     if result["identical"]:
         lines.append(f"answers: every row of ours identical to PEFT's exact answer on all {result['questions_per_pass']} "
                      f"questions (e.g. {[a['answer'] for a in result['answers'][:3]]})")

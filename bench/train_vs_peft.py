@@ -230,9 +230,13 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
                       "pass_gflops_per_s": [sum(per_batch) / x / 1e9 for x in times[name]]}
         if name in first_step:
             rows[name]["first_step_seconds"] = first_step[name]
-    for name, r in rows.items():
-        r["speedup_vs_peft"] = rows["peft"]["median_pass_seconds"] / r["median_pass_seconds"]
-        r["speedup_vs_peft_paired"] = C.paired_speedup(rows["peft"]["pass_seconds"], r["pass_seconds"])
+    refused = None
+    if not ok:
+        worst = max(agreement, key=lambda n: agreement[n]["loss_rel_diff"])
+        refused = (f"loss/gradient of {worst} differ from PEFT's on the same batch (loss rel diff "
+                   f"{agreement[worst]['loss_rel_diff']:.1e}, grad {agreement[worst]['grad_rel_diff']:.1e}; tol {tol:g}): "
+                   "the sides compute different things, so no speed ratio is reported")
+    C.add_speedups(rows, "peft", refused)
     result: dict[str, Any] = {
         "model": setup.model_path, "attn_implementation": getattr(setup.model.config, "_attn_implementation", None),
         "template": tpl.prompt_template, "virtual_tokens": tpl.total_virtual_tokens,
@@ -240,7 +244,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         "template_tokens_per_pass": template_tokens, "padded_shapes": [list(b["input_ids"].shape) for b in plain],
         "contexts_per_batch": [len({r["context"] for r in recs}) for recs in batch_records],
         "repeats": repeats, "warmup_passes": warmup, "max_seq_length": max_seq_length,
-        "rows": rows, "agreement": {"reference": "peft", "tol": tol, "ok": ok, "per_side": agreement},
+        "rows": rows, "agreement": {"reference": "peft", "tol": tol, "ok": ok, "per_side": agreement}, "ratio_refused": refused,
     }
     if measure_peak:
         best = max(peaks, key=lambda p: p["peak_gflops"])
@@ -276,6 +280,7 @@ def report(result: dict[str, Any]) -> str:
     lines.append(f"{result['batches']} batches x {result['batch_size']} questions (contexts per batch {result['contexts_per_batch']}, "
                  f"padded {result['padded_shapes']}), median of {result['repeats']} passes; loss agreement "
                  f"{'OK' if result['agreement']['ok'] else 'FAILED'} (tol {result['agreement']['tol']:g})")
+    lines += C.refusal_line(result.get("ratio_refused"))
     return "\n".join(lines)
 
 

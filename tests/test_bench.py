@@ -81,6 +81,38 @@ def test_eval_bench_answers_identical(setup: C.Setup) -> None:
     assert "identical to PEFT" in E.report(result)
 
 
+def test_train_bench_refuses_a_ratio_when_the_losses_disagree(setup: C.Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    import train_vs_peft as T
+
+    real = T.peft_batch
+
+    def fewer_labels(examples, pad_id):   # PEFT scores two tokens fewer per row: another loss
+        batch = real(examples, pad_id)
+        batch["labels"][:, -2:] = -100
+        return batch
+
+    monkeypatch.setattr(T, "peft_batch", fewer_labels)
+    batches = C.paragraph_batches(fixture_records("train"), n_batches=1, batch_size=4, seed=0)
+    result = T.run(setup, batches, C.prompt_table(setup, init="random", seed=0), repeats=1, warmup=1,
+                   max_seq_length=512, measure_peak=False, compile_plain=False)
+    assert not result["agreement"]["ok"] and "no speed ratio" in result["ratio_refused"]
+    assert all(r["speedup_vs_peft"] is None and r["speedup_vs_peft_paired"] is None for r in result["rows"].values())
+    assert "NO RATIO: loss/gradient of ours-" in T.report(result)
+
+
+def test_eval_bench_refuses_a_ratio_when_the_answers_differ(setup: C.Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    import eval_vs_peft as E
+
+    real = E.peft_generate
+    monkeypatch.setattr(E, "peft_generate", lambda *a, **k: [ans + " garbage" for ans in real(*a, **k)])
+    batches = C.paragraph_batches(fixture_records("dev"), n_batches=1, batch_size=5, seed=0)
+    result = E.run(setup, batches, C.prompt_table(setup, init="random", seed=0), repeats=1, tokens_to_generate=4,
+                   engine_batching=False, lookup=0)
+    assert not result["identical"] and "10 answer(s) of ours differ" in result["ratio_refused"]   # 5 x (plain, shared)
+    assert all(r["speedup_vs_peft"] is None and r["speedup_vs_peft_paired"] is None for r in result["rows"].values())
+    assert "NO RATIO:" in E.report(result)
+
+
 def test_host_memory_bench_runs_both_settings_in_children(setup: C.Setup, tmp_path: Path) -> None:
     import json
 
