@@ -29,9 +29,9 @@ from launcher.io import atomic_path, write_json
 from launcher.prompt_template import TaskTemplate, Virtual
 
 from . import data as D
+from .family_seq2seq import SENTINEL   # the encoder input of the t5 family ends with it
 
 INPUT_SPEC = "promptlaunch_input.json"
-SENTINEL = "<extra_id_0>"   # the encoder input of the t5 family ends with it (family_seq2seq.py)
 CHECKED_RECORDS = 200       # records of the run whose whole-text tokenisation is compared with the engine's
 
 
