@@ -263,18 +263,13 @@ def peft_prompt_model(setup: Setup, table: Any) -> Any:
 
 def check_peft_layout(setup: Setup) -> None:
     """PEFT prompt tuning can only express templates whose virtual tokens all come first, with no BOS before them
-    (PEFT prepends its virtual tokens to whatever the tokenizer produced, BOS included); anything else would
-    compare different token sequences."""
-    from launcher.prompt_template import Virtual
+    (the export's own rule, ``export.peft_exact``); anything else would compare different token sequences."""
+    from stages.prompt_learning.export import peft_exact
 
-    pieces = setup.template.pieces
-    virt = [i for i, p in enumerate(pieces) if isinstance(p, Virtual) and p.count]
-    if virt != [0]:
-        raise SystemExit(f"template {setup.template.prompt_template!r}: PEFT prompt tuning needs exactly one virtual marker at "
-                         "the start; this template cannot be expressed in PEFT")
-    if setup.info.bos_id is not None:
-        raise SystemExit(f"{setup.model_path}: its tokenizer adds BOS, which our template puts before the virtual tokens "
-                         "and PEFT after them; the two sides would see different sequences")
+    exact, why = peft_exact(setup.template, setup.info)
+    if not exact:
+        raise SystemExit(f"{setup.model_path}, template {setup.template.prompt_template!r}: {why}; "
+                         "PEFT prompt tuning cannot express it, so the two sides would see different sequences")
 
 
 def without_virtual(ids: Sequence[int], vidx: Sequence[int], *seqs: Sequence[int]) -> tuple[list[int], ...]:
