@@ -36,6 +36,9 @@ SQUAD_FILES = {"train": "squad_train.jsonl", "dev": "squad_val.jsonl"}
 
 
 # ---- machine, command, results -------------------------------------------------------------------
+CPU_MATMUL_FLAGS = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8"}
+
+
 def machine_info() -> dict[str, Any]:
     """What a figure depends on: cores, threads, library versions, CPU model (read where it is cheap)."""
     info: dict[str, Any] = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
@@ -45,9 +48,13 @@ def machine_info() -> dict[str, Any]:
         pass
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+            lines = fh.readlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
         if names:
             info["cpu_model"] = names[0]
+        flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+        # the matmul features a figure depends on (a machine with AVX2 only computes bf16 by emulation)
+        info["cpu_matmul_flags"] = sorted(flags & CPU_MATMUL_FLAGS)
     except OSError:
         pass
     try:
@@ -78,7 +85,16 @@ def write_result(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
     """Atomically write a bench result with the machine, the command and the time it was taken."""
     doc = {**payload, "machine": machine_info(), "command": command_line(),
            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(machine_line(doc["machine"]))
     return write_json(path, doc)
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """The machine a printed figure came from, in one line (the CPU model varies between sessions)."""
+    versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "transformers", "peft") if k in m)
+    return (f"machine: {m.get('cpu_model', '?')}, {m.get('affinity_cpus', m.get('cpu_count'))} cores, "
+            f"torch CPU capability {m.get('cpu_capability', '?')}, flags {' '.join(m.get('cpu_matmul_flags', [])) or '?'}; "
+            f"{versions}; load {m.get('loadavg_1min', float('nan')):.2f}")
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

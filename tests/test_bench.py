@@ -151,9 +151,13 @@ def test_paired_speedup_pairs_passes_of_the_same_round() -> None:
     assert C.paired_speedup([10.0, 2.0, 9.0], [1.0, 2.0, 3.0]) == pytest.approx(3.0)
 
 
-def test_result_file_records_machine_and_command(tmp_path: Path) -> None:
+def test_result_file_records_machine_and_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = C.write_result(tmp_path / "r.json", {"bench": "x", "rows": {}})
     import json
 
     doc = json.loads(out.read_text())
     assert doc["machine"]["cpu_count"] and doc["command"] and doc["bench"] == "x"
+    flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()) if Path("/proc/cpuinfo").is_file() else set()
+    assert set(doc["machine"].get("cpu_matmul_flags", [])) == flags & C.CPU_MATMUL_FLAGS
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"machine: {doc['machine'].get('cpu_model', '?')}, ")
