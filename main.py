@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from launcher.app import fail, run  # noqa: E402
-from launcher.errors import UserError  # noqa: E402
+from stages.common.errors import UserError  # noqa: E402
 
 if not OmegaConf.has_resolver("launcher_root"):
     OmegaConf.register_new_resolver("launcher_root", lambda: str(ROOT))

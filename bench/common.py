@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from launcher.io import write_json  # noqa: E402
+from stages.common.io import write_json  # noqa: E402
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 DEFAULT_CONFIG = ROOT / "conf" / "prompt_learning" / "gpt3" / "squad_cpu.yaml"   # template, init text, lr
@@ -156,7 +156,7 @@ class Setup:
     model: Any
     tokenizer: Any
     info: Any                      # stages.prompt_learning.data.TokenizerInfo
-    template: Any                  # launcher.prompt_template.TaskTemplate
+    template: Any                  # stages.engine.template.TaskTemplate
     family: Any                    # DecoderOnlyFamily
     model_path: str
     init_text: str | None
@@ -209,7 +209,7 @@ def load_setup(model_path: str = DEFAULT_MODEL, attn: str | None = "eager", conf
                templates: list[dict[str, Any]] | None = None) -> Setup:
     """Load the base model exactly as the prompt_learning stage does (resolve -> fp32, frozen, attention
     implementation of the CPU config) and the first task template of ``config`` (or ``templates``)."""
-    from launcher.prompt_template import parse_templates
+    from stages.engine.template import parse_templates
     from stages.prompt_learning import data as D
     from stages.prompt_learning.family import family_for
     from stages.prompt_learning.model_source import load_tokenizer, resolve

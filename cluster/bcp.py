@@ -4,7 +4,7 @@ with ``bcprun`` on the job's nodes, one stage after another.
 Each stage script calls ``bcprun --nnodes N --npernode M`` with that stage's own layout. bcprun starts
 the processes on every node, possibly through ssh/mpirun, so the exported variables are handed over
 explicitly with ``--env NAME=value`` (values expanded at job time: a secret read from its file never
-appears in the script). Inside the processes, ``stages.common.init_distributed_env`` turns the NGC
+appears in the script). Inside the processes, ``stages.common.entry.init_distributed_env`` turns the NGC
 variables bcprun sets (NGC_ARRAY_INDEX, NGC_ARRAY_SIZE, NGC_MASTER_ADDR, LOCAL_RANK or Open MPI's
 OMPI_COMM_WORLD_*) into torch's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT.
 """
@@ -16,7 +16,7 @@ import subprocess
 import sys
 from typing import Sequence
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 from launcher.jobspec import JobSpec
 from launcher.render import check_env_names, comment, env_lines, env_names, header, join, q
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 from launcher.jobspec import JobSpec
 from cluster.base import stream
 from launcher.render import env_lines, header, join, q

@@ -3,7 +3,7 @@
 The script is a pure function of the JobSpec and the cluster config: ``#SBATCH`` lines (sorted), then
 ``srun`` starting one task per process. Rank, world size and local rank come from Slurm's own
 variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), which Lightning's SLURMEnvironment and
-``stages.common.init_distributed_env`` both read; the script adds MASTER_ADDR/MASTER_PORT with the
+``stages.common.entry.init_distributed_env`` both read; the script adds MASTER_ADDR/MASTER_PORT with the
 values Lightning would pick, so plain torch.distributed agrees with Lightning.
 
 Dependencies are added at submit time (``sbatch --dependency=afterok:<previous>[,singleton]``), so
@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import OmegaConf
 
-from launcher import io
-from launcher.errors import UserError
+from stages.common import io
+from stages.common.errors import UserError
 from launcher.jobspec import JobSpec
 from launcher.render import check_env_names, comment, env_lines, env_names, header, join, q
 from launcher.schema import ClusterSchema, typed

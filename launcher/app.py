@@ -10,8 +10,8 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from launcher import io
-from launcher.errors import UserError
+from stages.common import io
+from stages.common.errors import UserError
 from launcher.plan import PlannedJob, plan
 from launcher.render import join
 from launcher.schema import resolve_all

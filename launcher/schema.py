@@ -12,7 +12,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 CLUSTER_TYPES = ("interactive", "bcm", "bcp")
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 from launcher.plan import SIGNAL_STAGES
-from launcher.prompt_template import parse_templates
+from stages.engine.template import parse_templates
 from launcher.render import check_env_names
 from launcher.schema import CLUSTER_TYPES, ClusterSchema, GlobalSchema, RunSchema, typed
 

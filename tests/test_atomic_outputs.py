@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import io
+from stages.common import io
 from tests.launcher_helpers import ROOT, run_main
 
 
@@ -122,7 +122,7 @@ def test_checkpoint_save_interrupted_keeps_the_previous_last_ckpt(tmp_path, monk
 
 def test_artifact_write_interrupted_keeps_the_previous_artifact(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
-    from launcher.prompt_template import parse_templates
+    from stages.engine.template import parse_templates
     from stages.prompt_learning import artifact
     from tests.test_prompt_learning import SQUAD_T
 

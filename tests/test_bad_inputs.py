@@ -4,7 +4,7 @@ says how to fix it, a non-zero exit code, no traceback, and no partial output.
 The suite = the 17 command-line cases of ``tests/test_launcher.py::BAD_INPUTS`` (run there, counted here, not
 repeated) + the pre-launch cases below, run through ``main.py`` like a user would (the launcher rejects them
 before anything is written or started) + the data/model/checkpoint cases below, which only the stage can see,
-run through the stage entry (``stages.common.run_stage``, exactly what ``stages/<stage>/run.py`` calls).
+run through the stage entry (``stages.common.entry.run_stage``, exactly what ``stages/<stage>/run.py`` calls).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ pytest.importorskip("pytorch_lightning")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from stages.common import run_stage  # noqa: E402
+from stages.common.entry import run_stage  # noqa: E402
 from tests.test_prompt_learning import SQUAD_T, make_cfg, squad_records, tiny  # noqa: E402,F401  (tiny: fixture)
 
 RECS = squad_records(8)
@@ -85,7 +85,7 @@ def _model_copy(tmp: Path, tiny: str, name: str) -> Path:
 
 
 def _artifact_of_another_model(tmp: Path) -> Path:
-    from launcher.prompt_template import parse_templates
+    from stages.engine.template import parse_templates
     from stages.prompt_learning.artifact import save_artifact
 
     return save_artifact(tmp / "foreign_artifact", tables={"squad": torch.zeros(4, 48)}, templates=parse_templates([SQUAD_T]),

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from cluster.bcp import BCPExecutor
-from launcher.errors import UserError
+from stages.common.errors import UserError
 from launcher.jobspec import JobSpec
-from stages.common import init_distributed_env
+from stages.common.entry import init_distributed_env
 from tests.launcher_helpers import ROOT
 from tests.test_slurm import tiny_job, write_scripts
 
@@ -62,7 +62,7 @@ def test_container_is_noted_not_used_and_bad_names_are_refused():
 ALLREDUCE = """\
 import json, os, sys
 from pathlib import Path
-from stages.common import init_distributed_env
+from stages.common.entry import init_distributed_env
 added = init_distributed_env()
 import torch, torch.distributed as dist
 dist.init_process_group("gloo")
@@ -102,7 +102,7 @@ def test_two_nodes_of_two_processes_allreduce_and_agree_with_lightning(tmp_path,
 
 @pytest.mark.parametrize("array_type", ["PyTorchJob", "MPIJob"])
 def test_rank_mapping_for_both_bcprun_modes(tmp_path, array_type):
-    code = "from stages.common import init_distributed_env; import os; init_distributed_env(); " \
+    code = "from stages.common.entry import init_distributed_env; import os; init_distributed_env(); " \
            "e = os.environ; print(f\"R {e['RANK']} {e['WORLD_SIZE']} {e['NODE_RANK']} {e['LOCAL_RANK']}\")"
     job = tiny_job(tmp_path, "ranks", code, nodes=2, tasks_per_node=3)
     (script,) = write_scripts(BCPExecutor(), [job])

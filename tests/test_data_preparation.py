@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launcher.errors import UserError  # noqa: E402
+from stages.common.errors import UserError  # noqa: E402
 from stages.data_preparation import fetch  # noqa: E402
 from stages.data_preparation.squad import MARKER, OUTPUTS, SUMMARY, prepare  # noqa: E402
 

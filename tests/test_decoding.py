@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from launcher.errors import UserError  # noqa: E402
+from stages.common.errors import UserError  # noqa: E402
 from stages.prompt_learning import data as D  # noqa: E402
 from stages.prompt_learning.decoding import draft_from  # noqa: E402
 from stages.prompt_learning.family import DecoderOnlyFamily  # noqa: E402

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launcher.errors import UserError  # noqa: E402
-from launcher.prompt_template import parse_templates  # noqa: E402
+from stages.common.errors import UserError  # noqa: E402
+from stages.engine.template import parse_templates  # noqa: E402
 from stages.evaluation import evaluate as ev  # noqa: E402
 from tests.templates import SQUAD_T  # noqa: E402
 

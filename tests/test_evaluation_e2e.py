@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launcher.prompt_template import parse_templates  # noqa: E402
+from stages.engine.template import parse_templates  # noqa: E402
 from tests.templates import SQUAD_T  # noqa: E402
 from tests.test_prompt_learning import make_model_dir  # noqa: E402  (the engine's tiny random Llama + BPE tokenizer)
 
@@ -119,7 +119,7 @@ def test_baseline_only_with_real_engine(tiny, tmp_path):
 
 
 def test_wrong_base_model_is_a_user_error(tiny, tmp_path):
-    from launcher.errors import UserError
+    from stages.common.errors import UserError
     from stages.evaluation.evaluate import evaluate
 
     other = make_model_dir(tmp_path / "other", seed=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not sys.platform.startswith("linux"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.local import LocalExecutor
-from launcher.errors import UserError
+from stages.common.errors import UserError
 from launcher.jobspec import JobSpec
 from launcher.plan import plan
 from launcher.schema import resolve_all

@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from launcher.errors import UserError  # noqa: E402
-from launcher.prompt_template import parse_template  # noqa: E402
+from stages.common.errors import UserError  # noqa: E402
+from stages.engine.template import parse_template  # noqa: E402
 from stages.prompt_learning import data as D  # noqa: E402
 from stages.prompt_learning import layer_compile as LC  # noqa: E402
 from tests.test_prompt_learning import SQUAD_T, make_cfg, tables, tiny, train  # noqa: E402,F401

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 from stages.prompt_learning.parallel import (
     ParallelPromptTrainer,
     SoftPrompt,

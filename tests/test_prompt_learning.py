@@ -16,8 +16,8 @@ pytest.importorskip("transformers")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from launcher.errors import UserError  # noqa: E402
-from launcher.prompt_template import parse_template, parse_templates  # noqa: E402
+from stages.common.errors import UserError  # noqa: E402
+from stages.engine.template import parse_template, parse_templates  # noqa: E402
 from stages.prompt_learning import data as D  # noqa: E402
 from tests.templates import SQUAD_T  # noqa: E402,F401  (re-exported: other test modules import it from here)
 

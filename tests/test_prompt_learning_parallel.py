@@ -6,7 +6,7 @@ together: one table per task, one of them with virtual tokens at two markers). T
 last global batch short and the 6 validation examples leave a short validation tail.
 
 * reference: ONE process, TP = PP = 1, ``micro_batch_size = global_batch_size`` (the plain engine);
-* 2 gloo processes forked from pytest run ``stages.common.run_stage(train)`` -- exactly what
+* 2 gloo processes forked from pytest run ``stages.common.entry.run_stage(train)`` -- exactly what
   ``stages/prompt_learning/run.py`` does -- for TP=2, PP=2 (GPipe and 1F1B) and DP=2;
 * per-step train losses, val losses and the final prompt tables must agree to 1e-5; checkpoints resume across
   layouts (TP=2 checkpoint -> one process and the reverse); the artifact of the TP=2 run loads in the evaluation
@@ -160,7 +160,7 @@ class StopAt:
 
 def run_stage_entry(cfg_path: str) -> int:
     """What stages/prompt_learning/run.py does."""
-    from stages.common import run_stage
+    from stages.common.entry import run_stage
     from stages.prompt_learning.train import train
 
     return run_stage(train, ["--config", cfg_path])
@@ -330,7 +330,7 @@ def test_impossible_layout_rejected_before_launch(tmp_path, tiny_llama, extra, m
 
 def test_embedded_smollm2_cannot_use_tp2(tmp_path):
     """The embedded SmolLM2 has 9 heads and 3 KV heads: the error says so and points at a tiny Llama folder."""
-    from launcher.errors import UserError
+    from stages.common.errors import UserError
     from launcher.schema import resolve_all
     from launcher.validate import validate
     from tests.launcher_helpers import compose_cfg
@@ -363,7 +363,7 @@ def test_t5_data_parallel_equals_single_process(tmp_path, data):
     run_distributed(_worker, 2, [("t5_dp2", str(tmp_path / "dp2.yaml"), 0)], timeout=120)
     assert_same(outputs(cfg), outputs(ref_cfg), "t5 dp2")
     # ... while tensor parallelism of a T5 is refused before launch (Llama architecture only)
-    from launcher.errors import UserError
+    from stages.common.errors import UserError
     from launcher.schema import resolve_all
     from launcher.validate import validate
     from tests.launcher_helpers import compose_cfg

@@ -18,8 +18,8 @@ pytest.importorskip("sentencepiece")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from launcher.errors import UserError  # noqa: E402
-from launcher.prompt_template import parse_template  # noqa: E402
+from stages.common.errors import UserError  # noqa: E402
+from stages.engine.template import parse_template  # noqa: E402
 from stages.prompt_learning import data as D  # noqa: E402
 from tests.test_prompt_learning import SENT_T, check_two_task_incremental, make_cfg, make_model_dir, make_tokenizer, tables, train, write_jsonl  # noqa: E402
 from tests import test_prompt_learning as tp  # noqa: E402

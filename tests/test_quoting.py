@@ -17,7 +17,7 @@ import pytest
 from cluster.bcp import BCPExecutor
 from cluster.local import LocalExecutor
 from cluster.slurm import SlurmExecutor
-from launcher.errors import UserError
+from stages.common.errors import UserError
 from tests.launcher_helpers import run_main
 from tests.test_bcp import FAKE_BIN
 from tests.test_slurm import fake_command, tiny_job, write_scripts

@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from launcher.errors import UserError  # noqa: E402
-from launcher.prompt_template import parse_template, parse_templates  # noqa: E402
+from stages.common.errors import UserError  # noqa: E402
+from stages.engine.template import parse_template, parse_templates  # noqa: E402
 from stages.prompt_learning import data as D  # noqa: E402
 from stages.prompt_learning.batching import BucketBatchSampler  # noqa: E402
 from stages.prompt_learning.family import DecoderOnlyFamily  # noqa: E402

@@ -30,7 +30,7 @@ def dev_file(squad_v11_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm():
-    from launcher.prompt_template import parse_templates
+    from stages.engine.template import parse_templates
     from stages.prompt_learning.inference import PromptedModel
     from stages.prompt_learning.model_source import load_model, load_tokenizer, resolve
     from stages.prompt_learning.prompts import PromptStore, init_table

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from cluster.slurm import SlurmExecutor, directive_value
-from launcher import io
-from launcher.errors import UserError
+from stages.common import io
+from stages.common.errors import UserError
 from launcher.jobspec import JobSpec
-from stages.common import init_distributed_env
+from stages.common.entry import init_distributed_env
 from tests.launcher_helpers import ROOT
 
 

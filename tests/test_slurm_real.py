@@ -85,7 +85,7 @@ def test_failed_first_stage_cancels_dependants_and_fails_the_launch(slurm_cluste
 ALLREDUCE = """\
 import json, os, sys
 from pathlib import Path
-from stages.common import init_distributed_env
+from stages.common.entry import init_distributed_env
 added = init_distributed_env()
 import torch, torch.distributed as dist
 dist.init_process_group("gloo")

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from launcher.errors import UserError
-from launcher.io import atomic_path
+from stages.common.errors import UserError
+from stages.common.io import atomic_path
 
 from .settings import PREFIX, SPLITS, Settings, raw_name
 

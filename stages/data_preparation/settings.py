@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 PREFIX = "data_preparation"
 SPLITS = ("train", "dev")

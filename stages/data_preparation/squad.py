@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
-from launcher.errors import UserError
-from launcher.io import remove_stale_tmp, write_json, write_jsonl
+from stages.common.errors import UserError
+from stages.common.io import remove_stale_tmp, write_json, write_jsonl
 
 from .fetch import fetch_raw
 from .settings import PREFIX, SPLITS, Settings

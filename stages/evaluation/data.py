@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from launcher.errors import UserError
-from launcher.prompt_template import TaskTemplate
+from stages.common.errors import UserError
+from stages.engine.template import TaskTemplate
 
 from .settings import PREFIX
 

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
-from launcher.errors import UserError
-from launcher.io import remove_stale_tmp, write_json, write_jsonl, write_text
+from stages.common.errors import UserError
+from stages.common.io import remove_stale_tmp, write_json, write_jsonl, write_text
 from stages.host_memory import reuse_host_memory
 
 from .data import Example, TestSlice, check_examples, read_slice

@@ -7,8 +7,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from launcher.errors import UserError
-from launcher.prompt_template import parse_templates
+from stages.common.errors import UserError
+from stages.engine.template import parse_templates
 
 PREFIX = "evaluation"
 ARTIFACT_FILE = "artifact.json"

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from launcher.errors import UserError
-from launcher.io import atomic_dir, atomic_path, remove_stale_tmp, write_json
-from launcher.prompt_template import TaskTemplate, parse_templates
+from stages.common.errors import UserError
+from stages.common.io import atomic_dir, atomic_path, remove_stale_tmp, write_json
+from stages.engine.template import TaskTemplate, parse_templates
 
 from .export import engine_ids, write_exports
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from launcher.errors import UserError
-from launcher.prompt_template import Field, TaskTemplate, Virtual
+from stages.common.errors import UserError
+from stages.engine.template import Field, TaskTemplate, Virtual
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
-from launcher.io import atomic_path, write_json
-from launcher.prompt_template import TaskTemplate, Virtual
+from stages.common.io import atomic_path, write_json
+from stages.engine.template import TaskTemplate, Virtual
 
 from . import data as D
 from .family_seq2seq import SENTINEL   # the encoder input of the t5 family ends with it

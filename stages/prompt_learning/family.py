@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from launcher.prompt_template import TaskTemplate
+from stages.engine.template import TaskTemplate
 
 from . import data as D
 from . import shared_prefix as SP

@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from launcher.errors import UserError
-from launcher.prompt_template import TaskTemplate
+from stages.common.errors import UserError
+from stages.engine.template import TaskTemplate
 
 from . import data as D
 from .family import DecoderOnlyFamily

@@ -5,7 +5,7 @@ since the last checkpoint; the rerun resumes from ``last.ckpt`` and ends with th
 CPU, as an uninterrupted run. The pieces, wired in by ``train.py`` through :class:`FaultTolerance`:
 
 * :class:`AtomicCheckpointIO` writes every checkpoint to a hidden temporary file in the checkpoint folder,
-  fsyncs it and renames it over the target (``launcher.io.atomic_path``); before ``last.ckpt`` is replaced,
+  fsyncs it and renames it over the target (``stages.common.io.atomic_path``); before ``last.ckpt`` is replaced,
   the previous one is copied (atomically too) to ``last.prev.ckpt``. Lightning's own writer is
   not enough: it goes through an fsspec transaction that writes the temporary file into the *system* temp
   folder and then moves it, which across filesystems (``/tmp`` vs. a results mount) is a copy into the final
@@ -49,8 +49,8 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
-from launcher.errors import UserError
-from launcher.io import atomic_path, remove_stale_tmp
+from stages.common.errors import UserError
+from stages.common.io import atomic_path, remove_stale_tmp
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 
@@ -377,7 +377,7 @@ class LastCheckpoint(Checkpoint):
                           "loop would make no progress): raise run.time_limit or lower the lead time in "
                           "cluster.signal", name, what)
             elif marker:
-                from launcher.io import write_text
+                from stages.common.io import write_text
 
                 write_text(marker, f"{step}\n")
                 log.warning("%s: %s; the job script requeues the job, which resumes from it", name, what)

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from launcher.errors import UserError
-from launcher.prompt_template import TaskTemplate, parse_templates
+from stages.common.errors import UserError
+from stages.engine.template import TaskTemplate, parse_templates
 
 from . import data as D
 from .artifact import check_base, load_artifact

@@ -23,7 +23,7 @@ import os
 import shutil
 from typing import Any, Callable
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 

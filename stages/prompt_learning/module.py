@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Sampler
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 from .family import DecoderOnlyFamily
 from .prompts import PromptStore

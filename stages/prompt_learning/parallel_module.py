@@ -44,7 +44,7 @@ import torch.distributed as dist
 from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 from . import data as D
 from .module import PromptLearningModule, ResumableBatchSampler

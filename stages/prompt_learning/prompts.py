@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 INIT_METHODS = ("random", "text", "vocab", "file")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.io import atomic_path
+from stages.common.io import atomic_path
 
 
 def write_loss_curve(path: str | Path, history: dict[str, list[list[float]]], title: str = "prompt learning") -> Path:

@@ -51,7 +51,7 @@ def build(folder: str | Path, seed: int = 0, **overrides: Any) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from launcher.io import atomic_dir
+    from stages.common.io import atomic_dir
 
     folder = Path(folder)
     with atomic_dir(folder) as tmp:

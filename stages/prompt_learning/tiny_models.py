@@ -103,7 +103,7 @@ def build(family: str, folder: str | Path, seed: int = 0) -> Path:
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     folder = Path(folder)
-    from launcher.io import _umask, atomic_dir
+    from stages.common.io import _umask, atomic_dir
 
     with atomic_dir(folder) as tmp:
         tmp = Path(tmp)

@@ -12,9 +12,9 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.errors import UserError
-from launcher.io import write_json
-from launcher.prompt_template import parse_templates
+from stages.common.errors import UserError
+from stages.common.io import write_json
+from stages.engine.template import parse_templates
 from stages.host_memory import reuse_host_memory
 from stages.prompt_learning.layer_compile import check_setting as check_compile
 from stages.prompt_learning.layer_compile import compile_layers

@@ -14,7 +14,7 @@ Sizes: ``world = trainer.devices * trainer.num_nodes = TP * PP * DP``;
 API (everything the engine needs)
 ---------------------------------
 ``layout_from_config(cfg.model, world_size) -> ParallelLayout``
-    Pure-Python validation of the sizes; one-line :class:`launcher.errors.UserError` naming
+    Pure-Python validation of the sizes; one-line :class:`stages.common.errors.UserError` naming
     ``prompt_learning.model.tensor_model_parallel_size`` etc. Optional keys:
     ``model.pipeline_schedule`` ("1f1b" default | "gpipe"), ``model.sequence_parallel`` (false only).
 ``check_model_for_layout(hf_config, layout)``

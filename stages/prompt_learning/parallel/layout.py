@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 # Model families whose decoder layers are the Llama layout this package shards and splits:
 # ``model.embed_tokens / model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj} /

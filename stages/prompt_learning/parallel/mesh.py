@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 MESH_DIMS = ("pp", "dp", "tp")
 

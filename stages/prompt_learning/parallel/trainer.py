@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 from .layout import ParallelLayout, check_model_for_layout
 from .mesh import build_mesh

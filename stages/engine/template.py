@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 MARKER_RE = re.compile(r"<\|VIRTUAL_PROMPT_(\d+)\|>")
 FIELD_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -16,7 +16,7 @@ from typing import Callable, MutableMapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.errors import UserError
+from stages.common.errors import UserError
 
 log = logging.getLogger("promptlaunch")
 
