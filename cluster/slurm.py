@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 from omegaconf import OmegaConf
 
 from stages.common import io
+from stages.common.entry import SLURM_PORT_BASE, SLURM_PORT_SPAN
 from stages.common.errors import UserError
 from launcher.jobspec import JobSpec
 from launcher.render import check_env_names, comment, env_lines, env_names, header, join, q
@@ -169,7 +170,7 @@ class SlurmExecutor:
             "# rank, world size and local rank come from srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID);",
             "# the rendezvous address and port are the ones Lightning's SLURMEnvironment derives.",
             'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-            "export MASTER_ADDR MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000))",
+            f"export MASTER_ADDR MASTER_PORT=$(({SLURM_PORT_BASE} + SLURM_JOB_ID % {SLURM_PORT_SPAN}))",
         ]
         signal = dict(job.extra).get("signal")
         if not signal:

@@ -136,12 +136,13 @@ def tiny_llama(state_dict: dict | None = None, **overrides):
 def make_batch(seed: int, rows: int = GBS, seq: int = SEQ) -> dict[str, torch.Tensor]:
     """Virtual tokens first, then text; even rows right-padded, odd rows left-padded; a varying number
     of labelled "answer" tokens per row (so a mean of per-micro-batch means would be visibly wrong)."""
-    from stages.prompt_learning.parallel.model import IGNORE_INDEX, mark_virtual_tokens
+    from stages.prompt_learning.data import IGNORE
+    from stages.prompt_learning.parallel.model import mark_virtual_tokens
 
     g = torch.Generator().manual_seed(1000 + seed)
     ids = torch.zeros(rows, seq, dtype=torch.long)
     mask = torch.zeros(rows, seq, dtype=torch.long)
-    labels = torch.full((rows, seq), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((rows, seq), IGNORE, dtype=torch.long)
     virtual = torch.zeros(rows, seq, dtype=torch.bool)
     for r in range(rows):
         length = int(torch.randint(N_VIRTUAL + 3, seq + 1, (1,), generator=g))

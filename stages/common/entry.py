@@ -20,6 +20,10 @@ from stages.common.errors import UserError
 
 log = logging.getLogger("promptlaunch")
 
+# the rendezvous port of a Slurm job: SLURM_PORT_BASE + job id % SLURM_PORT_SPAN, what Lightning's SLURMEnvironment
+# derives; the Slurm executor renders the same formula into its scripts (cluster/slurm.py)
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 10000
+
 
 def load_stage_config(argv: Sequence[str] | None = None) -> DictConfig:
     """Parse ``--config PATH`` (plus optional ``key=value`` dotlist overrides) into a DictConfig."""
@@ -72,7 +76,7 @@ def init_distributed_env(environ: MutableMapping[str, str] | None = None) -> dic
         nodes = re.sub(r"\[(.*?)\]", r"\1", re.sub(r"\[(.*?)[,-].*\]", r"\1", nodes))  # node[3-5] -> node3
         addr = nodes.split(" ")[0].split(",")[0]
         job_id = env.get("SLURM_JOB_ID", "")
-        port = 15000 + int(job_id) % 10000 if job_id.isdigit() else 12910
+        port = SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN if job_id.isdigit() else 12910
     elif "OMPI_COMM_WORLD_RANK" in env:
         rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
         local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))

@@ -48,27 +48,16 @@ from stages.common.errors import UserError
 
 from . import data as D
 from .module import PromptLearningModule, ResumableBatchSampler
-from .parallel.layout import ParallelLayout, check_model_for_layout, layout_from_config
+from .parallel.layout import ParallelLayout, check_model_for_layout
 from .prompts import PromptStore
 
 log = logging.getLogger("promptlaunch.prompt_learning")
-IGNORE = D.IGNORE
 REAL_ROWS = "row_is_real"   # batch key added by PadCollate: False for the filler rows
 
 
 # ----------------------------------------------------------------------------------------------------------
 # config -> layout, and the checks that need the model config
 # ----------------------------------------------------------------------------------------------------------
-def world_size_of(cfg: Any) -> int:
-    tr = cfg.trainer
-    return int(tr.get("devices", 1) or 1) * int(tr.get("num_nodes", 1) or 1)
-
-
-def layout_for(cfg: Any) -> ParallelLayout:
-    """The TP x PP x DP layout of the stage (one-line UserError naming ``model.*`` / ``trainer.*`` keys)."""
-    return layout_from_config(cfg.model, world_size_of(cfg), prefix="")
-
-
 def use_parallel_path(layout: ParallelLayout) -> bool:
     return layout.world_size > 1 or layout.is_model_parallel
 
@@ -136,7 +125,7 @@ class StoreTable(nn.Module):
 
 def _count(labels: torch.Tensor) -> torch.Tensor:
     """Tokens the decoder-only loss scores (labels are shifted inside the loss)."""
-    return (labels[:, 1:] != IGNORE).sum()
+    return (labels[:, 1:] != D.IGNORE).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,7 +284,7 @@ class PadCollate:
         fill = examples[0] if examples else self.filler
         batch = self.collate(examples + [dataclasses.replace(fill)] * (self.rows - real))
         if real < self.rows:
-            batch["labels"][real:] = IGNORE
+            batch["labels"][real:] = D.IGNORE
         batch[REAL_ROWS] = torch.arange(self.rows) < real
         return batch
 

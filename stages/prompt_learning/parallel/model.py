@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from ..data import IGNORE
+
 
 
 class SoftPrompt(nn.Module):
@@ -78,13 +79,13 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits[:, :-1, :].float()
     target = labels[:, 1:].to(logits.device)
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
 
 
 def count_labelled(labels: torch.Tensor) -> torch.Tensor:
     """Number of tokens :func:`lm_loss_sum` scores (after the shift)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
+    return (labels[:, 1:] != IGNORE).sum()
 
 
 def embed_with_prompt(embed_tokens: nn.Module, prompt_table: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -158,12 +159,6 @@ class PromptedLlamaStage(nn.Module):
             assert self.norm is not None and self.lm_head is not None
             return self.lm_head(self.norm(h))
         return h
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def reference_loss(model: nn.Module, prompt: nn.Module, batch: dict) -> torch.Tensor:

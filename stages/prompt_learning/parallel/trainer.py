@@ -12,13 +12,13 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from stages.common.errors import UserError
 
+from ..data import IGNORE
+from ..model_source import freeze
 from .layout import ParallelLayout, check_model_for_layout
 from .mesh import build_mesh
 from .model import (
-    IGNORE_INDEX,
     PromptedLlamaStage,
     count_labelled,
-    freeze,
     lm_loss_sum,
     position_ids_from_mask,
     split_layers,
@@ -95,7 +95,7 @@ class ParallelPromptTrainer:
             self._pp_group = self._dp_group = None
 
         # --- this rank's stage ---
-        freeze(model).eval()
+        freeze(model)   # also eval()
         n_layers = model.config.num_hidden_layers
         ranges = split_layers(n_layers, layout.pp)
         mine = ranges[self.pp_rank]
@@ -168,7 +168,7 @@ class ParallelPromptTrainer:
                 extra = self.pad_to - s
                 ids = torch.nn.functional.pad(ids, (0, extra), value=0)
                 mask = torch.nn.functional.pad(mask, (0, extra), value=0)
-                labels = torch.nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
+                labels = torch.nn.functional.pad(labels, (0, extra), value=IGNORE)
         pos = batch.get("position_ids")
         if pos is None:
             pos = position_ids_from_mask(mask)
