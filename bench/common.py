@@ -155,7 +155,7 @@ class Setup:
 
     model: Any
     tokenizer: Any
-    info: Any                      # stages.prompt_learning.data.TokenizerInfo
+    info: Any                      # stages.engine.examples.TokenizerInfo
     template: Any                  # stages.engine.template.TaskTemplate
     family: Any                    # DecoderOnlyFamily
     model_path: str
@@ -210,9 +210,9 @@ def load_setup(model_path: str = DEFAULT_MODEL, attn: str | None = "eager", conf
     """Load the base model exactly as the prompt_learning stage does (resolve -> fp32, frozen, attention
     implementation of the CPU config) and the first task template of ``config`` (or ``templates``)."""
     from stages.engine.template import parse_templates
-    from stages.prompt_learning import data as D
-    from stages.prompt_learning.family import family_for
-    from stages.prompt_learning.model_source import load_tokenizer, resolve
+    from stages.engine import examples as D
+    from stages.engine.family import family_for
+    from stages.engine.base_model import load_tokenizer, resolve
     from stages.prompt_learning.train import load_base_model
 
     task_templates, init_text, lr = default_task(config)
@@ -230,11 +230,11 @@ def load_setup(model_path: str = DEFAULT_MODEL, attn: str | None = "eager", conf
 def prompt_table(setup: Setup, *, init: str = "text", seed: int = 1234, artifact: str | None = None) -> Any:
     """The [virtual tokens, hidden] prompt table both sides start from: a trained one from a prompt artifact, or
     the engine's own initialiser (``init``: text = the CPU config's init sentence, random = seeded Gaussian)."""
-    from stages.prompt_learning.prompts import init_table
+    from stages.engine.prompts import init_table
 
     n = setup.template.total_virtual_tokens
     if artifact:
-        from stages.prompt_learning.artifact import load_artifact
+        from stages.engine.artifact import load_artifact
 
         _, templates, tables = load_artifact(artifact, "--artifact")
         if setup.template.taskname not in tables:
@@ -253,7 +253,7 @@ def prompt_table(setup: Setup, *, init: str = "text", seed: int = 1234, artifact
 
 def prompt_store(setup: Setup, table: Any, *, trainable: bool) -> Any:
     """The engine's PromptStore holding ``table`` (trainable for training, frozen for generation)."""
-    from stages.prompt_learning.prompts import PromptStore
+    from stages.engine.prompts import PromptStore
 
     store = PromptStore([setup.template.taskname], int(table.shape[1]))
     (store.add_table if trainable else store.add_frozen)(setup.template.taskname, table)
@@ -280,7 +280,7 @@ def peft_prompt_model(setup: Setup, table: Any) -> Any:
 def check_peft_layout(setup: Setup) -> None:
     """PEFT prompt tuning can only express templates whose virtual tokens all come first, with no BOS before them
     (the export's own rule, ``export.peft_exact``); anything else would compare different token sequences."""
-    from stages.prompt_learning.export import peft_exact
+    from stages.engine.export import peft_exact
 
     exact, why = peft_exact(setup.template, setup.info)
     if not exact:

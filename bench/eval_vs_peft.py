@@ -54,7 +54,7 @@ def default_lookup() -> tuple[int, int | None]:
 
 def prompted_model(setup: C.Setup, table: Any) -> Any:
     """The evaluation stage's generation object around the shared frozen model and a frozen prompt table."""
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     store = C.prompt_store(setup, table, trainable=False).eval()
     info = {"family": setup.family.name, "language_model_path": setup.model_path, "artifact_path": None}

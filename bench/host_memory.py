@@ -38,7 +38,7 @@ def child(args: Any) -> dict[str, Any]:
     import torch
 
     import train_vs_peft as T
-    from stages.prompt_learning import data as D
+    from stages.engine import examples as D
 
     torch.manual_seed(args.seed)
     setup = C.setup_from_args(args)

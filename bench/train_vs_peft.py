@@ -47,7 +47,7 @@ def peft_batch(examples: Sequence[Any], pad_id: int) -> dict[str, Any]:
     prepends its own virtual tokens and ignores them in the loss), right-padded like ours."""
     import torch
 
-    from stages.prompt_learning.data import IGNORE
+    from stages.engine.examples import IGNORE
 
     cut = [C.without_virtual(e.input_ids, e.virtual_index, e.labels) for e in examples]
     n = max(len(ids) for ids, _ in cut)
@@ -62,7 +62,7 @@ def bucketed_batches(examples: list[Any], batch_size: int, seed: int = 0) -> lis
     """The same examples batched as the engine's training sampler does with ``length_bucketing`` and
     ``share_prefix`` (``batching.BucketBatchSampler``: whole paragraphs, similar lengths together)."""
     from stages.prompt_learning.batching import BucketBatchSampler
-    from stages.prompt_learning.data import prefix_groups
+    from stages.engine.examples import prefix_groups
 
     sampler = BucketBatchSampler(len(examples), batch_size, shuffle=True, seed=seed, epoch_fn=lambda: 0,
                                  lengths=[len(e.input_ids) for e in examples], groups=prefix_groups(examples))
@@ -148,7 +148,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         max_seq_length: int = 384, tol: float = 1e-4, measure_peak: bool = True, peak_repeats: int = 5,
         compile_plain: bool = True) -> dict[str, Any]:
     """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
-    from stages.prompt_learning import data as D
+    from stages.engine import examples as D
 
     fam, tpl, info = setup.family, setup.template, setup.info
     examples = build_examples(setup, batch_records, max_seq_length)

@@ -136,7 +136,7 @@ def tiny_llama(state_dict: dict | None = None, **overrides):
 def make_batch(seed: int, rows: int = GBS, seq: int = SEQ) -> dict[str, torch.Tensor]:
     """Virtual tokens first, then text; even rows right-padded, odd rows left-padded; a varying number
     of labelled "answer" tokens per row (so a mean of per-micro-batch means would be visibly wrong)."""
-    from stages.prompt_learning.data import IGNORE
+    from stages.engine.examples import IGNORE
     from stages.prompt_learning.parallel.model import mark_virtual_tokens
 
     g = torch.Generator().manual_seed(1000 + seed)

@@ -49,7 +49,8 @@ def main(argv: list[str]) -> None:
 
     import torch
 
-    from stages.prompt_learning import artifact, fault
+    from stages.engine import artifact
+    from stages.prompt_learning import fault
 
     steps = {"n": 0}
     for cls in (torch.optim.Adam, torch.optim.AdamW):

@@ -123,7 +123,7 @@ def test_checkpoint_save_interrupted_keeps_the_previous_last_ckpt(tmp_path, monk
 def test_artifact_write_interrupted_keeps_the_previous_artifact(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from stages.engine.template import parse_templates
-    from stages.prompt_learning import artifact
+    from stages.engine import artifact
     from tests.test_prompt_learning import SQUAD_T
 
     templates = parse_templates([SQUAD_T])

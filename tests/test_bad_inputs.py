@@ -86,7 +86,7 @@ def _model_copy(tmp: Path, tiny: str, name: str) -> Path:
 
 def _artifact_of_another_model(tmp: Path) -> Path:
     from stages.engine.template import parse_templates
-    from stages.prompt_learning.artifact import save_artifact
+    from stages.engine.artifact import save_artifact
 
     return save_artifact(tmp / "foreign_artifact", tables={"squad": torch.zeros(4, 48)}, templates=parse_templates([SQUAD_T]),
                          style="prompt-tuning", add_eos=True, max_seq_length=128, training={},

@@ -1,4 +1,4 @@
-"""Greedy decoding (stages/prompt_learning/decoding.py): finished rows leaving the batch and prompt-lookup drafts
+"""Greedy decoding (stages/engine/decoding.py): finished rows leaving the batch and prompt-lookup drafts
 give exactly the tokens of a naive one-token-at-a-time loop without any cache, row by row, on the tiny random
 Llama (eager and sdpa), with and without shared prefixes, virtual tokens, stop rules and the token limit."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from stages.common.errors import UserError  # noqa: E402
-from stages.prompt_learning import data as D  # noqa: E402
-from stages.prompt_learning.decoding import draft_from  # noqa: E402
-from stages.prompt_learning.family import DecoderOnlyFamily  # noqa: E402
+from stages.engine import examples as D  # noqa: E402
+from stages.engine.decoding import draft_from  # noqa: E402
+from stages.engine.family import DecoderOnlyFamily  # noqa: E402
 from tests.test_prompt_learning import SENT_T, SQUAD_T, tiny  # noqa: E402,F401
 from tests.test_shared_prefix import load_model, paragraph_records, prompted  # noqa: E402
 
@@ -162,7 +162,7 @@ def test_prompt_lookup_num_tokens_is_checked(tiny):
 
 
 def test_only_the_decoder_only_family_drafts():
-    from stages.prompt_learning.family_seq2seq import EncoderDecoderFamily
+    from stages.engine.family.t5 import EncoderDecoderFamily
 
     assert DecoderOnlyFamily.prompt_lookup and not EncoderDecoderFamily.prompt_lookup
 

@@ -34,8 +34,8 @@ def save_tiny_artifact(folder: Path, model_dir: Path) -> Path:
     """A prompt artifact for the tiny model written by the engine's own save_artifact (random table, scale 1)."""
     import torch
 
-    from stages.prompt_learning.artifact import base_info, save_artifact
-    from stages.prompt_learning.model_source import fingerprint, load_model
+    from stages.engine.artifact import base_info, save_artifact
+    from stages.engine.base_model import fingerprint, load_model
 
     model = load_model(str(model_dir))
     fp = fingerprint(model)
@@ -47,7 +47,7 @@ def save_tiny_artifact(folder: Path, model_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pytest.importorskip("stages.prompt_learning.inference", reason="the engine (stages/prompt_learning/inference.py) is not there yet")
+    pytest.importorskip("stages.engine.prompted_model", reason="the engine (stages/engine/prompted_model.py) is not there yet")
     root = tmp_path_factory.mktemp("tiny")
     recs = squad_records()
     model_dir = make_model_dir(root / "tiny_llama")
@@ -78,7 +78,7 @@ def run_entry(cfg, path: Path) -> subprocess.CompletedProcess:
 
 def test_entry_file_end_to_end(tiny, tmp_path):
     from stages.evaluation.metrics import score
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     results = tmp_path / "results"
     proc = run_entry(stage_cfg(results, tiny), tmp_path / "eval_prompt_squad_tiny_hydra.yaml")

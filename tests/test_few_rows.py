@@ -1,4 +1,4 @@
-"""Few-row linear layers (stages/prompt_learning/few_rows.py): the same outputs as nn.Linear, only for passes of
+"""Few-row linear layers (stages/engine/few_rows.py): the same outputs as nn.Linear, only for passes of
 few rows, only while the block is open, and used by generation."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ pytest.importorskip("transformers")
 
 from torch import nn  # noqa: E402
 
-from stages.prompt_learning import few_rows as FR  # noqa: E402
-from stages.prompt_learning.family import DecoderOnlyFamily  # noqa: E402
+from stages.engine import few_rows as FR  # noqa: E402
+from stages.engine.family import DecoderOnlyFamily  # noqa: E402
 from tests.test_decoding import squad_rows  # noqa: E402
 from tests.test_prompt_learning import SQUAD_T, tiny  # noqa: E402,F401
 from tests.test_shared_prefix import paragraph_records, prompted  # noqa: E402
@@ -72,5 +72,5 @@ def test_generation_uses_it_and_answers_are_unchanged(tiny, monkeypatch):  # noq
     monkeypatch.setattr(FR, "linear_few_rows", lambda m, k, x: used.append(x.numel() // x.shape[-1]) or real(m, k, x))
     with_kernel = fam.generate(pm.model, pm.store, rows, **common)
     assert used and min(used) <= FR.MAX_ROWS
-    monkeypatch.setattr("stages.prompt_learning.family.few_row_linears", lambda model: FR.few_row_linears(model, max_rows=0))
+    monkeypatch.setattr("stages.engine.family.gpt.few_row_linears", lambda model: FR.few_row_linears(model, max_rows=0))
     assert fam.generate(pm.model, pm.store, rows, **common) == with_kernel

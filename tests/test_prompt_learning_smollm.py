@@ -21,8 +21,8 @@ def test_smollm2_gguf_train_two_steps_and_generate(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from stages.prompt_learning.inference import PromptedModel
-    from stages.prompt_learning.model_source import resolve
+    from stages.engine.prompted_model import PromptedModel
+    from stages.engine.base_model import resolve
     from tests.test_prompt_learning import make_cfg, squad_records, write_jsonl
 
     folder = Path(resolve("embedded:smollm2-135m-instruct").location)
@@ -73,7 +73,7 @@ def test_smollm2_peft_export_gives_the_engine_answers(smollm_artifact, squad_v11
     """On the real SmolLM2 and real SQuAD dev questions: PeftModel.from_pretrained on export/peft/squad, the text of
     promptlaunch_input.json tokenised whole, greedy through PEFT's generate (``generate``) or a cache-free loop over
     its forward pass (``loop``) = the engine's answers. A failure of ``generate`` alone is PEFT's generation path."""
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
     from tests import peft_handoff as H
 
     spec = H.input_spec(smollm_artifact / "export/peft/squad")

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from stages.common.errors import UserError  # noqa: E402
 from stages.engine.template import parse_template  # noqa: E402
-from stages.prompt_learning import data as D  # noqa: E402
+from stages.engine import examples as D  # noqa: E402
 from tests.test_prompt_learning import SENT_T, check_two_task_incremental, make_cfg, make_model_dir, make_tokenizer, tables, train, write_jsonl  # noqa: E402
 from tests import test_prompt_learning as tp  # noqa: E402
 
@@ -70,7 +70,7 @@ def t5tok(tiny_t5):
 def family_of(model_dir: str):
     from transformers import AutoConfig, AutoTokenizer
 
-    from stages.prompt_learning.family import family_for
+    from stages.engine.family import family_for
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return family_for(AutoConfig.from_pretrained(model_dir), tok), D.TokenizerInfo(tok)
@@ -196,7 +196,7 @@ def test_markers_in_the_middle_and_truncation_of_the_encoder_only(tiny_t5, t5tok
 def test_tokenizer_without_sentinel_is_a_clear_error(tiny_t5):
     from transformers import AutoConfig
 
-    from stages.prompt_learning.family import family_for
+    from stages.engine.family import family_for
 
     with pytest.raises(UserError, match=r"model\.language_model_path: the model is encoder-decoder but its tokenizer has no sentinel token <extra_id_0>"):
         family_for(AutoConfig.from_pretrained(tiny_t5), make_tokenizer())
@@ -230,8 +230,8 @@ def train_qa(tmp_path: Path, model_dir: str, callbacks=()):
 def test_soft_prompt_alone_memorises_a_toy_mapping(tmp_path, which, tiny_t5, tiny_mt5):
     import pytorch_lightning as pl
 
-    from stages.prompt_learning.inference import PromptedModel
-    from stages.prompt_learning.model_source import load_model
+    from stages.engine.prompted_model import PromptedModel
+    from stages.engine.base_model import load_model
 
     model_dir = tiny_t5 if which == "t5" else tiny_mt5
     hashes = {}
@@ -273,7 +273,7 @@ def trained_t5(tmp_path_factory, tiny_t5):
 def test_artifact_records_family_fingerprint_and_exports(trained_t5, tiny_t5):
     import numpy as np
 
-    from stages.prompt_learning.model_source import fingerprint, load_model
+    from stages.engine.base_model import fingerprint, load_model
 
     cfg, summary = trained_t5
     art = Path(cfg.model.artifact_path)
@@ -294,7 +294,7 @@ def test_peft_seq2seq_adapter_gives_the_same_logits(trained_t5, tiny_t5, t5tok):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForSeq2SeqLM
 
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     art = Path(trained_t5[0].model.artifact_path)
     pm = PromptedModel.load(str(art))
@@ -312,7 +312,7 @@ def test_peft_seq2seq_adapter_gives_the_same_logits(trained_t5, tiny_t5, t5tok):
 
 
 def test_batched_greedy_equals_unbatched_and_errors(trained_t5):
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     pm = PromptedModel.load(trained_t5[0].model.artifact_path)
     recs = squad_records(5, seed=11)
@@ -329,7 +329,7 @@ def test_batched_greedy_equals_unbatched_and_errors(trained_t5):
 
 def test_generation_strips_leading_sentinel_and_stops_at_next(trained_t5, monkeypatch):
     """Scripted decoder: <extra_id_0> ▁Paris <extra_id_1> ... -> 'Paris'; budget excludes the leading sentinel."""
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     pm = PromptedModel.load(trained_t5[0].model.artifact_path)
     tok = pm.tokenizer
@@ -365,7 +365,7 @@ def test_generation_strips_leading_sentinel_and_stops_at_next(trained_t5, monkey
 def test_p_tuning_table_equals_encoder_output_t5(tmp_path, tiny_t5):
     import pytorch_lightning as pl
 
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     fam, info = family_of(tiny_t5)
     captured = {}
@@ -406,7 +406,7 @@ def gpt_artifact(tmp_path_factory):
 
 
 def test_artifact_of_another_family_is_a_clear_user_error(gpt_artifact, trained_t5, tiny_t5, tmp_path):
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     gpt_art, gpt_model = gpt_artifact
     with pytest.raises(UserError, match=rf"artifact {gpt_art} holds prompts for a gpt \(decoder-only\) model .*, but language_model_path "
@@ -433,7 +433,7 @@ def qa_t5(tmp_path_factory, tiny_t5):
 def _t5_handoff(cfg, tiny_t5, records, adapter=None):
     """(engine answers, {decoder: PEFT answers}, input spec): PeftModel.from_pretrained on the export, the text and
     tokenizer call of promptlaunch_input.json, greedy through PEFT's generate and through a cache-free loop."""
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
     from tests import peft_handoff as H
 
     art = Path(cfg.model.artifact_path)

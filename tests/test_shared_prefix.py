@@ -13,10 +13,10 @@ pytest.importorskip("transformers")
 
 from stages.common.errors import UserError  # noqa: E402
 from stages.engine.template import parse_template, parse_templates  # noqa: E402
-from stages.prompt_learning import data as D  # noqa: E402
+from stages.engine import examples as D  # noqa: E402
 from stages.prompt_learning.batching import BucketBatchSampler  # noqa: E402
-from stages.prompt_learning.family import DecoderOnlyFamily  # noqa: E402
-from stages.prompt_learning.prompts import PromptStore  # noqa: E402
+from stages.engine.family import DecoderOnlyFamily  # noqa: E402
+from stages.engine.prompts import PromptStore  # noqa: E402
 from tests.test_prompt_learning import (SENT_T, SQUAD_T, make_cfg, make_tokenizer, tables, tiny, train,  # noqa: E402,F401
                                         write_jsonl)
 
@@ -304,7 +304,7 @@ def test_launcher_checks_types_and_the_stage_falls_back_where_sharing_cannot_app
     from omegaconf import OmegaConf
 
     from launcher.validate import _check_batching
-    from stages.prompt_learning.family_seq2seq import EncoderDecoderFamily
+    from stages.engine.family.t5 import EncoderDecoderFamily
     from stages.prompt_learning.train import _batching_options
 
     _check_batching(OmegaConf.create({"model": {"data": {"share_prefix": True, "length_bucketing": False}}}))
@@ -321,8 +321,8 @@ def test_launcher_checks_types_and_the_stage_falls_back_where_sharing_cannot_app
 # ---- 4. shared-context prefixes: generation ----------------------------------------------------------------
 
 def prompted(model_dir: str, templates: list[dict], seed: int = 0):
-    from stages.prompt_learning.inference import PromptedModel
-    from stages.prompt_learning.model_source import load_model as load, load_tokenizer
+    from stages.engine.prompted_model import PromptedModel
+    from stages.engine.base_model import load_model as load, load_tokenizer
 
     model = load(model_dir)
     tok = load_tokenizer(model_dir)
@@ -337,7 +337,7 @@ def prompted(model_dir: str, templates: list[dict], seed: int = 0):
 
 def test_shared_prefill_logits_equal_plain(tiny):
     """The first decoding step sees the same logits (float rounding aside) with and without the shared prefill."""
-    from stages.prompt_learning import shared_prefix as SP
+    from stages.engine import shared_prefix as SP
 
     pm = prompted(tiny, [SQUAD_T])
     tpl = pm.templates["squad"]
@@ -360,7 +360,7 @@ def test_prefixes_of_very_different_lengths_run_in_separate_passes(tiny, monkeyp
     """Packed sequences ([prefix] [suffixes of its questions]) whose padding would cost more than 15 % run in
     separate passes (``length_groups``); the cache gathered from them gives the plain prefill's logits and the same
     answers."""
-    from stages.prompt_learning import shared_prefix as SP
+    from stages.engine import shared_prefix as SP
 
     assert SP.length_groups([266, 206, 129]) == [[0, 1], [2]]          # 266 and 206 together, 129 alone
     assert SP.length_groups([100, 98, 95, 50, 49, 10]) == [[0, 1, 2], [3, 4], [5]]
@@ -412,7 +412,7 @@ def test_shared_generation_identical_predictions(tiny, use_virtual):
 
 
 def test_shared_chunks_keep_paragraphs_together():
-    from stages.prompt_learning.inference import shared_chunks
+    from stages.engine.prompted_model import shared_chunks
 
     rows = [([1, 2, 3, 10 + i], [-1] * 4, 0) for i in range(5)] + [([4, 5, 20 + i], [-1] * 3, 0) for i in range(3)]
     chunks = shared_chunks(rows, [3] * 5 + [2] * 3, 4)
@@ -423,6 +423,6 @@ def test_shared_chunks_keep_paragraphs_together():
 
 
 def test_only_the_decoder_only_family_shares_prefixes():
-    from stages.prompt_learning.family_seq2seq import EncoderDecoderFamily
+    from stages.engine.family.t5 import EncoderDecoderFamily
 
     assert DecoderOnlyFamily.shares_prefix and not EncoderDecoderFamily.shares_prefix

@@ -31,9 +31,9 @@ def dev_file(squad_v11_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def smollm():
     from stages.engine.template import parse_templates
-    from stages.prompt_learning.inference import PromptedModel
-    from stages.prompt_learning.model_source import load_model, load_tokenizer, resolve
-    from stages.prompt_learning.prompts import PromptStore, init_table
+    from stages.engine.prompted_model import PromptedModel
+    from stages.engine.base_model import load_model, load_tokenizer, resolve
+    from stages.engine.prompts import PromptStore, init_table
 
     folder = resolve("embedded:smollm2-135m-instruct").location
     model = load_model(folder, None)
@@ -60,8 +60,8 @@ def dev_records(dev: Path, paragraphs: int, per: int) -> list[dict]:
 
 
 def test_smollm2_shared_training_loss_and_gradient_equal_plain(smollm, dev_file):
-    from stages.prompt_learning import data as D
-    from stages.prompt_learning.family import DecoderOnlyFamily
+    from stages.engine import examples as D
+    from stages.engine.family import DecoderOnlyFamily
 
     recs = dev_records(dev_file, 3, 4)
     tpl = smollm.templates["squad"]

@@ -1,4 +1,15 @@
-"""The prompted-model library under the stages (issue 18 moves it here piece by piece from stages/prompt_learning).
+"""The prompted-model engine: the library under the stages. Evaluation and the benches import it, never the
+training stage; it imports nothing of the stages above it (only ``stages.common``).
 
-    template.py  NeMo-style task templates: parsing and checking ``<|VIRTUAL_PROMPT_n|>`` markers and fields
+    template.py        NeMo-style task templates: ``<|VIRTUAL_PROMPT_n|>`` markers and fields, checked
+    examples.py        records -> token examples with virtual slots; collation (plain and shared-prefix batches)
+    prompts.py         the prompt store (one table per task; prompt tuning and the p-tuning encoder)
+    base_model.py      base model loading: HF folders, hub ids, GGUF converted once; fingerprints; freezing
+    family/            model-family adapters (``gpt.py``, ``t5.py``) behind the ``Family`` protocol; ``family_for``
+    shared_prefix.py   shared-context prefixes run once per batch (training loss and generation prefill)
+    decoding.py        greedy decoding with prompt lookup
+    few_rows.py        the few-row linear kernel for decoding passes
+    artifact.py        the prompt artifact: save, load, check against the base model
+    export.py          exports for other tools (numpy, PEFT) and what to feed them
+    prompted_model.py  ``PromptedModel``: a frozen base model + tuned prompts, batched greedy answers
 """

@@ -58,7 +58,7 @@ class Run:
 
 def load_prompted_model(s: Settings) -> Any:
     """The engine's PromptedModel: tuned (from the artifact) or the untuned baseline (templates from config)."""
-    from stages.prompt_learning.inference import PromptedModel
+    from stages.engine.prompted_model import PromptedModel
 
     try:
         if s.baseline_only:

@@ -12,8 +12,8 @@ from torch.utils.data import Sampler
 
 from stages.common.errors import UserError
 
-from .family import DecoderOnlyFamily
-from .prompts import PromptStore
+from stages.engine.family import DecoderOnlyFamily
+from stages.engine.prompts import PromptStore
 
 BASE_PREFIX = "base_model."
 log = logging.getLogger("promptlaunch.prompt_learning")

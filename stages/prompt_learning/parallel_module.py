@@ -46,10 +46,10 @@ from torch import nn
 
 from stages.common.errors import UserError
 
-from . import data as D
+from stages.engine import examples as D
 from .module import PromptLearningModule, ResumableBatchSampler
 from .parallel.layout import ParallelLayout, check_model_for_layout
-from .prompts import PromptStore
+from stages.engine.prompts import PromptStore
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 REAL_ROWS = "row_is_real"   # batch key added by PadCollate: False for the filler rows

@@ -52,7 +52,7 @@ def batch_plan_layout(cfg: DictConfig) -> Any:
 def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
     """Run prompt learning; returns a summary dict (also written to <log_dir>/prompt_learning_summary.json)."""
     t_start = time.monotonic()
-    from . import data as D
+    from stages.engine import examples as D
 
 
     import warnings
@@ -96,19 +96,19 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     import torch
     from torch.utils.data import DataLoader
 
-    from .artifact import base_info, check_base, load_artifact, save_artifact
-    from .export import input_spec
-    from .family import family_for
-    from .model_source import fingerprint, resolve
+    from stages.engine.artifact import base_info, check_base, load_artifact, save_artifact
+    from stages.engine.export import input_spec
+    from stages.engine.family import family_for
+    from stages.engine.base_model import fingerprint, resolve
     from .module import PromptLearningModule, ResumableBatchSampler
-    from .prompts import PromptStore, build_new
+    from stages.engine.prompts import PromptStore, build_new
     from .report import write_loss_curve
 
     pl.seed_everything(seed, workers=True, verbose=False)
 
     # ---- base model --------------------------------------------------------------------------
     resolved = resolve(m.get("language_model_path"), "model.language_model_path")
-    from .model_source import load_tokenizer
+    from stages.engine.base_model import load_tokenizer
 
     tokenizer = load_tokenizer(resolved.location)
     parallel = None
@@ -305,7 +305,7 @@ def load_base_model(location: str, attn_implementation: str | None) -> Any:
     import torch
     import transformers
 
-    from .model_source import auto_class_for, freeze, load_model
+    from stages.engine.base_model import auto_class_for, freeze, load_model
 
     auto_class = auto_class_for(location)   # AutoModelForCausalLM, or AutoModelForSeq2SeqLM for T5/mT5
     if not attn_implementation:

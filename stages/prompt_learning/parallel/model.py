@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IGNORE
+from stages.engine.examples import IGNORE
 
 
 

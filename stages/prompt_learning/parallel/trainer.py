@@ -12,8 +12,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from stages.common.errors import UserError
 
-from ..data import IGNORE
-from ..model_source import freeze
+from stages.engine.examples import IGNORE
+from stages.engine.base_model import freeze
 from .layout import ParallelLayout, check_model_for_layout
 from .mesh import build_mesh
 from .model import (

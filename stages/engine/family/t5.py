@@ -1,6 +1,6 @@
 """Encoder-decoder adapter ("t5"): prompt learning for a frozen ``AutoModelForSeq2SeqLM`` (T5, T5 v1.1, mT5, ...).
 
-Same interface as ``family.DecoderOnlyFamily``; the trainer, ``PromptedModel`` and the evaluation stage do not
+Same interface as ``family.gpt.DecoderOnlyFamily`` (the ``Family`` protocol); the trainer, ``PromptedModel`` and the evaluation stage do not
 branch on the family. The data follow T5's span-corruption pretraining convention, as NeMo does::
 
     encoder input  = the template up to {answer} (virtual tokens at its markers) + <extra_id_0>
@@ -13,7 +13,7 @@ branch on the family. The data follow T5's span-corruption pretraining conventio
 Details:
   * Virtual positions of the encoder input get the task's prompt rows (``inputs_embeds``), exactly like the
     decoder-only family; nothing is added to the decoder.
-  * Each template piece is tokenised on its own, without special tokens (as in ``data.py``); the sentinel is
+  * Each template piece is tokenised on its own, without special tokens (as in ``examples.py``); the sentinel is
     the id of ``<extra_id_0>`` in the model's tokenizer (UserError if it has none). No EOS follows the sentinel.
   * ``model.data.max_seq_length`` limits the encoder input (virtual tokens + text + sentinel); only the
     template's ``truncate_field`` is cut (from its end); an example that still does not fit is dropped. The
@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from stages.common.errors import UserError
 from stages.engine.template import TaskTemplate
 
-from . import data as D
-from .family import DecoderOnlyFamily
-from .prompts import PromptStore
+from .. import examples as D
+from ..prompts import PromptStore, embed_inputs
 
 SENTINEL = "<extra_id_0>"
 _SENTINEL_RE = re.compile(r"^<extra_id_\d+>$")
@@ -55,11 +54,12 @@ def sentinel_ids(tokenizer: Any, key: str = "model.language_model_path") -> tupl
     return int(vocab[SENTINEL]), {int(i) for t, i in vocab.items() if _SENTINEL_RE.match(t)}
 
 
-class EncoderDecoderFamily(DecoderOnlyFamily):
+class EncoderDecoderFamily:
     name = "t5"
     auto_class = "AutoModelForSeq2SeqLM"
     shares_prefix = False   # the encoder is bidirectional: a prefix's states depend on what follows it
     prompt_lookup = False   # its own one-token decoding loop (drafts from the encoder input are not built)
+    embed = staticmethod(embed_inputs)
 
     def __init__(self, tokenizer: Any = None) -> None:
         self.sentinel: int | None = None

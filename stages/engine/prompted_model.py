@@ -16,10 +16,10 @@ import torch
 from stages.common.errors import UserError
 from stages.engine.template import TaskTemplate, parse_templates
 
-from . import data as D
+from . import examples as D
 from .artifact import check_base, load_artifact
 from .family import family_for
-from .model_source import fingerprint, load_model, load_tokenizer, resolve
+from .base_model import fingerprint, load_model, load_tokenizer, resolve
 from .prompts import PromptStore
 
 log = logging.getLogger("promptlaunch.prompt_learning")

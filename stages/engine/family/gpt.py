@@ -1,9 +1,5 @@
-"""Model-family adapters: the seam between the engine and one kind of Hugging Face model.
-
-An adapter says how examples and prompts are built, how the training loss is computed and how greedy
-generation runs. ``DecoderOnlyFamily`` ("gpt") covers causal LMs (Llama, GPT-2, ...). An encoder-decoder
-adapter ("t5": T5/mT5 via AutoModelForSeq2SeqLM, virtual rows in the encoder input, answer as decoder labels)
-lives in ``family_seq2seq.py`` with the same interface; ``family_for`` picks one from the model config.
+"""The decoder-only family ("gpt"): causal LMs (Llama, GPT-2, ...) with virtual rows in the input, loss on the
+answer tokens, greedy generation with shared prefixes and prompt lookup.
 """
 from __future__ import annotations
 
@@ -14,11 +10,11 @@ import torch.nn.functional as F
 
 from stages.engine.template import TaskTemplate
 
-from . import data as D
-from . import shared_prefix as SP
-from .decoding import greedy_decode
-from .few_rows import few_row_linears
-from .prompts import PromptStore
+from .. import examples as D
+from .. import shared_prefix as SP
+from ..decoding import greedy_decode
+from ..few_rows import few_row_linears
+from ..prompts import PromptStore, embed_inputs
 
 
 class DecoderOnlyFamily:
@@ -39,18 +35,12 @@ class DecoderOnlyFamily:
         return D.collate(examples, task_ids, pad_id)
 
     # ---- training -------------------------------------------------------------------------------
-    @staticmethod
-    def embed(model: Any, store: PromptStore | None, input_ids: torch.Tensor, virtual_index: torch.Tensor,
-              task_ids: torch.Tensor) -> torch.Tensor:
-        emb = model.get_input_embeddings()
-        if store is None:
-            return emb(input_ids)
-        return store.embed(emb, input_ids, virtual_index, task_ids)
+    embed = staticmethod(embed_inputs)
 
     def loss(self, model: Any, store: PromptStore, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token cross-entropies, number of label tokens); logits only where there are labels.
 
-        Accepts a plain ``data.collate`` batch or a ``data.collate_shared`` one (each distinct prefix run once;
+        Accepts a plain ``examples.collate`` batch or a ``examples.collate_shared`` one (each distinct prefix run once;
         same loss and prompt gradient up to float rounding, see shared_prefix.py)."""
         if SP.is_shared(batch):
             return SP.shared_loss(self, model, store, batch)
@@ -80,7 +70,7 @@ class DecoderOnlyFamily:
         rows: (input_ids, virtual_index, task_id). Pads come first, then [virtual + text] in template order;
         position ids are computed from the attention mask, so padding does not shift positions and a
         padded row decodes exactly as it would alone. ``is_done(i, generated)`` implements stop strings.
-        ``prefix_lens`` (from ``data.build_prompt_split``): prefill each distinct prefix once and reuse its cache
+        ``prefix_lens`` (from ``examples.build_prompt_split``): prefill each distinct prefix once and reuse its cache
         for every row that starts with it (``shared_prefix.prefill_shared``). Decoding (``decoding.greedy_decode``)
         drops finished rows from the batch and, with ``prompt_lookup_num_tokens`` > 0, verifies up to that many tokens
         copied from the row's prompt per pass; the answers are the plain greedy ones. Passes of few rows run their
@@ -113,17 +103,3 @@ class DecoderOnlyFamily:
         except TypeError:  # models without logits_to_keep
             out = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
         return out, mask, pos
-
-
-FAMILIES = {"gpt": DecoderOnlyFamily}   # "t5": family_seq2seq.EncoderDecoderFamily (imported lazily: it subclasses this one)
-
-
-def family_for(model_config: Any, tokenizer: Any = None) -> DecoderOnlyFamily:
-    """The adapter for a loaded model: encoder-decoder configs (T5/mT5) -> "t5", everything else -> "gpt".
-
-    ``tokenizer`` lets the encoder-decoder adapter look up its sentinel ids (UserError if there are none)."""
-    if getattr(model_config, "is_encoder_decoder", False):
-        from .family_seq2seq import EncoderDecoderFamily
-
-        return EncoderDecoderFamily(tokenizer)
-    return DecoderOnlyFamily()

@@ -3,11 +3,11 @@
 SQuAD has about five questions per paragraph, and the template puts [BOS] + virtual tokens + "Context:" + context
 first. Causal attention means a prefix's hidden states and keys/values do not depend on what follows it, so:
 
-* training (``shared_loss``): the distinct prefixes of a batch (``data.collate_shared``) run once, WITH
+* training (``shared_loss``): the distinct prefixes of a batch (``examples.collate_shared``) run once, WITH
   gradients; their per-layer keys/values are index-selected per question row (``DynamicCache.batch_select_indices``,
   differentiable: every question's loss flows back through its prefix into the prompt table); the suffixes
   ("Question: ... Answer: ... </s>") run attending to them. Suffix labels start inside the suffix
-  (``data.shared_prefix_len``), so no prefix logits are needed.
+  (``examples.shared_prefix_len``), so no prefix logits are needed.
 * generation (``prefill_shared``): each distinct prefix and the suffixes of its questions run as one packed
   sequence with a block mask (no suffix padding); each question's cache is gathered from it, then greedy decoding
   continues exactly as in the plain path.
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import data as D
+from . import examples as D
 from .prompts import PromptStore
 
 SHARED_KEY = "prefix_row"   # a batch with this key came from data.collate_shared

@@ -5,7 +5,7 @@
     export/peft/<task>/adapter_model.safetensors ... holding the same table
     export/peft/<task>/promptlaunch_input.json   what to feed that adapter (see below)
 
-Why ``promptlaunch_input.json``: the engine tokenises every template piece on its own (``data.py``), while a PEFT
+Why ``promptlaunch_input.json``: the engine tokenises every template piece on its own (``examples.py``), while a PEFT
 user tokenises the whole text. The two give the same ids for most records of a byte-level BPE vocabulary, not
 for all of them, and a T5 tokenizer appends ``</s>`` unless asked not to. The file says which text to build,
 which tokenizer call to make, on how many of the training run's own records that call gives exactly the
@@ -28,8 +28,8 @@ import torch
 from stages.common.io import atomic_path, write_json
 from stages.engine.template import TaskTemplate, Virtual
 
-from . import data as D
-from .family_seq2seq import SENTINEL   # the encoder input of the t5 family ends with it
+from . import examples as D
+from .family.t5 import SENTINEL   # the encoder input of the t5 family ends with it
 
 INPUT_SPEC = "promptlaunch_input.json"
 CHECKED_RECORDS = 200       # records of the run whose whole-text tokenisation is compared with the engine's
@@ -107,7 +107,7 @@ def input_spec(family: Any, template: TaskTemplate, records: Sequence[dict[str, 
         "text": peft_text(template, fields, family.name),
         "tokenizer_call": call,
         "whole_text_tokenisation": tokenisation_check(family, template, records, info),
-        "identical_ids": "python: from stages.prompt_learning.artifact import peft_input_ids; "
+        "identical_ids": "python: from stages.engine.artifact import peft_input_ids; "
                          "ids = peft_input_ids(artifact_path, tokenizer, record)",
     }
     if family.name == "t5":

@@ -135,9 +135,8 @@ def peft_input_ids(artifact_path: str | Path, tokenizer: Any, record: dict[str, 
     """The engine's ids for ``record`` without virtual slots, for a user of the PEFT export who needs exactly the
     tokens the prompt was trained on (``record`` holds the template's input fields; ``task`` defaults to its
     ``taskname``, else the artifact's only task). Loads no model."""
-    from .data import TokenizerInfo
-    from .family import DecoderOnlyFamily
-    from .family_seq2seq import EncoderDecoderFamily
+    from .examples import TokenizerInfo
+    from .family import DecoderOnlyFamily, EncoderDecoderFamily
 
     meta, templates, _ = load_artifact(artifact_path, "artifact_path")
     task = task or record.get("taskname") or (next(iter(templates)) if len(templates) == 1 else None)
