@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import BinaryIO, Protocol, Sequence
+from typing import BinaryIO, Callable, Protocol, Sequence
 
 from launcher.jobspec import JobSpec
 
@@ -43,3 +43,18 @@ def stream(cmd: Sequence[str], log: BinaryIO, cwd: str | None = None, env: dict[
         proc.wait()
         raise
     return proc.wait()
+
+
+def run_in_order(jobs: Sequence[JobSpec], executor: str, run_one: Callable[[JobSpec], int]) -> int:
+    """Run each stage's script with ``run_one`` in order, stopping at the first failure with one line naming the
+    stage, its log and the stages not run (the local and BCP executors run their scripts this way)."""
+    for i, job in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {job.stage}: {job.script_path(executor)} (log: {job.log_path})", flush=True)
+        rc = run_one(job)
+        if rc != 0:
+            left = ", ".join(j.stage for j in jobs[i:]) or "none"
+            print(f"error: stage '{job.stage}' failed with exit code {rc}; see {job.log_path}. Not run: {left}",
+                  file=sys.stderr, flush=True)
+            return rc
+    print(f"done: {len(jobs)} stage(s) finished: {', '.join(j.stage for j in jobs)}", flush=True)
+    return 0

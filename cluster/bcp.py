@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from typing import Sequence
 
-from stages.common.errors import UserError
+from cluster.base import run_in_order
 from launcher.jobspec import JobSpec
 from launcher.render import check_env_names, comment, env_lines, env_names, header, join, q
+from stages.common.errors import UserError
 
 
 class BCPExecutor:
@@ -58,14 +58,4 @@ class BCPExecutor:
             if size and size.isdigit() and job.nodes > int(size):
                 raise UserError(f"{job.stage}: needs {job.nodes} nodes but this BCP job has NGC_ARRAY_SIZE={size}; "
                                 f"lower {job.stage}.trainer.num_nodes or submit the BCP job with more replicas")
-        for i, job in enumerate(jobs, 1):
-            script = job.script_path(self.name)
-            print(f"[{i}/{len(jobs)}] {job.stage}: {script} (log: {job.log_path})", flush=True)
-            rc = subprocess.run(["bash", script]).returncode
-            if rc != 0:
-                left = ", ".join(j.stage for j in jobs[i:]) or "none"
-                print(f"error: stage '{job.stage}' failed with exit code {rc}; see {job.log_path}. Not run: {left}",
-                      file=sys.stderr, flush=True)
-                return rc
-        print(f"done: {len(jobs)} stage(s) finished: {', '.join(j.stage for j in jobs)}", flush=True)
-        return 0
+        return run_in_order(jobs, self.name, lambda job: subprocess.run(["bash", job.script_path(self.name)]).returncode)

@@ -5,12 +5,11 @@ Output goes to the terminal and to ``log-<name>.out`` in the stage's results fol
 """
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 from stages.common.errors import UserError
 from launcher.jobspec import JobSpec
-from cluster.base import stream
+from cluster.base import run_in_order, stream
 from launcher.render import env_lines, header, join, q
 
 
@@ -40,17 +39,8 @@ class LocalExecutor:
         return "\n".join(lines)
 
     def launch(self, jobs: Sequence[JobSpec]) -> int:
-        for i, job in enumerate(jobs, 1):
-            print(f"[{i}/{len(jobs)}] {job.stage}: {job.script_path(self.name)} (log: {job.log_path})", flush=True)
+        def run_one(job: JobSpec) -> int:
             with open(job.log_path, "ab") as log:
-                rc = stream(["bash", job.script_path(self.name)], log)
-            if rc != 0:
-                left = ", ".join(j.stage for j in jobs[i:]) or "none"
-                print(
-                    f"error: stage '{job.stage}' failed with exit code {rc}; see {job.log_path}. Not run: {left}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return rc
-        print(f"done: {len(jobs)} stage(s) finished: {', '.join(j.stage for j in jobs)}", flush=True)
-        return 0
+                return stream(["bash", job.script_path(self.name)], log)
+
+        return run_in_order(jobs, self.name, run_one)

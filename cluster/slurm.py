@@ -87,7 +87,7 @@ class SlurmExecutor:
             "cluster.partition": self.cfg.partition or "",
             "cluster.account": self.cfg.account or "",
             "cluster.mem": str(self.cfg.mem or ""),
-            "cluster.signal": dict(job.extra).get("signal", ""),
+            "cluster.signal": job.signal or "",
             "run.time_limit": job.time_limit,
         }
         for key, value in fields.items():
@@ -133,9 +133,8 @@ class SlurmExecutor:
             d["exclusive"] = None
         if c.overcommit:
             d["overcommit"] = None
-        signal = dict(job.extra).get("signal")
-        if signal:
-            d["signal"] = signal
+        if job.signal:
+            d["signal"] = job.signal
         return d
 
     def _mounts(self, job: JobSpec) -> list[str]:
@@ -172,10 +171,9 @@ class SlurmExecutor:
             'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
             f"export MASTER_ADDR MASTER_PORT=$(({SLURM_PORT_BASE} + SLURM_JOB_ID % {SLURM_PORT_SPAN}))",
         ]
-        signal = dict(job.extra).get("signal")
-        if not signal:
+        if not job.signal:
             return "\n".join([*lines, join(self.srun_command(job)), ""])
-        name, _, lead = signal.partition("@")
+        name, _, lead = job.signal.partition("@")
         name = name[3:] if name.upper().startswith("SIG") else name
         lines += [
             comment(f"Preemption: Slurm sends SIG{name} to every srun task {lead} s before the time limit (also: "

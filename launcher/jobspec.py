@@ -4,7 +4,7 @@ Executors turn a JobSpec into a script (a pure function of the spec) and run or 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -32,7 +32,7 @@ class JobSpec:
     secret_files: tuple[tuple[str, str], ...] = ()  # (ENV_VAR, file) read inside the job, never rendered as values
     container: str | None = None
     container_mounts: tuple[str, ...] = ()
-    extra: tuple[tuple[str, str], ...] = field(default=())  # executor-neutral hints, e.g. ("signal", "USR1@120")
+    signal: str | None = None  # the warning signal before a time limit that the stage handles, e.g. "USR1@120"
     data_dir: str | None = None  # mounted into the container (Slurm/pyxis) next to the results
     base_results_dir: str | None = None  # likewise; None: only this stage's results_dir is mounted
 

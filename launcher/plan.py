@@ -63,7 +63,7 @@ def plan(cfg: DictConfig, stages: list[str]) -> list[PlannedJob]:
             container=cfg.get("container"),
             container_mounts=tuple(str(m) for m in (cfg.get("container_mounts") or [])),
             # only a stage that checkpoints acts on the preemption signal (its default action would kill the others)
-            extra=(("signal", str(signal)),) if signal and stage in SIGNAL_STAGES else (),
+            signal=str(signal) if signal and stage in SIGNAL_STAGES else None,
         )
         jobs.append(PlannedJob(spec, OmegaConf.to_yaml(sc, resolve=True)))
     return jobs

@@ -89,7 +89,7 @@ def test_hostile_values_stay_literal(tmp_path, executor_name, container):
 @pytest.mark.parametrize("field", ["results_dir", "signal"])
 def test_slurm_refuses_a_newline_that_would_end_an_sbatch_comment(tmp_path, field):
     job = tiny_job(tmp_path, "n", "")
-    bad = {"results_dir": {"results_dir": "/tmp/r\ntouch /tmp/PWNED"}, "signal": {"extra": (("signal", "USR1\nid"),)}}
+    bad = {"results_dir": {"results_dir": "/tmp/r\ntouch /tmp/PWNED"}, "signal": {"signal": "USR1\nid"}}
     spec = type(job)(**{**job.__dict__, **bad[field]})
     with pytest.raises(UserError, match="newline or control character"):
         SlurmExecutor().check(spec)

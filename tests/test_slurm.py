@@ -69,7 +69,7 @@ def _directives(script: str) -> list[str]:
 # ---- rendering -----------------------------------------------------------------------------------
 
 def test_gpu_stage_directives_sorted_and_complete():
-    spec = _spec(nodes=2, tasks_per_node=8, gpus_per_node=8, time_limit="1-00:00:00", extra=(("signal", "USR1@120"),))
+    spec = _spec(nodes=2, tasks_per_node=8, gpus_per_node=8, time_limit="1-00:00:00", signal="USR1@120")
     script = SlurmExecutor({"partition": "batch", "account": "llm", "overcommit": True}).render(spec)
     assert _directives(script) == [
         "#SBATCH --account=llm",
