@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from stages.common.errors import UserError
 from launcher.plan import SIGNAL_STAGES
 from stages.engine.template import parse_templates
+from stages.prompt_learning.config import check_tasks
 from launcher.render import check_env_names
 from launcher.schema import CLUSTER_TYPES, ClusterSchema, GlobalSchema, RunSchema, typed
 
@@ -137,19 +138,6 @@ def _check_signal(value: Any) -> int | None:
         raise UserError(f"cluster.signal: '{text}' is not USR1@<seconds> or USR2@<seconds> (e.g. USR1@120: SIGUSR1 120 s "
                         f"before the time limit); set it so, or to null to turn preemption handling off")
     return int(match.group(2))
-
-
-def _task_names(m: DictConfig, key: str) -> list[str]:
-    """``new_tasks=squad`` (a bare string) means ``[squad]``; the written stage config gets the list."""
-    raw = m.get(key)
-    if raw is None:
-        return []
-    if isinstance(raw, str):
-        m[key] = [raw] if raw else []
-        return [raw] if raw else []
-    if not isinstance(raw, (list, ListConfig)) or any(not isinstance(t, str) or not t for t in raw):
-        raise UserError(f"prompt_learning.model.{key}: expected a list of task names such as [squad], got {raw!r}")
-    return [str(t) for t in raw]
 
 
 def _check_training_knobs(sc: DictConfig) -> None:
@@ -306,40 +294,10 @@ def _check_batching(sc: DictConfig) -> None:
 
 def _check_prompt_learning(sc: DictConfig, dp: int, inputs: _Inputs) -> None:
     m = sc.model
-    style = m.get("virtual_prompt_style")
-    if style not in ("prompt-tuning", "p-tuning"):
-        raise UserError(f"prompt_learning.model.virtual_prompt_style: '{style}' is not one of prompt-tuning, p-tuning")
-    if style == "p-tuning":
-        enc = m.get("p_tuning", {}).get("encoder_type")
-        if enc not in ("mlp", "lstm"):
-            raise UserError(f"prompt_learning.model.p_tuning.encoder_type: '{enc}' is not one of mlp, lstm")
-    templates = parse_templates(OmegaConf.to_container(m.get("task_templates") or []), "prompt_learning.model.task_templates")
-    new = _task_names(m, "new_tasks")
-    existing = _task_names(m, "existing_tasks")
-    if not new:
-        raise UserError("prompt_learning.model.new_tasks: empty; name the task(s) to tune, e.g. new_tasks=[squad]")
-    for key, names in (("new_tasks", new), ("existing_tasks", existing)):
-        for n in names:
-            if n not in templates:
-                raise UserError(f"prompt_learning.model.{key}: '{n}' has no entry in model.task_templates (have: {sorted(templates)})")
-    both = set(new) & set(existing)
-    if both:
-        raise UserError(f"prompt_learning.model.new_tasks: {sorted(both)} also in existing_tasks; a task is either new or existing")
-    if existing:
-        restore = m.get("restore_path")
-        if not restore:
-            raise UserError("prompt_learning.model.restore_path: required with existing_tasks; point it at the prompt artifact to extend")
-        inputs.need(restore, "prompt_learning.model.restore_path", "point it at a prompt artifact written by an earlier run")
-    if style == "prompt-tuning":
-        pt = m.get("prompt_tuning", {})
-        methods = list(pt.get("new_prompt_init_methods") or [])
-        if methods and len(methods) not in (1, len(new)):
-            raise UserError(
-                f"prompt_learning.model.prompt_tuning.new_prompt_init_methods: {len(methods)} entries for {len(new)} new tasks; give one per task"
-            )
-        for mth in methods:
-            if mth not in ("random", "text", "vocab", "file"):
-                raise UserError(f"prompt_learning.model.prompt_tuning.new_prompt_init_methods: '{mth}' is not one of random, text, vocab, file")
+    tasks = check_tasks(m)   # the stage's own rules (stages/prompt_learning/config.py)
+    style = tasks.style
+    if tasks.existing:
+        inputs.need(m.get("restore_path"), "prompt_learning.model.restore_path", "point it at a prompt artifact written by an earlier run")
     gbs = _positive_int(m.get("global_batch_size"), "prompt_learning.model.global_batch_size")
     mbs = _positive_int(m.get("micro_batch_size"), "prompt_learning.model.micro_batch_size")
     if gbs % (mbs * dp):

@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from stages.common.errors import UserError
 from stages.common.io import write_json
-from stages.engine.template import parse_templates
 from stages.host_memory import reuse_host_memory
+from stages.prompt_learning.config import check_tasks
 from stages.prompt_learning.layer_compile import check_setting as check_compile
 from stages.prompt_learning.layer_compile import compile_layers
 
@@ -74,16 +74,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     compile_on = check_compile(tr_cfg.get("compile", False), cpu=str(tr_cfg.get("accelerator", "cpu")) == "cpu")
     m = cfg.model
     seed = int(m.get("seed", 1234))
-    style = str(m.get("virtual_prompt_style", "prompt-tuning"))
-    if style not in ("prompt-tuning", "p-tuning"):
-        raise UserError(f"model.virtual_prompt_style: '{style}' is not one of prompt-tuning, p-tuning")
-    templates_all = parse_templates(_cfg(m.get("task_templates")) or [], "model.task_templates")
-    new_tasks = _files(m.get("new_tasks"))          # a bare string is one task, not its letters
-    existing = _files(m.get("existing_tasks"))
-    if not new_tasks:
-        raise UserError("model.new_tasks: empty; name the task(s) to tune, e.g. new_tasks=[squad]")
-    if set(new_tasks) & set(existing):
-        raise UserError(f"model.new_tasks: {sorted(set(new_tasks) & set(existing))} also in existing_tasks; a task is either new or existing")
+    tasks = check_tasks(m)   # the launcher's own check, again on the config this job was handed
+    style, templates_all, new_tasks, existing = tasks.style, tasks.templates, tasks.new, tasks.existing
     mbs, accumulate, dp = batch_plan(cfg)
     # data errors first: they are cheap to find and should not wait for a model load
     d = m.data
@@ -133,8 +125,6 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     restored: dict[str, Any] = {}
     if existing:
         restore = m.get("restore_path")
-        if not restore:
-            raise UserError("model.restore_path: required with existing_tasks; point it at the prompt artifact to extend")
         meta, art_templates, tables = load_artifact(restore, "model.restore_path")
         check_base(meta, restore, fp, resolved.given, family=family.name)
         for t in existing:
@@ -149,8 +139,6 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
             templates[t] = tpl
             restored[t] = tables[t]
     for t in new_tasks:
-        if t not in templates_all:
-            raise UserError(f"model.new_tasks: '{t}' has no entry in model.task_templates (have: {sorted(templates_all)})")
         templates[t] = templates_all[t]
     tasks = existing + new_tasks
     store = PromptStore(tasks, fp["hidden_size"])
