@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from stages.common.errors import UserError
 from launcher.plan import SIGNAL_STAGES
-from stages.engine.template import parse_templates
+from stages.evaluation.settings import Settings
 from stages.prompt_learning.config import check_tasks
 from launcher.render import check_env_names
 from launcher.schema import CLUSTER_TYPES, ClusterSchema, GlobalSchema, RunSchema, typed
@@ -326,47 +326,14 @@ def _check_prompt_learning(sc: DictConfig, dp: int, inputs: _Inputs) -> None:
 
 
 def _check_evaluation(sc: DictConfig, inputs: _Inputs) -> None:
-    m = sc.model
-    artifact = m.get("artifact_path")
-    baseline_only = bool(sc.get("inference", {}).get("baseline_only", False))
-    if not baseline_only:
-        if not artifact:
-            raise UserError("evaluation.model.artifact_path: missing; point it at a prompt artifact (or run prompt_learning first)")
-        inputs.need(str(artifact), "evaluation.model.artifact_path", "run the prompt_learning stage first or point it at a prompt artifact")
-    if m.get("language_model_path") is not None or baseline_only:
-        _check_model_path(m.get("language_model_path"), "evaluation.model.language_model_path", inputs)
-    if baseline_only:
-        parse_templates(OmegaConf.to_container(m.get("task_templates") or []), "evaluation.model.task_templates")
-    t = sc.trainer
-    if t.devices * t.get("num_nodes", 1) != 1:
-        raise UserError("evaluation.trainer.devices: evaluation runs as one process; set evaluation.trainer.devices=1 and num_nodes=1")
-    inf = sc.get("inference", {})
-    if inf.get("greedy", True) is not True:
-        raise UserError("evaluation.inference.greedy: only greedy decoding is supported (sampling hurts exact match); set it to true")
-    stops = inf.get("stop_strings") or []
-    if any(not isinstance(x, str) or not x for x in stops):
-        raise UserError(f"evaluation.inference.stop_strings: {list(stops)} must be a list of non-empty strings")
-    data = sc.get("data")
-    if data is None or not data.get("test_ds"):
-        raise UserError("evaluation.data.test_ds: missing; give the test JSONL (e.g. squad_test_ground_truth.jsonl)")
-    inputs.need(str(data.test_ds), "evaluation.data.test_ds", "run the data_preparation stage first or fix the path")
-    _positive_int(data.get("batch_size", 1), "evaluation.data.batch_size")
-    offset = data.get("offset", 0)
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        raise UserError(f"evaluation.data.offset: must be an integer >= 0, got {offset!r}")
-    mx = data.get("max_examples")
-    if mx is not None:
-        _positive_int(mx, "evaluation.data.max_examples")
-    _positive_int(sc.get("inference", {}).get("tokens_to_generate", 1), "evaluation.inference.tokens_to_generate")
-    share = sc.get("inference", {}).get("share_prefix", False)
-    if not isinstance(share, bool):
-        raise UserError(f"evaluation.inference.share_prefix: must be true or false, got {share!r}")
-    lookup = sc.get("inference", {}).get("prompt_lookup_num_tokens", 0)
-    if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
-        raise UserError(f"evaluation.inference.prompt_lookup_num_tokens: must be an integer >= 0 (0 = off), got {lookup!r}")
-    budget = sc.get("inference", {}).get("prompt_lookup_pass_budget", None)
-    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
-        raise UserError(f"evaluation.inference.prompt_lookup_pass_budget: must be an integer >= 1 or null (no limit), got {budget!r}")
+    """The stage's own key checks (stages/evaluation/settings.py), then the files across the run."""
+    settings = Settings.from_cfg(sc, in_job=False)
+    if settings.artifact_path is not None:
+        inputs.need(str(settings.artifact_path), "evaluation.model.artifact_path",
+                    "run the prompt_learning stage first or point it at a prompt artifact")
+    if settings.language_model_path is not None or settings.baseline_only:
+        _check_model_path(settings.language_model_path, "evaluation.model.language_model_path", inputs)
+    inputs.need(str(sc.data.test_ds), "evaluation.data.test_ds", "run the data_preparation stage first or fix the path")
 
 
 def _check_data_preparation(sc: DictConfig, inputs: _Inputs) -> None:

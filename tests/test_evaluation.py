@@ -273,8 +273,8 @@ def test_unknown_taskname_and_missing_gold(tmp_path, fake):
         ({"inference.stop_strings": "[1]"}, r"evaluation\.inference\.stop_strings"),
         ({"inference.share_prefix": "maybe"}, r"^evaluation\.inference\.share_prefix: must be true or false, got 'maybe'$"),
         ({"trainer.reuse_host_memory": "maybe"}, r"^evaluation\.trainer\.reuse_host_memory: must be true or false, got 'maybe'$"),
-        ({"inference.prompt_lookup_num_tokens": -1}, r"^evaluation\.inference\.prompt_lookup_num_tokens: must be an integer >= 0, got -1$"),
-        ({"inference.prompt_lookup_pass_budget": 0}, r"^evaluation\.inference\.prompt_lookup_pass_budget: must be an integer >= 1, got 0$"),
+        ({"inference.prompt_lookup_num_tokens": -1}, r"^evaluation\.inference\.prompt_lookup_num_tokens: must be an integer >= 0 \(0 = off\), got -1$"),
+        ({"inference.prompt_lookup_pass_budget": 0}, r"^evaluation\.inference\.prompt_lookup_pass_budget: must be an integer >= 1 or null \(no limit\), got 0$"),
         ({"inference.baseline_only": True}, r"evaluation\.model\.language_model_path: required with evaluation\.inference\.baseline_only"),
         ({"inference.baseline_only": True, "model.language_model_path": "x/y", "model.task_templates": "null"},
          r"evaluation\.model\.task_templates: required"),
@@ -327,3 +327,17 @@ def test_conf_families_share_keys_and_validate(tmp_path, option, train_name):
     ref = compose_cfg(["evaluation=prompt_gpt3/squad", f"base_results_dir={tmp_path}", f"data_dir={tmp_path}/data"])
     resolve_all(ref)
     assert _keys(e) == _keys(OmegaConf.to_container(ref.evaluation))
+
+
+def test_the_launcher_and_the_stage_say_the_same_line_for_evaluation_keys(tmp_path):
+    """The launcher runs the stage's own Settings check before submission: one rule, one wording."""
+    from stages.common.errors import UserError
+    from stages.evaluation.settings import Settings
+    from tests.launcher_helpers import compose_cfg, run_main
+
+    override = "evaluation.inference.greedy=false"
+    cfg = compose_cfg(["stages=[evaluation]", override]).evaluation
+    with pytest.raises(UserError) as exc:
+        Settings.from_cfg(cfg, in_job=False)
+    proc = run_main(["stages=[evaluation]", "dry_run=true", f"base_results_dir={tmp_path}/r", f"data_dir={tmp_path}/d", override])
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {exc.value}", proc.stderr[-600:]

@@ -1,4 +1,8 @@
-"""The evaluation stage's resolved config, checked once: every mistake is a UserError naming its key."""
+"""The evaluation stage's config, checked in one place: every mistake is a UserError naming its full key.
+
+The launcher calls ``Settings.from_cfg(cfg, in_job=False)`` before anything is submitted (the keys only: files
+may be produced by an earlier stage and devices belong to another machine); the stage calls it again inside the
+job, where the artifact folder and the device are checked too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,9 +18,9 @@ PREFIX = "evaluation"
 ARTIFACT_FILE = "artifact.json"
 
 
-def _int(value: Any, key: str, minimum: int) -> int:
+def _int(value: Any, key: str, minimum: int, meaning: str = "") -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UserError(f"{PREFIX}.{key}: must be an integer >= {minimum}, got {value!r}")
+        raise UserError(f"{PREFIX}.{key}: must be an integer >= {minimum}{meaning}, got {value!r}")
     return value
 
 
@@ -51,9 +55,9 @@ class Settings:
     reuse_host_memory: bool = True        # keep freed CPU memory for the next batch (stages/host_memory.py)
 
     @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> "Settings":
+    def from_cfg(cls, cfg: DictConfig, *, in_job: bool = True) -> "Settings":
         run = cfg.get("run") or {}
-        if not run.get("results_dir"):
+        if in_job and not run.get("results_dir"):
             raise UserError(f"{PREFIX}.run.results_dir: missing; the launcher sets it, pass the <name>_hydra.yaml it wrote")
         trainer = cfg.get("trainer") or {}
         model = cfg.get("model") or {}
@@ -71,7 +75,7 @@ class Settings:
                 f"set {PREFIX}.trainer.devices=1 and {PREFIX}.trainer.num_nodes=1"
             )
         device = "cpu"
-        if accel == "gpu":
+        if accel == "gpu" and in_job:
             import torch
 
             if not torch.cuda.is_available():
@@ -105,7 +109,7 @@ class Settings:
                 raise UserError(f"{PREFIX}.model.task_templates: must be a list of template entries (taskname, prompt_template, ...)")
             parse_templates(templates, f"{PREFIX}.model.task_templates")  # same checks as prompt_learning
         else:
-            artifact = _artifact(model.get("artifact_path"))
+            artifact = _artifact(model.get("artifact_path"), exists=in_job)
 
         test_ds = data.get("test_ds")
         if not test_ds or not isinstance(test_ds, str):
@@ -139,14 +143,16 @@ class Settings:
             baseline_only=baseline_only,
             progress=_bool(inf.get("progress", True), "inference.progress"),
             share_prefix=_bool(inf.get("share_prefix", False), "inference.share_prefix"),
-            prompt_lookup_num_tokens=_int(inf.get("prompt_lookup_num_tokens", 0), "inference.prompt_lookup_num_tokens", 0),
-            prompt_lookup_pass_budget=(None if budget is None else _int(budget, "inference.prompt_lookup_pass_budget", 1)),
+            prompt_lookup_num_tokens=_int(inf.get("prompt_lookup_num_tokens", 0), "inference.prompt_lookup_num_tokens", 0, " (0 = off)"),
+            prompt_lookup_pass_budget=(None if budget is None else
+                                       _int(budget, "inference.prompt_lookup_pass_budget", 1, " or null (no limit)")),
             reuse_host_memory=_bool(trainer.get("reuse_host_memory", True), "trainer.reuse_host_memory"),
         )
 
 
-def _artifact(value: Any) -> Path:
-    """The prompt artifact folder; missing or incomplete -> say to run prompt_learning first."""
+def _artifact(value: Any, exists: bool = True) -> Path:
+    """The prompt artifact folder; missing or incomplete -> say to run prompt_learning first (``exists=False``:
+    only that it is named, before submission, when an earlier stage of the run may still write it)."""
     key = f"{PREFIX}.model.artifact_path"
     fix = (
         f"run the prompt_learning stage first (stages=[prompt_learning,evaluation]), point {key} at a prompt artifact "
@@ -155,6 +161,8 @@ def _artifact(value: Any) -> Path:
     if not value or not isinstance(value, str):
         raise UserError(f"{key}: missing; {fix}")
     path = Path(value).expanduser()
+    if not exists:
+        return path
     if not path.exists():
         raise UserError(f"{key}: '{value}' does not exist; {fix}")
     if not path.is_dir() or not (path / ARTIFACT_FILE).is_file():
