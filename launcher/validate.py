@@ -22,7 +22,7 @@ from launcher.plan import SIGNAL_STAGES
 from stages.data_preparation.settings import Settings as DataPreparationSettings
 from stages.data_preparation.settings import raw_name
 from stages.evaluation.settings import Settings
-from stages.prompt_learning.config import check_tasks
+from stages.prompt_learning.config import check_batching_flags, check_p_tuning_dropout, check_tasks
 from launcher.render import check_env_names
 from launcher.schema import CLUSTER_TYPES, ClusterSchema, GlobalSchema, RunSchema, typed
 
@@ -274,24 +274,7 @@ def _check_parallel_layout(sc: DictConfig, style: Any) -> None:
                     f"(e.g. a tiny random Llama with 4 heads and 2 KV heads)"
                 ) from None
             raise
-    if style == "p-tuning":
-        dropout = float((m.get("p_tuning") or {}).get("dropout", 0.0) or 0.0)
-        if dropout > 0:
-            raise UserError(
-                f"prompt_learning.model.p_tuning.dropout={dropout}: P-tuning with tensor/pipeline parallelism needs "
-                f"dropout 0 (tensor-parallel ranks recompute the prompt encoder and must agree); set it to 0.0"
-            )
-
-
-def _check_batching(sc: DictConfig) -> None:
-    """model.data.length_bucketing / share_prefix are booleans. Where they cannot apply (the TP/PP/DP engine, an
-    encoder-decoder model) the stage switches them off with a logged line instead of failing: the CPU default
-    config turns them on, and ``trainer.devices=2`` on top of it should still just work."""
-    data = sc.model.get("data") or {}
-    for key in ("length_bucketing", "share_prefix"):
-        value = data.get(key, False)
-        if not isinstance(value, bool):
-            raise UserError(f"prompt_learning.model.data.{key}: must be true or false, got {value!r}")
+    check_p_tuning_dropout(m, style, layout.is_model_parallel)
 
 
 def _check_prompt_learning(sc: DictConfig, dp: int, inputs: _Inputs) -> None:
@@ -321,7 +304,7 @@ def _check_prompt_learning(sc: DictConfig, dp: int, inputs: _Inputs) -> None:
         for f in files:
             inputs.need(str(f), f"prompt_learning.model.data.{key}", "run the data_preparation stage first or fix the path")
     _positive_int(data.get("max_seq_length", 1), "prompt_learning.model.data.max_seq_length")
-    _check_batching(sc)
+    check_batching_flags(m)
     _check_exp_manager(sc)
     _check_training_knobs(sc)
     inputs.produced.add(os.path.normpath(str(m.get("artifact_path"))))

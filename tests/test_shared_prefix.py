@@ -294,7 +294,7 @@ def test_shared_training_resumes_to_the_uninterrupted_prompt(tmp_path, tiny):
 def test_batching_options_are_checked(tmp_path, tiny):
     cfg = shared_cfg(tmp_path, tiny)
     cfg.model.data.share_prefix = "yes"
-    with pytest.raises(UserError, match=r"^model\.data\.share_prefix: must be true or false"):
+    with pytest.raises(UserError, match=r"^prompt_learning\.model\.data\.share_prefix: must be true or false, got .yes.$"):
         train(cfg)
 
 
@@ -303,13 +303,13 @@ def test_launcher_checks_types_and_the_stage_falls_back_where_sharing_cannot_app
 
     from omegaconf import OmegaConf
 
-    from launcher.validate import _check_batching
     from stages.engine.family.t5 import EncoderDecoderFamily
+    from stages.prompt_learning.config import check_batching_flags
     from stages.prompt_learning.train import _batching_options
 
-    _check_batching(OmegaConf.create({"model": {"data": {"share_prefix": True, "length_bucketing": False}}}))
+    assert check_batching_flags(OmegaConf.create({"data": {"share_prefix": True, "length_bucketing": False}})) == (True, False)
     with pytest.raises(UserError, match=r"^prompt_learning\.model\.data\.length_bucketing: must be true or false, got 'no'$"):
-        _check_batching(OmegaConf.create({"model": {"data": {"length_bucketing": "no"}}}))
+        check_batching_flags(OmegaConf.create({"data": {"length_bucketing": "no"}}))
     d = {"share_prefix": True, "length_bucketing": True}
     assert _batching_options(d, DecoderOnlyFamily(), parallel=False) == (True, True)
     with caplog.at_level(logging.WARNING, logger="promptlaunch.prompt_learning"):

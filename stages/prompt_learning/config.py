@@ -77,3 +77,29 @@ def check_tasks(m: Any) -> Tasks:
                 raise UserError(f"{KEY}.prompt_tuning.new_prompt_init_methods: '{method}' is not one of "
                                 f"{', '.join(INIT_METHODS)}")
     return Tasks(str(style), templates, new, existing)
+
+
+def check_batching_flags(m: Any) -> tuple[bool, bool]:
+    """(share_prefix, length_bucketing) of ``model.data``, each true or false. Where they cannot apply the stage
+    switches them off with a logged line instead of failing (train.py): the CPU default config turns them on, and
+    ``trainer.devices=2`` on top of it should still just work."""
+    data = m.get("data") or {}
+    flags = []
+    for key in ("share_prefix", "length_bucketing"):
+        value = data.get(key, False)
+        if not isinstance(value, bool):
+            raise UserError(f"{KEY}.data.{key}: must be true or false, got {value!r}")
+        flags.append(value)
+    return flags[0], flags[1]
+
+
+def check_p_tuning_dropout(m: Any, style: str, model_parallel: bool) -> None:
+    """P-tuning under tensor/pipeline parallelism needs dropout 0: every tensor-parallel rank recomputes the prompt
+    encoder, and the results must agree."""
+    if style != "p-tuning" or not model_parallel:
+        return
+    dropout = float((m.get("p_tuning") or {}).get("dropout", 0.0) or 0.0)
+    if dropout > 0:
+        raise UserError(f"{KEY}.p_tuning.dropout={dropout}: P-tuning with tensor/pipeline parallelism needs dropout 0 "
+                        "(every tensor-parallel rank recomputes the prompt encoder and the results must agree); set "
+                        f"{KEY}.p_tuning.dropout=0.0 or tensor_model_parallel_size=pipeline_model_parallel_size=1")

@@ -47,6 +47,7 @@ from torch import nn
 from stages.common.errors import UserError
 
 from stages.engine import examples as D
+from .config import check_p_tuning_dropout
 from .module import PromptLearningModule, ResumableBatchSampler
 from .parallel.layout import ParallelLayout, check_model_for_layout
 from stages.engine.prompts import PromptStore
@@ -82,14 +83,7 @@ def check_parallel_config(cfg: Any, layout: ParallelLayout, model_config: Any, s
         return
     if model_config is not None:   # else ParallelPromptTrainer checks the loaded model's config
         check_model_for_layout(model_config, layout, prefix="")
-    if style == "p-tuning":
-        dropout = float((cfg.model.get("p_tuning") or {}).get("dropout", 0.0) or 0.0)
-        if dropout > 0:
-            raise UserError(
-                f"model.p_tuning.dropout={dropout}: P-tuning with tensor/pipeline parallelism needs dropout 0 (every "
-                f"tensor-parallel rank recomputes the prompt encoder and the results must agree); set "
-                f"model.p_tuning.dropout=0.0 or tensor_model_parallel_size=pipeline_model_parallel_size=1"
-            )
+    check_p_tuning_dropout(cfg.model, style, layout.is_model_parallel)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from stages.common.errors import UserError
 from stages.common.io import write_json
 from stages.host_memory import reuse_host_memory
-from stages.prompt_learning.config import check_tasks
+from stages.prompt_learning.config import check_batching_flags, check_tasks
 from stages.prompt_learning.layer_compile import check_setting as check_compile
 from stages.prompt_learning.layer_compile import compile_layers
 
@@ -269,10 +269,7 @@ def _batching_options(d: Any, family: Any, parallel: bool) -> tuple[bool, bool]:
     """(share_prefix, length_bucketing) from ``model.data``. Where they cannot apply they are switched off with a
     logged line rather than failing (the CPU default turns them on): the TP/PP/DP engine builds its batches with
     its own sampler, and an encoder-decoder model's bidirectional encoder makes a prefix depend on what follows."""
-    share, bucket = d.get("share_prefix", False), d.get("length_bucketing", False)
-    for key, value in (("share_prefix", share), ("length_bucketing", bucket)):
-        if not isinstance(value, bool):
-            raise UserError(f"model.data.{key}: must be true or false, got {value!r}")
+    share, bucket = check_batching_flags({"data": d})
     if parallel and (share or bucket):
         log.warning("model.data.share_prefix/length_bucketing ignored: the tensor/pipeline/data-parallel engine uses plain batches")
         return False, False
