@@ -89,10 +89,11 @@ def tokenisation_check(family: Any, template: TaskTemplate, records: Sequence[di
             identical += 1
         elif first is None:
             at = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            near = slice(max(0, at - 3), at + 4)   # a few ids either side of where the two part
             first = {"record": i, "text": peft_text(template, rec, family.name), "position": at,
-                     "engine_ids": want[max(0, at - 3):at + 4], "whole_text_ids": got[max(0, at - 3):at + 4],
-                     "engine_tokens": info.tok.convert_ids_to_tokens(want[max(0, at - 3):at + 4]),
-                     "whole_text_tokens": info.tok.convert_ids_to_tokens(got[max(0, at - 3):at + 4])}
+                     "engine_ids": want[near], "whole_text_ids": got[near],
+                     "engine_tokens": info.tok.convert_ids_to_tokens(want[near]),
+                     "whole_text_tokens": info.tok.convert_ids_to_tokens(got[near])}
     return {"records_checked": len(mine), "identical": identical, "first_difference": first}
 
 
