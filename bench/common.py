@@ -134,13 +134,13 @@ def paired_speedup(ref: Sequence[float], side: Sequence[float]) -> float:
 
 
 def add_speedups(rows: dict[str, dict[str, Any]], baseline: str, refused: str | None) -> None:
-    """``speedup_vs_<baseline>`` and ``..._paired`` on every row, or None on all of them when ``refused`` says why
-    the baseline's output is wrong: a ratio against a baseline that computes something else is not a result."""
+    """``speedup_vs_peft`` and ``speedup_vs_peft_paired`` (against row ``baseline``) on every row, or None on all of
+    them when ``refused`` says why the baseline's output is wrong: a ratio against a baseline that computes
+    something else is not a result."""
     ref = rows[baseline]
     for r in rows.values():
-        ok = refused is None
-        r["speedup_vs_peft"] = ref["median_pass_seconds"] / r["median_pass_seconds"] if ok else None
-        r["speedup_vs_peft_paired"] = paired_speedup(ref["pass_seconds"], r["pass_seconds"]) if ok else None
+        r["speedup_vs_peft"] = None if refused else ref["median_pass_seconds"] / r["median_pass_seconds"]
+        r["speedup_vs_peft_paired"] = None if refused else paired_speedup(ref["pass_seconds"], r["pass_seconds"])
 
 
 def refusal_line(refused: str | None) -> list[str]:

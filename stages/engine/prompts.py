@@ -202,7 +202,7 @@ def build_new(store: PromptStore, new_tasks: Sequence[str], counts: dict[str, in
             raise UserError(f"model.virtual_prompt_style: '{style}' is not one of prompt-tuning, p-tuning")
 
 
-def embed_inputs(model: Any, store: "PromptStore | None", input_ids: torch.Tensor, virtual_index: torch.Tensor,
+def embed_inputs(model: Any, store: PromptStore | None, input_ids: torch.Tensor, virtual_index: torch.Tensor,
                  task_ids: torch.Tensor) -> torch.Tensor:
     """Input embeddings of a batch: the frozen model's token embeddings, with the task's prompt rows at the
     virtual positions when a store is given (every family embeds its input this way)."""

@@ -1,7 +1,8 @@
 """Encoder-decoder adapter ("t5"): prompt learning for a frozen ``AutoModelForSeq2SeqLM`` (T5, T5 v1.1, mT5, ...).
 
-Same interface as ``family.gpt.DecoderOnlyFamily`` (the ``Family`` protocol); the trainer, ``PromptedModel`` and the evaluation stage do not
-branch on the family. The data follow T5's span-corruption pretraining convention, as NeMo does::
+Same interface as ``family.gpt.DecoderOnlyFamily`` (the ``Family`` protocol); the trainer, ``PromptedModel``
+and the evaluation stage do not branch on the family. The data follow T5's span-corruption pretraining
+convention, as NeMo does::
 
     encoder input  = the template up to {answer} (virtual tokens at its markers) + <extra_id_0>
     decoder target = <extra_id_0> answer </s>          (</s> only with model.data.add_eos=true)
