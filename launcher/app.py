@@ -31,7 +31,7 @@ def run(cfg: DictConfig, argv: Sequence[str]) -> int:
 
     resolve_all(cfg)
     checked = validate(cfg)
-    jobs = plan(cfg, checked.stages)
+    jobs = plan(cfg, checked.checks)
     executor = get_executor(str(cfg.cluster_type), cfg.get("cluster"))
     for job in jobs:
         executor.check(job.spec)

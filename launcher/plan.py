@@ -1,6 +1,7 @@
 """Planning: a validated config becomes one JobSpec per stage, plus the stage's resolved YAML.
 
-Pure: reads only the config, so the same config always plans the same jobs.
+Pure: reads only the config and the stages' own checks (resources, whether a stage takes the preemption
+signal), so the same config always plans the same jobs.
 """
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.jobspec import JobSpec
-
-SIGNAL_STAGES = ("prompt_learning",)   # stages that checkpoint and requeue on cluster.signal (stages/prompt_learning/fault.py)
+from stages.common.checks import StageCheck
 
 
 @dataclass(frozen=True)
@@ -22,25 +22,16 @@ class PlannedJob:
     config_yaml: str
 
 
-def _resources(stage: str, sc: DictConfig) -> tuple[int, int, int]:
-    """(nodes, processes per node, GPUs per node) the stage needs."""
-    if "trainer" not in sc:
-        return int(sc.run.get("nodes", 1)), 1, 0
-    t = sc.trainer
-    devices = int(t.devices)
-    return int(t.get("num_nodes", 1)), devices, devices if t.get("accelerator") == "gpu" else 0
-
-
-def plan(cfg: DictConfig, stages: list[str]) -> list[PlannedJob]:
-    """One PlannedJob per stage, in pipeline order."""
+def plan(cfg: DictConfig, checks: dict[str, StageCheck]) -> list[PlannedJob]:
+    """One PlannedJob per checked stage, in pipeline order (``checks`` keeps the order of ``stages``)."""
     root = os.path.abspath(str(cfg.launcher_scripts_path))
     env = tuple(sorted((str(k), str(v)) for k, v in (cfg.get("env_vars") or {}).items() if v is not None))
     secrets = (("WANDB_API_KEY", str(cfg.wandb_api_key_file)),) if cfg.get("wandb_api_key_file") else ()
     signal = (cfg.get("cluster") or {}).get("signal")
     jobs = []
-    for stage in stages:
+    for stage, checked in checks.items():
         sc = cfg[stage]
-        nodes, tasks, gpus = _resources(stage, sc)
+        resources = checked.resources
         results_dir = os.path.abspath(str(sc.run.results_dir))
         name = str(sc.run.name)
         spec = JobSpec(
@@ -53,9 +44,9 @@ def plan(cfg: DictConfig, stages: list[str]) -> list[PlannedJob]:
             python=str(cfg.python),
             entry=os.path.join(root, "stages", stage, "run.py"),
             config_path=os.path.join(results_dir, f"{name}_hydra.yaml"),
-            nodes=nodes,
-            tasks_per_node=tasks,
-            gpus_per_node=gpus,
+            nodes=resources.nodes,
+            tasks_per_node=resources.tasks_per_node,
+            gpus_per_node=resources.gpus_per_node,
             time_limit=str(sc.run.time_limit),
             dependency=sc.run.get("dependency"),
             env=env,
@@ -63,7 +54,7 @@ def plan(cfg: DictConfig, stages: list[str]) -> list[PlannedJob]:
             container=cfg.get("container"),
             container_mounts=tuple(str(m) for m in (cfg.get("container_mounts") or [])),
             # only a stage that checkpoints acts on the preemption signal (its default action would kill the others)
-            signal=str(signal) if signal and stage in SIGNAL_STAGES else None,
+            signal=str(signal) if signal and checked.takes_signal else None,
         )
         jobs.append(PlannedJob(spec, OmegaConf.to_yaml(sc, resolve=True)))
     return jobs

@@ -332,7 +332,7 @@ def test_conf_families_share_keys_and_validate(tmp_path, option, train_name):
 def test_the_launcher_and_the_stage_say_the_same_line_for_evaluation_keys(tmp_path):
     """The launcher runs the stage's own Settings check before submission: one rule, one wording."""
     from stages.common.errors import UserError
-    from stages.evaluation.settings import Settings
+    from stages.evaluation.config import Settings
     from tests.launcher_helpers import compose_cfg, run_main
 
     override = "evaluation.inference.greedy=false"

@@ -125,5 +125,5 @@ def test_wrong_base_model_is_a_user_error(tiny, tmp_path):
     other = make_model_dir(tmp_path / "other", seed=1)
     with pytest.raises(UserError, match=r"was trained on base model .*use the base model the prompts were tuned on"):
         evaluate(stage_cfg(tmp_path / "results", tiny, **{"model.language_model_path": str(other)}))
-    with pytest.raises(UserError, match=r"^evaluation\.model\.language_model_path=/nowhere/model: no such file or folder"):
+    with pytest.raises(UserError, match=r"^evaluation\.model\.language_model_path: '/nowhere/model' does not exist"):
         evaluate(stage_cfg(tmp_path / "results", tiny, **{"model.language_model_path": "/nowhere/model"}))

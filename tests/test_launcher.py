@@ -13,6 +13,7 @@ from launcher.jobspec import JobSpec
 from launcher.plan import plan
 from launcher.schema import resolve_all
 from launcher.validate import normalize_stages, validate
+from stages.common.checks import StageCheck, check_trainer
 from tests.launcher_helpers import ROOT, compose_cfg, run_main
 
 GOLDEN = ROOT / "tests" / "golden" / "local"
@@ -49,7 +50,7 @@ def test_default_pipeline_plans_three_jobs(tmp_path):
     checked = validate(cfg)
     assert checked.stages == ["data_preparation", "prompt_learning", "evaluation"]
     assert checked.warnings == []  # data and artifact come from earlier stages of the same pipeline
-    jobs = plan(cfg, checked.stages)
+    jobs = plan(cfg, checked.checks)
     specs = [j.spec for j in jobs]
     assert [s.stage for s in specs] == checked.stages
     pl = specs[1]
@@ -70,7 +71,8 @@ def test_nemo_recipe_values(tmp_path):
     assert run.name == "squad_gpt3_5b"
     assert run.results_dir == f"{tmp_path}/results/gpt3_5b/prompt_learning_squad"
     assert cfg.prompt_learning.trainer.devices == 8
-    spec = plan(cfg, ["prompt_learning"])[0].spec
+    resources = check_trainer(cfg.prompt_learning, "prompt_learning").resources()   # the .nemo base model is not loadable
+    spec = plan(cfg, {"prompt_learning": StageCheck(resources=resources)})[0].spec
     assert (spec.nodes, spec.tasks_per_node, spec.gpus_per_node) == (1, 8, 8)
 
 
@@ -88,7 +90,7 @@ def test_missing_inputs_warn_in_dry_run_and_fail_otherwise(tmp_path):
     [
         (["prompt_learning.model.task_templates.0.virtual_token_splits=[5,5]"], r"sums to 10 but total_virtual_tokens is 20"),
         (["prompt_learning.model.tensor_model_parallel_size=3", "prompt_learning.trainer.devices=2"], r"3x1 does not divide"),
-        (["prompt_learning.model.global_batch_size=12"], r"not a multiple of micro_batch_size"),
+        (["prompt_learning.model.global_batch_size=12"], r"not a multiple of prompt_learning.model.micro_batch_size"),
         (["prompt_learning.trainer.precision=bf16-mixed"], r"emulated"),
         (["prompt_learning.model.language_model_path=/x/megatron_gpt.nemo"], r"cannot load"),
         (["prompt_learning.model.new_tasks=[boolq]"], r"'boolq' has no entry in model.task_templates"),
@@ -100,7 +102,7 @@ def test_missing_inputs_warn_in_dry_run_and_fail_otherwise(tmp_path):
 def test_validation_errors_name_the_key(tmp_path, overrides, msg):
     cfg = _cfg(tmp_path, *overrides)
     if msg is None:
-        spec = plan(cfg, validate(cfg).stages)[1].spec
+        spec = plan(cfg, validate(cfg).checks)[1].spec
         with pytest.raises(UserError, match="num_nodes=1 or use cluster_type=bcm"):
             LocalExecutor().check(spec)
         return
@@ -119,14 +121,14 @@ def _golden(name: str, text: str) -> None:
 @pytest.mark.parametrize("stage", ["data_preparation", "prompt_learning", "evaluation"])
 def test_local_scripts_match_golden(tmp_path, stage):
     cfg = _cfg(tmp_path, "env_vars.HF_HUB_OFFLINE=1")
-    jobs = {j.spec.stage: j.spec for j in plan(cfg, validate(cfg).stages)}
+    jobs = {j.spec.stage: j.spec for j in plan(cfg, validate(cfg).checks)}
     text = LocalExecutor().render(jobs[stage]).replace(str(tmp_path), "/TMP")
     _golden(f"{stage}.sh", text)
 
 
 def test_multiprocess_stage_uses_torchrun(tmp_path):
     cfg = _cfg(tmp_path, "prompt_learning.trainer.devices=2", "prompt_learning.model.micro_batch_size=4")
-    spec = plan(cfg, validate(cfg).stages)[1].spec
+    spec = plan(cfg, validate(cfg).checks)[1].spec
     script = LocalExecutor().render(spec)
     assert "python3 -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=2 /opt/promptlaunch/stages/prompt_learning/run.py" in script
 

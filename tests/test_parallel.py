@@ -47,7 +47,7 @@ BAD_LAYOUTS = [
     (dict(world_size=2, pipeline_schedule="interleaved"), ["model.pipeline_schedule", "1f1b, gpipe"]),
     (dict(world_size=2, sequence_parallel=True), ["model.sequence_parallel=true is not supported", "=false"]),
     (dict(world_size=0), ["trainer.devices x"]),
-    (dict(world_size=2, tensor_model_parallel_size=0), ["model.tensor_model_parallel_size: 0"]),
+    (dict(world_size=2, tensor_model_parallel_size=0), ["model.tensor_model_parallel_size: must be a positive integer, got 0"]),
 ]
 
 

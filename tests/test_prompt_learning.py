@@ -280,12 +280,12 @@ def test_init_methods(tmp_path):
 def test_model_path_errors(tmp_path):
     from stages.engine.base_model import resolve
 
-    with pytest.raises(UserError, match=r"model\.language_model_path=/nope/model: no such file or folder"):
+    with pytest.raises(UserError, match=r"^model\.language_model_path: '/nope/model' does not exist; set model\.language_model_path to a Hugging Face"):
         resolve("/nope/model")
     (tmp_path / "m.nemo").write_text("x")
-    with pytest.raises(UserError, match=r"\.nemo checkpoints are not supported.*accepted: a Hugging Face model folder"):
+    with pytest.raises(UserError, match=r"a NeMo/Megatron checkpoint, which this engine cannot load.*accepted: a Hugging Face model folder"):
         resolve(str(tmp_path / "m.nemo"))
-    with pytest.raises(UserError, match="no such .gguf"):
+    with pytest.raises(UserError, match=r"x\.gguf' does not exist"):
         resolve(str(tmp_path / "x.gguf"))
     with pytest.raises(UserError, match="embedded:"):
         resolve("embedded:gpt-17")

@@ -305,7 +305,7 @@ def test_main_py_runs_tensor_parallel_through_torchrun(tmp_path, tiny_llama):
          r"^error: prompt_learning.model.tensor_model_parallel_size=4 does not divide the model's num_key_value_heads=2"),
         # TP x PP does not divide the world
         (["prompt_learning.model.tensor_model_parallel_size=2", "prompt_learning.model.pipeline_model_parallel_size=2",
-          "prompt_learning.trainer.devices=2"], r"^error: prompt_learning.model: tensor_model_parallel_size x pipeline_model_parallel_size = 2x2 does not divide"),
+          "prompt_learning.trainer.devices=2"], r"^error: prompt_learning.model.tensor_model_parallel_size x prompt_learning.model.pipeline_model_parallel_size = 2x2 does not divide the world size 2"),
         # 1F1B needs at least as many micro batches as stages
         (["prompt_learning.model.pipeline_model_parallel_size=2", "prompt_learning.trainer.devices=2",
           "prompt_learning.model.micro_batch_size=4"], r"fewer than the 2 pipeline stages that 1F1B needs"),

@@ -24,7 +24,7 @@ from typing import IO
 from stages.common.errors import UserError
 from stages.common.io import atomic_path
 
-from .settings import PREFIX, SPLITS, Settings, raw_name
+from .config import PREFIX, SPLITS, Settings, raw_name
 
 try:  # optional: a progress bar for the URL download
     from tqdm import tqdm

@@ -22,15 +22,10 @@ from stages.common.errors import UserError
 from stages.common.io import remove_stale_tmp, write_json, write_jsonl
 
 from .fetch import fetch_raw
-from .settings import PREFIX, SPLITS, Settings
+from .config import GROUND_TRUTH, OUTPUTS, PREFIX, SPLITS, TEST, TRAIN, VAL, Settings
 
 log = logging.getLogger("promptlaunch.data_preparation")
 
-TRAIN = "squad_train.jsonl"  # train, first gold answer
-VAL = "squad_val.jsonl"  # dev, first gold answer
-TEST = "squad_test.jsonl"  # dev, no answer
-GROUND_TRUTH = "squad_test_ground_truth.jsonl"  # dev, list of all gold answers
-OUTPUTS = (TRAIN, VAL, TEST, GROUND_TRUTH)
 MARKER = "_SUCCESS.json"
 SUMMARY = "data_preparation_summary.json"
 

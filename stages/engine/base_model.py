@@ -21,8 +21,10 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from stages.common.checks import Need, StageCheck
 from stages.common.errors import UserError
 from stages.common.io import atomic_dir, write_json
 
@@ -71,38 +73,85 @@ def _embedded_gguf(name: str, key: str) -> Path:
     return path
 
 
+def check_reference(language_model_path: Any, key: str) -> Need | None:
+    """The static checks of a model reference, torch-free: the launcher runs them before submission and
+    :func:`resolve` again in the job. Returns the local file the reference needs (it may live on the cluster
+    only), or None (embedded model, hub id, existing folder)."""
+    if not isinstance(language_model_path, str) or not language_model_path.strip():
+        raise UserError(f"{key}: missing; set it to {ACCEPTED}")
+    given = language_model_path
+    if given.startswith("embedded:"):
+        name = given.split(":", 1)[1]
+        if name not in EMBEDDED:
+            raise UserError(f"{key}: 'embedded:{name}' is unknown; known embedded models: "
+                            f"{', '.join('embedded:' + k for k in EMBEDDED)}")
+        return None
+    if given.endswith(".nemo"):
+        raise UserError(
+            f"{key}={given}: a NeMo/Megatron checkpoint, which this engine cannot load (it tunes frozen Hugging Face "
+            f"models); accepted: {ACCEPTED}. Export the model to Hugging Face format first."
+        )
+    path = Path(given).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{key}={given}: folder has no config.json, so it is not a Hugging Face model folder; point "
+                            f"it at the folder that holds config.json, the weights and the tokenizer files")
+        architecture(given, key)   # config.json must parse
+        return None
+    if path.exists() and not given.endswith(".gguf"):
+        raise UserError(f"{key}={given}: is a file but not a .gguf; accepted: {ACCEPTED}")
+    if not given.endswith(".gguf") and _HUB_ID.match(given) and not given.startswith((".", "/", "~")):
+        return None
+    return Need(given, key, f"set {key} to {ACCEPTED}")
+
+
+# The architecture facts of the embedded models, so checks before submission need neither the GGUF conversion
+# nor torch (the fields of config.json that tensor/pipeline parallelism depends on).
+EMBEDDED_ARCHITECTURES = {
+    "smollm2-135m-instruct": {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3,
+                              "intermediate_size": 1536, "num_hidden_layers": 30},
+}
+ARCHITECTURE_KEYS = ("model_type", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                     "num_hidden_layers", "sliding_window", "use_sliding_window")
+
+
+def architecture(language_model_path: Any, key: str) -> SimpleNamespace | None:
+    """The architecture fields of a local HF folder's config.json (or of an embedded model), torch-free; None when
+    they are only known once the job loads the model (hub id, .gguf, a folder not on this machine)."""
+    if not isinstance(language_model_path, str):
+        return None
+    if language_model_path.startswith("embedded:"):
+        facts = EMBEDDED_ARCHITECTURES.get(language_model_path.split(":", 1)[1])
+        return SimpleNamespace(**facts) if facts else None
+    cfg_file = Path(language_model_path).expanduser() / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{key}={language_model_path}: {cfg_file} is unreadable or not JSON ({exc}); the model folder "
+                        "is damaged: copy or export it again") from None
+    if not isinstance(raw, dict):
+        return None
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    return SimpleNamespace(**{k: text.get(k, raw.get(k)) for k in ARCHITECTURE_KEYS})
+
+
 def resolve(language_model_path: str | None, key: str = "model.language_model_path") -> ResolvedModel:
     """Map the config value to a loadable location (converting GGUF once); every problem is a UserError."""
-    if language_model_path is None or str(language_model_path).strip() == "":
-        raise UserError(f"{key}: missing; set it to {ACCEPTED}")
+    need = check_reference(language_model_path, key)
     given = str(language_model_path)
+    if need is not None:
+        StageCheck(reads=[need]).check_reads_exist()
     if given.startswith("embedded:"):
         gguf = _embedded_gguf(given.split(":", 1)[1], key)
         return ResolvedModel(given, str(convert_gguf(gguf)), "embedded")
-    if given.endswith(".nemo"):
-        raise UserError(
-            f"{key}={given}: .nemo checkpoints are not supported by this engine (it tunes frozen Hugging Face models); "
-            f"accepted: {ACCEPTED}. Export the model to Hugging Face format first."
-        )
     path = Path(given).expanduser()
     if given.endswith(".gguf"):
-        if not path.is_file():
-            raise UserError(f"{key}={given}: no such .gguf file; fix the path (accepted: {ACCEPTED})")
         return ResolvedModel(given, str(convert_gguf(path)), "gguf")
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{key}={given}: folder has no config.json, so it is not a Hugging Face model folder; accepted: {ACCEPTED}")
-        try:
-            json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{key}={given}: {path / 'config.json'} is unreadable or not JSON ({exc}); the model folder is "
-                            "damaged: copy or export it again") from None
         return ResolvedModel(given, str(path.resolve()), "folder")
-    if path.exists():
-        raise UserError(f"{key}={given}: is a file but not a .gguf; accepted: {ACCEPTED}")
-    if _HUB_ID.match(given) and not given.startswith((".", "/", "~")):
-        return ResolvedModel(given, given, "hub")
-    raise UserError(f"{key}={given}: no such file or folder; set {key} to {ACCEPTED}")
+    return ResolvedModel(given, given, "hub")
 
 
 def _file_digest(path: Path, chunk: int = 8 << 20) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from stages.common.errors import UserError
 from stages.engine.template import TaskTemplate
 
-from .settings import PREFIX
+from .config import PREFIX
 
 DEFAULT_ANSWER_FIELD = "answer"
 

@@ -22,7 +22,7 @@ from stages.host_memory import reuse_host_memory
 
 from .data import Example, TestSlice, check_examples, read_slice
 from .metrics import Score, aggregate, score
-from .settings import PREFIX, Settings
+from .config import PREFIX, Settings
 
 log = logging.getLogger("promptlaunch.evaluation")
 

