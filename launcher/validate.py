@@ -138,12 +138,12 @@ def validate(cfg: DictConfig) -> Checked:
                                 f"checkpoint and requeue at once, again and again; lower the lead time or raise the limit")
             if result.signal_warning:
                 inputs.warnings.append(result.signal_warning)
-        for need in result.reads:
-            inputs.need(need)
-        inputs.produced.update(os.path.normpath(os.path.expanduser(path)) for path in result.writes)
         if runs_here:   # the job runs on this machine: what it needs of the machine can be checked now
             for here in result.here:
                 here()
+        for need in result.reads:
+            inputs.need(need)
+        inputs.produced.update(os.path.normpath(os.path.expanduser(path)) for path in result.writes)
         inputs.warnings.extend(result.warnings)
         checked.checks[stage] = result
     return checked

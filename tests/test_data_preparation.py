@@ -294,7 +294,7 @@ def test_unwritable_output_dir(tmp_path: Path) -> None:
         ("expected_counts.train", "many", "data_preparation.expected_counts.train='many'"),
         ("download_timeout", 0, "data_preparation.download_timeout=0 must be a positive number"),
         ("raw_dir", None, "data_preparation.raw_dir is not set"),
-        ("force", "yes", "data_preparation.force='yes' must be true or false"),
+        ("force", "yes", "data_preparation.force: must be true or false, got 'yes'"),
     ],
 )
 def test_bad_config_values(tmp_path: Path, key: str, value: Any, expected: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from stages.common.checks import Need, Resources, StageCheck, check_writable
+from stages.common.checks import Need, Resources, StageCheck, boolean, check_writable
 from stages.common.errors import UserError
 
 PREFIX = "data_preparation"
@@ -110,10 +110,7 @@ def _string(cfg: DictConfig, key: str) -> str:
 
 
 def _flag(cfg: DictConfig, key: str) -> bool:
-    value = OmegaConf.select(cfg, key, default=False)
-    if not isinstance(value, bool):
-        raise UserError(f"{PREFIX}.{key}={value!r} must be true or false")
-    return value
+    return boolean(OmegaConf.select(cfg, key, default=False), f"{PREFIX}.{key}")
 
 
 def _optional_path(cfg: DictConfig, key: str) -> Path | None:

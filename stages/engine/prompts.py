@@ -15,7 +15,6 @@ from torch import nn
 
 from stages.common.errors import UserError
 
-INIT_METHODS = ("random", "text", "vocab", "file")
 
 
 class PromptEncoder(nn.Module):
@@ -174,7 +173,8 @@ def init_table(method: str, n: int, embeddings: torch.Tensor, tokenizer: Any, *,
         if not file:
             raise UserError(f"{key}.new_prompt_init_file: missing for task '{task}' whose init method is file")
         return load_init_file(file, n, hidden, f"{key}.new_prompt_init_file", task)
-    raise UserError(f"{key}.new_prompt_init_methods: '{method}' is not one of {', '.join(INIT_METHODS)}")
+    # the user-facing rule is stages/prompt_learning/config.py's check_tasks; here a caller's programming error
+    raise ValueError(f"init_table: unknown init method {method!r}")
 
 
 def build_new(store: PromptStore, new_tasks: Sequence[str], counts: dict[str, int], style: str, model_cfg: Any,

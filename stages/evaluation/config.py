@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from stages.common.checks import Need, StageCheck, Trainer, check_trainer, require_gpu
+from stages.common.checks import Need, StageCheck, Trainer, boolean, check_trainer, require_gpu
 from stages.common.errors import UserError
 from stages.engine.base_model import check_reference
 from stages.engine.template import parse_templates
@@ -24,12 +24,6 @@ ARTIFACT_FILE = "artifact.json"
 def _int(value: Any, key: str, minimum: int, meaning: str = "") -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise UserError(f"{PREFIX}.{key}: must be an integer >= {minimum}{meaning}, got {value!r}")
-    return value
-
-
-def _bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise UserError(f"{PREFIX}.{key}: must be true or false, got {value!r}")
     return value
 
 
@@ -83,8 +77,8 @@ class Settings:
             require_gpu(f"{PREFIX}.trainer.accelerator")
             device = "cuda"
 
-        baseline_only = _bool(inf.get("baseline_only", False), "inference.baseline_only")
-        compare_baseline = _bool(inf.get("compare_baseline", False), "inference.compare_baseline")
+        baseline_only = boolean(inf.get("baseline_only", False), f"{PREFIX}.inference.baseline_only")
+        compare_baseline = boolean(inf.get("compare_baseline", False), f"{PREFIX}.inference.compare_baseline")
         if inf.get("greedy", True) is not True:
             raise UserError(f"{PREFIX}.inference.greedy: only greedy decoding is supported (sampling lowers exact match); set {PREFIX}.inference.greedy=true")
 
@@ -142,8 +136,8 @@ class Settings:
             stop_strings=tuple(stops),
             compare_baseline=compare_baseline and not baseline_only,
             baseline_only=baseline_only,
-            progress=_bool(inf.get("progress", True), "inference.progress"),
-            share_prefix=_bool(inf.get("share_prefix", False), "inference.share_prefix"),
+            progress=boolean(inf.get("progress", True), f"{PREFIX}.inference.progress"),
+            share_prefix=boolean(inf.get("share_prefix", False), f"{PREFIX}.inference.share_prefix"),
             prompt_lookup_num_tokens=_int(inf.get("prompt_lookup_num_tokens", 0), "inference.prompt_lookup_num_tokens", 0, " (0 = off)"),
             prompt_lookup_pass_budget=(None if budget is None else
                                        _int(budget, "inference.prompt_lookup_pass_budget", 1, " or null (no limit)")),
