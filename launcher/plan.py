@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.jobspec import JobSpec
+from cluster.jobspec import JobSpec
 
 SIGNAL_STAGES = ("prompt_learning",)   # stages that checkpoint and requeue on cluster.signal (stages/prompt_learning/fault.py)
 

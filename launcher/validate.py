@@ -23,8 +23,11 @@ from stages.data_preparation.settings import Settings as DataPreparationSettings
 from stages.data_preparation.settings import raw_name
 from stages.evaluation.settings import Settings
 from stages.prompt_learning.config import check_batching_flags, check_p_tuning_dropout, check_tasks
-from launcher.render import check_env_names
-from launcher.schema import CLUSTER_TYPES, ClusterSchema, GlobalSchema, RunSchema, typed
+from cluster import CLUSTER_TYPES
+from cluster.render import check_env_names
+from cluster.slurm import SlurmConfig as ClusterSchema
+from launcher.schema import GlobalSchema, RunSchema
+from stages.common.typed import typed
 
 STAGE_NAMES = ("data_preparation", "prompt_learning", "evaluation")
 TRAINER_STAGES = ("prompt_learning", "evaluation")
@@ -200,7 +203,7 @@ def _check_trainer(stage: str, sc: DictConfig, g: GlobalSchema, model: DictConfi
     for key, default in (("reuse_host_memory", True), ("compile", False)):
         if not isinstance(t.get(key, default), bool):
             raise UserError(f"{stage}.trainer.{key}: must be true or false, got {t.get(key)!r}")
-    if accel == "gpu" and g.cluster_type == "interactive" and not g.dry_run and shutil.which("nvidia-smi") is None:
+    if accel == "gpu" and g.cluster_type == "local" and not g.dry_run and shutil.which("nvidia-smi") is None:
         raise UserError(f"{stage}.trainer.accelerator: gpu, but this machine has no GPU; set {stage}.trainer.accelerator=cpu")
     tp = _positive_int(model.get("tensor_model_parallel_size", 1), f"{stage}.model.tensor_model_parallel_size")
     pp = _positive_int(model.get("pipeline_model_parallel_size", 1), f"{stage}.model.pipeline_model_parallel_size")
@@ -214,7 +217,7 @@ def _check_trainer(stage: str, sc: DictConfig, g: GlobalSchema, model: DictConfi
         if world > 1:
             raise UserError(f"{stage}.trainer.compile: runs in one process only, this run has {world} "
                             f"(trainer.devices x trainer.num_nodes); set {stage}.trainer.compile=false or devices=1")
-        if accel == "cpu" and g.cluster_type == "interactive" and not g.dry_run:   # the job runs here
+        if accel == "cpu" and g.cluster_type == "local" and not g.dry_run:   # the job runs here
             from stages.prompt_learning.layer_compile import check_compiler
 
             check_compiler(f"{stage}.trainer.compile")
@@ -341,12 +344,12 @@ def validate(cfg: DictConfig) -> Checked:
         raise UserError(f"cluster_type: '{cfg.get('cluster_type')}' is not one of {', '.join(CLUSTER_TYPES)}")
     g: GlobalSchema = typed(GlobalSchema, OmegaConf.merge(cfg, {"stages": stages}), "config")
     typed(ClusterSchema, cfg.get("cluster") or {}, "cluster")
-    signal_lead = _check_signal((cfg.get("cluster") or {}).get("signal")) if g.cluster_type == "bcm" else None
+    signal_lead = _check_signal((cfg.get("cluster") or {}).get("signal")) if g.cluster_type == "slurm" else None
     bad_env = check_env_names(g.env_vars)
     if bad_env:
         raise UserError(f"env_vars.{bad_env[0]}: not a valid environment variable name; use letters, digits and _")
     _check_writable(g.base_results_dir, "base_results_dir")
-    if g.wandb_api_key_file and g.cluster_type == "interactive" and not os.path.isfile(g.wandb_api_key_file):
+    if g.wandb_api_key_file and g.cluster_type == "local" and not os.path.isfile(g.wandb_api_key_file):
         raise UserError(f"wandb_api_key_file: '{g.wandb_api_key_file}' does not exist; create it or set wandb_api_key_file=null")
     inputs = _Inputs(g.dry_run)
     for stage in stages:
