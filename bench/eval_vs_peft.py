@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
 
-STOP_STRINGS = ("\n",)   # conf/evaluation/prompt_gpt3/squad.yaml inference.stop_strings
-EVAL_CONFIG = C.ROOT / "conf" / "evaluation" / "prompt_gpt3" / "squad.yaml"
+STOP_STRINGS = ("\n",)   # conf/evaluation/gpt/squad.yaml inference.stop_strings
+EVAL_CONFIG = C.ROOT / "conf" / "evaluation" / "gpt" / "squad.yaml"
 
 
 def default_lookup() -> tuple[int, int | None]:
