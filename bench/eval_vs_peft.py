@@ -32,12 +32,9 @@ Writes bench/results/eval_vs_peft.json (override with --out).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common as C  # noqa: E402
+import common as C
 
 STOP_STRINGS = ("\n",)   # conf/evaluation/gpt/squad.yaml inference.stop_strings
 EVAL_CONFIG = C.ROOT / "conf" / "evaluation" / "gpt" / "squad.yaml"

@@ -12,7 +12,6 @@ import pytest
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from stages.common.errors import UserError  # noqa: E402
 from stages.engine.template import parse_templates  # noqa: E402
