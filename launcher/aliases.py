@@ -1,13 +1,8 @@
 """NeMo-Megatron-Launcher's spellings, still accepted: the one table that maps them to promptlaunch's words.
 
-Keys are what a command line sets (``cluster_type``, or a config group); each maps an old value -- a whole value,
-or the first folder of a group option -- to the new one:
-
-    cluster_type=interactive          -> cluster_type=local
-    cluster_type=bcm                  -> cluster_type=slurm
-    cluster=bcm                       -> cluster=slurm
-    prompt_learning=gpt3/squad        -> prompt_learning=gpt/squad
-    evaluation=prompt_gpt3/squad      -> evaluation=gpt/squad        (likewise prompt_t5 -> t5, prompt_mt5 -> mt5)
+``ALIASES`` maps, per key a command line sets (``cluster_type`` or a config group), an old value -- a whole value,
+or the first folder of a group option -- to the new one: ``cluster_type=bcm`` -> ``cluster_type=slurm``,
+``evaluation=prompt_gpt3/squad`` -> ``evaluation=gpt/squad``.
 
 ``main.py`` rewrites the command line with ``override`` before Hydra reads it (comma sweeps under ``-m`` too); the
 launcher maps a ``cluster_type`` set in a config file with ``value``. Config files themselves use the new words: a
