@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """promptlaunch entry point: ``python3 main.py [group=option ...] [key=value ...]``.
 
-Composes ``conf/config.yaml`` with Hydra and hands it to ``launcher.app.run``. Mistakes in the
-command line or the config come back as one ``error:`` line and exit code 2, before anything runs.
+Composes ``conf/config.yaml`` with Hydra (once) and hands it to ``launcher.app.run``. NeMo's spellings on the
+command line (``cluster_type=bcm``, ``prompt_learning=gpt3/squad``, ...) are first rewritten through the alias
+table in ``launcher/aliases.py``. Mistakes in the command line or the config come back as one ``error:`` line and
+exit code 2, before anything runs.
 """
 from __future__ import annotations
 
@@ -13,32 +15,29 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+from launcher import aliases
+from launcher.app import fail, run
+from stages.common.errors import UserError
 
-from launcher.app import fail, run  # noqa: E402
-from stages.common.errors import UserError  # noqa: E402
+ROOT = Path(__file__).resolve().parent
+ARGV = sys.argv[1:]                              # as typed: recorded in each stage's launcher_cmd.log
+USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR")
+_composed = False                                # set once Hydra hands over a composed config
 
 if not OmegaConf.has_resolver("launcher_root"):
     OmegaConf.register_new_resolver("launcher_root", lambda: str(ROOT))
 
 
-def _precheck(overrides: list[str]) -> None:
-    """Compose once without running, so a bad override becomes one line instead of Hydra's report."""
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-            compose(config_name="config", overrides=overrides)
-    except Exception as exc:  # Hydra, OmegaConf and YAML errors alike: the message names the file or key
-        text = " ".join(str(exc).split())
-        raise UserError(f"command line: {text}") from None
-
-
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    global _composed
+    _composed = True
+    if USER_FULL_ERROR is None:                  # the jobs inherit this environment: leave it as the user had it
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+    else:
+        os.environ["HYDRA_FULL_ERROR"] = USER_FULL_ERROR
     try:
-        code = run(cfg, sys.argv[1:])
+        code = run(cfg, ARGV)
     except UserError as exc:
         code = fail(exc)
     if code:
@@ -46,11 +45,14 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not any(a.startswith("-") for a in args):  # Hydra's own flags (--help, --cfg, -m) go straight to Hydra
-        try:
-            _precheck(args)
-        except UserError as exc:
-            sys.exit(fail(exc))
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    main()
+    sys.argv[1:] = [aliases.override(a) for a in ARGV]
+    # Hydra re-raises what goes wrong while composing instead of printing its own report, so a bad override (or a
+    # missing config under --config-dir, or in a -m sweep) becomes the one line below; errors after composition are
+    # the launcher's own (one line) or a bug (Hydra's report, as before).
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except Exception as exc:
+        if _composed:
+            raise
+        sys.exit(fail(UserError("command line: " + " ".join(str(exc).split()))))

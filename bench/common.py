@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 from stages.common.io import write_json  # noqa: E402
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
-DEFAULT_CONFIG = ROOT / "conf" / "prompt_learning" / "gpt3" / "squad_cpu.yaml"   # template, init text, lr
+DEFAULT_CONFIG = ROOT / "conf" / "prompt_learning" / "gpt" / "squad_cpu.yaml"   # template, init text, lr
 DEFAULT_DATA_DIR = ROOT / "data"
 RESULTS_DIR = ROOT / "bench" / "results"
 SQUAD_FILES = {"train": "squad_train.jsonl", "dev": "squad_val.jsonl"}
@@ -242,7 +242,7 @@ def prompt_table(setup: Setup, *, init: str = "text", seed: int = 1234, artifact
         table = tables[setup.template.taskname]
         if templates[setup.template.taskname].prompt_template != setup.template.prompt_template:
             raise SystemExit(f"--artifact {artifact}: trained with template {templates[setup.template.taskname].prompt_template!r}, "
-                             f"the bench uses {setup.template.prompt_template!r} (conf/prompt_learning/gpt3/squad_cpu.yaml)")
+                             f"the bench uses {setup.template.prompt_template!r} (conf/prompt_learning/gpt/squad_cpu.yaml)")
         if tuple(table.shape) != (n, setup.model.config.hidden_size):
             raise SystemExit(f"--artifact {artifact}: table shape {list(table.shape)} does not fit {n} virtual tokens x hidden "
                              f"{setup.model.config.hidden_size} of {setup.model_path}")

@@ -32,15 +32,12 @@ Writes bench/results/eval_vs_peft.json (override with --out).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C
 
-import common as C  # noqa: E402
-
-STOP_STRINGS = ("\n",)   # conf/evaluation/prompt_gpt3/squad.yaml inference.stop_strings
-EVAL_CONFIG = C.ROOT / "conf" / "evaluation" / "prompt_gpt3" / "squad.yaml"
+STOP_STRINGS = ("\n",)   # conf/evaluation/gpt/squad.yaml inference.stop_strings
+EVAL_CONFIG = C.ROOT / "conf" / "evaluation" / "gpt" / "squad.yaml"
 
 
 def default_lookup() -> tuple[int, int | None]:

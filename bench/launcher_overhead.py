@@ -14,11 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common as C  # noqa: E402  (torch-free: nothing heavy is imported while timing)
+import common as C  # torch-free: nothing heavy is imported while timing
 
 FLOOR = "import hydra, omegaconf"
 DRY_RUN = "main.py dry_run (3 stages)"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from typing import BinaryIO, Callable, Protocol, Sequence
 
-from launcher.jobspec import JobSpec
+from cluster.jobspec import JobSpec
 
 
 class Executor(Protocol):

@@ -1,4 +1,4 @@
-"""NVIDIA Base Command Platform ("bcp") executor: main.py runs inside the BCP job and starts each stage
+"""NVIDIA Base Command Platform executor (``cluster_type=bcp``): main.py runs inside the BCP job and starts each stage
 with ``bcprun`` on the job's nodes, one stage after another.
 
 Each stage script calls ``bcprun --nnodes N --npernode M`` with that stage's own layout. bcprun starts
@@ -16,8 +16,8 @@ import subprocess
 from typing import Sequence
 
 from cluster.base import run_in_order
-from launcher.jobspec import JobSpec
-from launcher.render import check_env_names, comment, env_lines, env_names, header, join, q
+from cluster.jobspec import JobSpec
+from cluster.render import check_env_names, comment, env_lines, env_names, header, join, q
 from stages.common.errors import UserError
 
 
@@ -52,7 +52,7 @@ class BCPExecutor:
         if shutil.which("bcprun") is None:
             raise UserError("bcprun: not found; cluster_type=bcp runs inside a Base Command Platform job "
                             "(ngc batch run ... --commandline 'python3 main.py ... cluster_type=bcp'); "
-                            "elsewhere use cluster_type=interactive or bcm")
+                            "elsewhere use cluster_type=local or slurm")
         size = os.environ.get("NGC_ARRAY_SIZE")
         for job in jobs:
             if size and size.isdigit() and job.nodes > int(size):

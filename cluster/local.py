@@ -1,4 +1,4 @@
-"""Local ("interactive") executor: runs the stages one after another on this machine.
+"""Local executor (``cluster_type=local``; NeMo's ``interactive``): runs the stages one after another on this machine.
 
 Multi-process stages start through ``torch.distributed.run`` (torchrun) with the same interpreter.
 Output goes to the terminal and to ``log-<name>.out`` in the stage's results folder.
@@ -8,21 +8,21 @@ from __future__ import annotations
 from typing import Sequence
 
 from stages.common.errors import UserError
-from launcher.jobspec import JobSpec
 from cluster.base import run_in_order, stream
-from launcher.render import env_lines, header, join, q
+from cluster.jobspec import JobSpec
+from cluster.render import env_lines, header, join, q
 
 
 class LocalExecutor:
     """Run each stage's script with bash, in order, stopping at the first failure."""
 
-    name = "interactive"
+    name = "local"
 
     def check(self, job: JobSpec) -> None:
         if job.nodes > 1:
             raise UserError(
-                f"{job.stage}: {job.nodes} nodes requested but cluster_type=interactive runs on this machine only; "
-                f"set {job.stage}.trainer.num_nodes=1 or use cluster_type=bcm"
+                f"{job.stage}: {job.nodes} nodes requested but cluster_type=local runs on this machine only; "
+                f"set {job.stage}.trainer.num_nodes=1 or use cluster_type=slurm"
             )
 
     def render(self, job: JobSpec) -> str:

@@ -1,6 +1,7 @@
-"""Slurm ("bcm") executor: one readable sbatch script per stage, submitted as an ``afterok`` chain.
+"""Slurm executor (``cluster_type=slurm``; NeMo's ``bcm``): one readable sbatch script per stage, submitted as an
+``afterok`` chain. Its settings are ``SlurmConfig`` (``conf/cluster/slurm.yaml``).
 
-The script is a pure function of the JobSpec and the cluster config: ``#SBATCH`` lines (sorted), then
+The script is a pure function of the JobSpec and the settings: ``#SBATCH`` lines (sorted), then
 ``srun`` starting one task per process. Rank, world size and local rank come from Slurm's own
 variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), which Lightning's SLURMEnvironment and
 ``stages.common.entry.init_distributed_env`` both read; the script adds MASTER_ADDR/MASTER_PORT with the
@@ -23,18 +24,18 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
 from stages.common import io
 from stages.common.entry import SLURM_PORT_BASE, SLURM_PORT_SPAN
 from stages.common.errors import UserError
-from launcher.jobspec import JobSpec
-from launcher.render import check_env_names, comment, env_lines, env_names, header, join, q
-from launcher.schema import ClusterSchema, typed
+from stages.common.typed import typed
+from cluster.jobspec import JobSpec
+from cluster.render import check_env_names, comment, env_lines, env_names, header, join, q
 
 _SAFE_DIRECTIVE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -63,20 +64,39 @@ def slurm_log(results_dir: str, name: str, suffix: str, job_id: str = "%j") -> s
     return f"{folder}/log-{name}_{job_id}.{suffix}"
 
 
-def _settings(cluster_cfg: Any) -> ClusterSchema:
-    cfg = cluster_cfg if cluster_cfg is not None else {}
-    if not OmegaConf.is_config(cfg):
-        cfg = OmegaConf.create(dict(cfg))
-    return typed(ClusterSchema, cfg, "cluster")
+@dataclass
+class SlurmConfig:
+    """The Slurm executor's settings: the ``cluster`` key (``conf/cluster/slurm.yaml``, which documents each)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    exclusive: bool = True
+    gpus_per_task: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    mem: Optional[str] = "0"
+    overcommit: bool = False
+    job_name_prefix: str = "promptlaunch-"
+    srun_args: list[str] = field(default_factory=list)
+    signal: Optional[str] = None
+    wait: bool = False
+    poll_seconds: float = 10.0
+
+    @classmethod
+    def from_cfg(cls, cluster_cfg: Any) -> "SlurmConfig":
+        """Typed settings from the ``cluster`` node (or a plain dict, or None for the defaults)."""
+        cfg = cluster_cfg if cluster_cfg is not None else {}
+        if not OmegaConf.is_config(cfg):
+            cfg = OmegaConf.create(dict(cfg))
+        return typed(cls, cfg, "cluster")
 
 
 class SlurmExecutor:
     """Render sbatch scripts, submit them as a dependency chain, optionally wait for the chain."""
 
-    name = "bcm"
+    name = "slurm"
 
     def __init__(self, cluster_cfg: Any = None) -> None:
-        self.cfg = _settings(cluster_cfg)
+        self.cfg = SlurmConfig.from_cfg(cluster_cfg)
 
     # ---- pure part -------------------------------------------------------------------------
     def check(self, job: JobSpec) -> None:
@@ -238,7 +258,7 @@ def submit(script: str, dependency: str | None = None) -> str:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
-        raise UserError("sbatch: not found on PATH; run on a Slurm login node or use cluster_type=interactive") from None
+        raise UserError("sbatch: not found on PATH; run on a Slurm login node or use cluster_type=local") from None
     except subprocess.TimeoutExpired:
         raise UserError(f"sbatch {script}: no answer from Slurm in 120 s; check `sinfo` and retry") from None
     if proc.returncode != 0:

@@ -10,10 +10,12 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
+from cluster import get_executor
+from cluster.render import join
 from stages.common import io
 from stages.common.errors import UserError
+from launcher import aliases
 from launcher.plan import PlannedJob, plan
-from launcher.render import join
 from launcher.schema import resolve_all
 from launcher.validate import validate
 
@@ -27,9 +29,8 @@ def _write(job: PlannedJob, executor_name: str, script: str, command_line: str) 
 
 def run(cfg: DictConfig, argv: Sequence[str]) -> int:
     """Run the launcher on a composed config; ``argv`` is the command line, recorded next to each job."""
-    from cluster import get_executor
-
     resolve_all(cfg)
+    cfg.cluster_type = aliases.value("cluster_type", str(cfg.cluster_type))  # a config file may still say bcm
     checked = validate(cfg)
     jobs = plan(cfg, checked.checks)
     executor = get_executor(str(cfg.cluster_type), cfg.get("cluster"))

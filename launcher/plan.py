@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.jobspec import JobSpec
+from cluster.jobspec import JobSpec
 from stages.common.checks import StageCheck
 
 

@@ -1,4 +1,5 @@
-"""Typed schema of the keys the launcher itself reads (globals, cluster, each stage's ``run`` block).
+"""Typed schema of the keys the launcher itself reads (globals and each stage's ``run`` block; the executors type
+their own ``cluster`` settings, e.g. ``cluster.slurm.SlurmConfig``).
 
 Stage bodies (trainer/model/data) belong to the stage programs; the launcher only types what it plans
 with, and checks the rest in ``validate``. Types are enforced by merging into OmegaConf structured
@@ -7,32 +8,12 @@ configs, so a wrong type names its key (``run.nodes: Value 'x' could not be conv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from stages.common.errors import UserError
-
-CLUSTER_TYPES = ("interactive", "bcm", "bcp")
-
-
-@dataclass
-class ClusterSchema:
-    """Slurm settings (``conf/cluster/bcm.yaml``)."""
-
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    exclusive: bool = True
-    gpus_per_task: Optional[int] = None
-    gpus_per_node: Optional[int] = None
-    mem: Optional[str] = "0"
-    overcommit: bool = False
-    job_name_prefix: str = "promptlaunch-"
-    srun_args: list[str] = field(default_factory=list)
-    signal: Optional[str] = None
-    wait: bool = False
-    poll_seconds: float = 10.0
 
 
 @dataclass
@@ -40,7 +21,7 @@ class GlobalSchema:
     """Top-level keys of ``conf/config.yaml``."""
 
     stages: list[str] = field(default_factory=list)
-    cluster_type: str = "interactive"
+    cluster_type: str = "local"
     dry_run: bool = False
     launcher_scripts_path: str = "."
     data_dir: str = "data"
@@ -61,20 +42,6 @@ class RunSchema:
     time_limit: str = "01:00:00"
     dependency: Optional[str] = None
     nodes: int = 1
-
-
-def typed(schema: type, cfg: Any, key: str) -> Any:
-    """Merge ``cfg`` (only the keys ``schema`` declares) into ``schema``; a type error names ``key.sub``."""
-    fields = schema.__dataclass_fields__  # type: ignore[attr-defined]
-    data = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k in fields}  # type: ignore[union-attr]
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
-        obj = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        sub = getattr(exc, "full_key", "") or ""
-        msg = str(exc).splitlines()[0]
-        raise UserError(f"{key}.{sub}: {msg}; fix the value in the config or on the command line") from None
-    return obj
 
 
 def resolve_all(cfg: DictConfig) -> None:

@@ -14,11 +14,14 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cluster import CLUSTER_TYPES
+from cluster.render import check_env_names
+from cluster.slurm import SlurmConfig
 from launcher.registry import STAGE_NAMES, check_stage
-from launcher.render import check_env_names
-from launcher.schema import CLUSTER_TYPES, ClusterSchema, GlobalSchema, RunSchema, typed
+from launcher.schema import GlobalSchema, RunSchema
 from stages.common.checks import Need, StageCheck, check_writable, positive_int
 from stages.common.errors import UserError
+from stages.common.typed import typed
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
 
@@ -116,14 +119,14 @@ def validate(cfg: DictConfig) -> Checked:
     if cfg.get("cluster_type") not in CLUSTER_TYPES:
         raise UserError(f"cluster_type: '{cfg.get('cluster_type')}' is not one of {', '.join(CLUSTER_TYPES)}")
     g: GlobalSchema = typed(GlobalSchema, OmegaConf.merge(cfg, {"stages": stages}), "config")
-    typed(ClusterSchema, cfg.get("cluster") or {}, "cluster")
-    signal_lead = _check_signal((cfg.get("cluster") or {}).get("signal")) if g.cluster_type == "bcm" else None
+    typed(SlurmConfig, cfg.get("cluster") or {}, "cluster")
+    signal_lead = _check_signal((cfg.get("cluster") or {}).get("signal")) if g.cluster_type == "slurm" else None
     bad_env = check_env_names(g.env_vars)
     if bad_env:
         raise UserError(f"env_vars.{bad_env[0]}: not a valid environment variable name; use letters, digits and _")
     check_writable(g.base_results_dir, "base_results_dir")
-    runs_here = g.cluster_type == "interactive" and not g.dry_run
-    if g.wandb_api_key_file and g.cluster_type == "interactive" and not os.path.isfile(g.wandb_api_key_file):
+    runs_here = g.cluster_type == "local" and not g.dry_run
+    if g.wandb_api_key_file and g.cluster_type == "local" and not os.path.isfile(g.wandb_api_key_file):
         raise UserError(f"wandb_api_key_file: '{g.wandb_api_key_file}' does not exist; create it or set wandb_api_key_file=null")
     inputs = _Inputs(g.dry_run)
     checked = Checked(stages=stages, warnings=inputs.warnings)

@@ -69,7 +69,7 @@ def squad_v11_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if (ready / "_SUCCESS.json").is_file():
         return ready
     data_dir = tmp_path_factory.mktemp("squad_data")
-    proc = run_main(["stages=[data_preparation]", "cluster_type=interactive", f"data_dir={data_dir}",
+    proc = run_main(["stages=[data_preparation]", "cluster_type=local", f"data_dir={data_dir}",
                      f"base_results_dir={data_dir / 'results'}"])
     assert proc.returncode == 0, f"data_preparation failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     out = data_dir / "prompt_data" / "v1.1"

@@ -1,7 +1,7 @@
 """Task templates shared by the tests (torch-free, so any test module can import them)."""
 from __future__ import annotations
 
-# the SQuAD template of conf/prompt_learning/gpt3/squad.yaml with few virtual tokens (tiny test models)
+# the SQuAD template of conf/prompt_learning/gpt/squad.yaml with few virtual tokens (tiny test models)
 SQUAD_T = {
     "taskname": "squad",
     "prompt_template": "<|VIRTUAL_PROMPT_0|>Context: {context} Question: {question} Answer: {answer}",

@@ -178,7 +178,7 @@ def test_rendered_script_interrupted_is_not_left_half_written(tmp_path, monkeypa
 
     def flaky_atomic(path, suffix=""):
         calls["n"] += 1
-        if str(path).endswith("_interactive.sh"):
+        if str(path).endswith("_local.sh"):
             raise Boom("killed while writing the script")
         return real_atomic(path, suffix)
 

@@ -42,8 +42,8 @@ PRELAUNCH = [
      "folder has no config.json, so it is not a Hugging Face model folder; point it at the folder that holds config.json"),
     (["prompt_learning.exp_manager.checkpoint_callback_params.every_n_train_steps=0"],
      "prompt_learning.exp_manager.checkpoint_callback_params.every_n_train_steps: must be a positive integer, got 0"),
-    (["cluster_type=bcm", "cluster.signal=B:USR1@120"], "cluster.signal: 'B:USR1@120' would signal only the batch shell"),
-    (["cluster_type=bcm", "cluster.signal=USR1@7200"],
+    (["cluster_type=slurm", "cluster.signal=B:USR1@120"], "cluster.signal: 'B:USR1@120' would signal only the batch shell"),
+    (["cluster_type=slurm", "cluster.signal=USR1@7200"],
      "cluster.signal: USR1@7200 asks for the signal 7200 s before the time limit, but prompt_learning.run.time_limit is 01:00:00"),
 ]
 

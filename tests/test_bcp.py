@@ -13,7 +13,7 @@ import pytest
 
 from cluster.bcp import BCPExecutor
 from stages.common.errors import UserError
-from launcher.jobspec import JobSpec
+from cluster.jobspec import JobSpec
 from stages.common.entry import init_distributed_env
 from tests.launcher_helpers import ROOT
 from tests.test_slurm import tiny_job, write_scripts

@@ -21,7 +21,6 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from stages.common.errors import UserError  # noqa: E402
 from stages.data_preparation import fetch  # noqa: E402

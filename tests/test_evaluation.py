@@ -12,7 +12,6 @@ import pytest
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from stages.common.errors import UserError  # noqa: E402
 from stages.engine.template import parse_templates  # noqa: E402
@@ -305,8 +304,8 @@ def _keys(node: Any, prefix: str = "") -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("option,train_name", [("prompt_gpt3/squad", "smollm2_135m"), ("prompt_gpt3/squad_cpu", "smollm2_135m"),
-                                                ("prompt_t5/squad", "t5_220m"), ("prompt_mt5/squad", "mt5_390m")])
+@pytest.mark.parametrize("option,train_name", [("gpt/squad", "smollm2_135m"), ("gpt/squad_cpu", "smollm2_135m"),
+                                                ("t5/squad", "t5_220m"), ("mt5/squad", "mt5_390m")])
 def test_conf_families_share_keys_and_validate(tmp_path, option, train_name):
     from launcher.schema import resolve_all
     from launcher.validate import validate
@@ -324,7 +323,7 @@ def test_conf_families_share_keys_and_validate(tmp_path, option, train_name):
     assert e["run"]["results_dir"] == f"{tmp_path}/{train_name}/evaluation_squad"
     assert e["model"]["artifact_path"] == f"{tmp_path}/{train_name}/prompt_learning_squad/results/prompt_artifact"
     assert e["inference"]["stop_strings"] == ["\n"]
-    ref = compose_cfg(["evaluation=prompt_gpt3/squad", f"base_results_dir={tmp_path}", f"data_dir={tmp_path}/data"])
+    ref = compose_cfg(["evaluation=gpt/squad", f"base_results_dir={tmp_path}", f"data_dir={tmp_path}/data"])
     resolve_all(ref)
     assert _keys(e) == _keys(OmegaConf.to_container(ref.evaluation))
 

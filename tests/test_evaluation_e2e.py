@@ -10,7 +10,6 @@ import pytest
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from stages.engine.template import parse_templates  # noqa: E402
 from tests.templates import SQUAD_T  # noqa: E402

@@ -4,15 +4,11 @@ from __future__ import annotations
 import random
 import re
 import string
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stages.evaluation.metrics import Score, aggregate, score  # noqa: E402
+from stages.evaluation.metrics import Score, aggregate, score
 
 
 # ---- reference: the functions of the official SQuAD v1.1 script (evaluate-v1.1.py), test-only copy ----

@@ -49,7 +49,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same_prom
     python.chmod(0o755)
     results = tmp_path / "results"
     proc = run_main([
-        "stages=[prompt_learning]", "cluster_type=bcm", f"base_results_dir={results}", f"data_dir={tmp_path}/data",
+        "stages=[prompt_learning]", "cluster_type=slurm", f"base_results_dir={results}", f"data_dir={tmp_path}/data",
         f"python={python}", "cluster.exclusive=false", "cluster.mem=null", f"cluster.job_name_prefix=pl-{tmp_path.name}-",
         "cluster.signal=USR1@60", "env_vars.OMP_NUM_THREADS=1", "env_vars.HF_HUB_OFFLINE=1",
         f"prompt_learning.model.language_model_path={model}", f"prompt_learning.model.data.train_ds=[{train}]",
@@ -61,7 +61,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same_prom
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stage_dir = next(results.rglob("job_id")).parent
     job_id = slurm_cluster.job_id(stage_dir)
-    script = next(stage_dir.glob("*_bcm.sh")).read_text()
+    script = next(stage_dir.glob("*_slurm.sh")).read_text()
     assert "#SBATCH --signal=USR1@60" in script and "#SBATCH --requeue" in script and "#SBATCH --open-mode=append" in script
     log = lambda: next(iter(stage_dir.glob(f"log-*_{job_id}.out")), None)  # noqa: E731
 

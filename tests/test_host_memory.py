@@ -79,8 +79,8 @@ def test_stays_off_where_not_glibc(monkeypatch):
 
 
 def test_every_stage_config_turns_it_on():
-    for path in ["conf/prompt_learning/gpt3/squad.yaml", "conf/evaluation/prompt_gpt3/squad.yaml",
-                 "conf/evaluation/prompt_t5/squad.yaml", "conf/evaluation/prompt_mt5/squad.yaml"]:
+    for path in ["conf/prompt_learning/gpt/squad.yaml", "conf/evaluation/gpt/squad.yaml",
+                 "conf/evaluation/t5/squad.yaml", "conf/evaluation/mt5/squad.yaml"]:
         assert OmegaConf.load(ROOT / path).trainer.reuse_host_memory is True, path
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from cluster.local import LocalExecutor
 from stages.common.errors import UserError
-from launcher.jobspec import JobSpec
+from cluster.jobspec import JobSpec
 from launcher.plan import plan
 from launcher.schema import resolve_all
 from launcher.validate import normalize_stages, validate
@@ -66,7 +66,7 @@ def test_default_pipeline_plans_three_jobs(tmp_path):
 
 
 def test_nemo_recipe_values(tmp_path):
-    cfg = _cfg(tmp_path, "prompt_learning=gpt3/squad", "prompt_learning.run.model_train_name=gpt3_5b")
+    cfg = _cfg(tmp_path, "prompt_learning=gpt/squad", "prompt_learning.run.model_train_name=gpt3_5b")
     run = cfg.prompt_learning.run
     assert run.name == "squad_gpt3_5b"
     assert run.results_dir == f"{tmp_path}/results/gpt3_5b/prompt_learning_squad"
@@ -103,7 +103,7 @@ def test_validation_errors_name_the_key(tmp_path, overrides, msg):
     cfg = _cfg(tmp_path, *overrides)
     if msg is None:
         spec = plan(cfg, validate(cfg).checks)[1].spec
-        with pytest.raises(UserError, match="num_nodes=1 or use cluster_type=bcm"):
+        with pytest.raises(UserError, match="num_nodes=1 or use cluster_type=slurm"):
             LocalExecutor().check(spec)
         return
     with pytest.raises(UserError, match=msg):
@@ -168,11 +168,11 @@ def test_dry_run_writes_three_scripts_and_configs_without_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "TORCH_LOADED=False" in out.stdout
-    scripts = sorted(p.name for p in (tmp_path / "r").rglob("*_interactive.sh"))
+    scripts = sorted(p.name for p in (tmp_path / "r").rglob("*_local.sh"))
     configs = sorted(p.name for p in (tmp_path / "r").rglob("*_hydra.yaml"))
     assert len(scripts) == 3 and len(configs) == 3
     assert all((tmp_path / "r").rglob("launcher_cmd.log"))
-    assert "dry run (interactive): 3 stage(s) written, nothing run" in out.stdout
+    assert "dry run (local): 3 stage(s) written, nothing run" in out.stdout
     assert not list((tmp_path / "r").rglob("log-*"))  # nothing ran
 
 
@@ -193,7 +193,7 @@ BAD_INPUTS = [
     (["+env_vars.BAD-NAME=1"], "env_vars.BAD-NAME"),
     (["data_preparation.source=local", "data_preparation.local_dir=/nonexistent"], "data_preparation.local_dir"),
     (["data_preparation.run.nodes=0"], "data_preparation.run.nodes: must be a positive integer"),
-    (["prompt_learning.trainer.num_nodes=2", "prompt_learning.model.global_batch_size=16"], "cluster_type=interactive runs on this machine only"),
+    (["prompt_learning.trainer.num_nodes=2", "prompt_learning.model.global_batch_size=16"], "cluster_type=local runs on this machine only"),
     (["stages=[evaluation]"], "evaluation.model.artifact_path"),
 ]
 

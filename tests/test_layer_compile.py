@@ -120,11 +120,11 @@ def test_the_stage_config_documents_the_knob_off_by_default():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    assert OmegaConf.load(root / "conf/prompt_learning/gpt3/squad.yaml").trainer.compile is False
+    assert OmegaConf.load(root / "conf/prompt_learning/gpt/squad.yaml").trainer.compile is False
 
 
 def test_launcher_refuses_a_local_compiled_run_without_a_compiler(tmp_path):
-    """Run here (interactive): no compiler on PATH is one line before anything is written; dry runs and Slurm jobs
+    """Run here (cluster_type=local): no compiler on PATH is one line before anything is written; dry runs and Slurm jobs
     (whose nodes may have one) are left to the stage's own check."""
     import sys
 

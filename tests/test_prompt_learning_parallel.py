@@ -283,7 +283,7 @@ def test_main_py_runs_tensor_parallel_through_torchrun(tmp_path, tiny_llama):
     took = time.monotonic() - t0
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
-    scripts = list((tmp_path / "results").rglob("*_interactive.sh"))
+    scripts = list((tmp_path / "results").rglob("*_local.sh"))
     assert len(scripts) == 1
     assert "-m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=2" in scripts[0].read_text()
     log_text = next((tmp_path / "results").rglob("log-*.out")).read_text()

@@ -1,5 +1,5 @@
 """T5 and mT5 end to end through main.py, as a user runs it: data_preparation (the SQuAD fixture) -> prompt_learning
-(``t5/squad_tiny`` / ``mt5/squad_tiny``) -> evaluation (``prompt_t5/squad_tiny`` / ``prompt_mt5/squad_tiny``), on tiny
+(``t5/squad_tiny`` / ``mt5/squad_tiny``) -> evaluation (``t5/squad_tiny`` / ``mt5/squad_tiny``), on tiny
 RANDOMLY INITIALISED models built offline by ``stages.prompt_learning.tiny_models``. EM/F1 are meaningless here.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def workspace(tmp_path_factory):
 @pytest.mark.parametrize("family", ["t5", "mt5"])
 def test_main_py_prompt_learning_and_evaluation(workspace, family):
     data, results = workspace
-    proc = run_main(["stages=[prompt_learning,evaluation]", f"prompt_learning={family}/squad_tiny", f"evaluation=prompt_{family}/squad_tiny",
+    proc = run_main(["stages=[prompt_learning,evaluation]", f"prompt_learning={family}/squad_tiny", f"evaluation={family}/squad_tiny",
                      f"base_results_dir={results}", f"data_dir={data}"], env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "done: 2 stage(s) finished: prompt_learning, evaluation" in proc.stdout

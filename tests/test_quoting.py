@@ -41,11 +41,11 @@ def hostile(marker_dir: Path, n: int, multiline: bool) -> str:
     return text + (f" \\ \n touch {m}/PWNED{n}d \n" if multiline else "")
 
 
-@pytest.mark.parametrize("executor_name,container", [("interactive", False), ("bcm", False), ("bcm", True), ("bcp", False)])
+@pytest.mark.parametrize("executor_name,container", [("local", False), ("slurm", False), ("slurm", True), ("bcp", False)])
 def test_hostile_values_stay_literal(tmp_path, executor_name, container):
     markers = tmp_path / "markers"
     markers.mkdir()
-    sbatch_safe = executor_name != "bcm"  # Slurm refuses newlines and backslashes in results_dir (tested below)
+    sbatch_safe = executor_name != "slurm"  # Slurm refuses newlines and backslashes in results_dir (tested below)
     root = tmp_path / hostile(markers, 1, True) / "launcher"
     root.mkdir(parents=True)
     python = tmp_path / hostile(markers, 2, True) / "py"
@@ -60,7 +60,7 @@ def test_hostile_values_stay_literal(tmp_path, executor_name, container):
                    python=str(python), env=(("HOSTILE", env_value),), secret_files=(("WANDB_API_KEY", str(key_file)),),
                    container="img" if container else None,
                    container_mounts=(f"{hostile(markers, 7, False)}:/x",) if container else ())
-    executor = {"interactive": LocalExecutor(), "bcm": SlurmExecutor({"job_name_prefix": hostile(markers, 8, False)}),
+    executor = {"local": LocalExecutor(), "slurm": SlurmExecutor({"job_name_prefix": hostile(markers, 8, False)}),
                 "bcp": BCPExecutor()}[executor_name]
     (script,) = write_scripts(executor, [job])
 
@@ -97,13 +97,13 @@ def test_slurm_refuses_a_newline_that_would_end_an_sbatch_comment(tmp_path, fiel
         SlurmExecutor().render(spec)
 
 
-@pytest.mark.parametrize("cluster_type", ["interactive", "bcm", "bcp"])
+@pytest.mark.parametrize("cluster_type", ["local", "slurm", "bcp"])
 def test_secret_never_written_or_printed(tmp_path, cluster_type):
     key = tmp_path / "wandb.key"
     key.write_text(SECRET)
     results = tmp_path / "results"
     proc = run_main(["dry_run=true", f"cluster_type={cluster_type}", f"base_results_dir={results}",
-                     "prompt_learning=gpt3/squad", "evaluation=prompt_gpt3/squad",
+                     "prompt_learning=gpt/squad", "evaluation=gpt/squad",
                      f"data_dir={tmp_path}/data", f"wandb_api_key_file={key}"])
     assert proc.returncode == 0, proc.stderr
     files = [p for p in results.rglob("*") if p.is_file()]

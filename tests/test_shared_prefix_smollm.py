@@ -15,7 +15,7 @@ import pytest
 
 from tests.templates import SQUAD_T  # noqa: E402
 
-TEMPLATE = {**SQUAD_T, "total_virtual_tokens": 20, "virtual_token_splits": [20]}   # as gpt3/squad_cpu
+TEMPLATE = {**SQUAD_T, "total_virtual_tokens": 20, "virtual_token_splits": [20]}   # as gpt/squad_cpu
 
 pytestmark = [
     pytest.mark.slow,

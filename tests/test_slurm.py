@@ -18,7 +18,7 @@ import pytest
 from cluster.slurm import SlurmExecutor, directive_value
 from stages.common import io
 from stages.common.errors import UserError
-from launcher.jobspec import JobSpec
+from cluster.jobspec import JobSpec
 from stages.common.entry import init_distributed_env
 from tests.launcher_helpers import ROOT
 

@@ -16,12 +16,12 @@ from tests.launcher_helpers import ROOT, run_main
 
 GOLDEN = ROOT / "tests" / "golden"
 FAMILIES = {  # family -> the config choices that select it (skipped while a config file is missing)
-    "gpt3": ["prompt_learning=gpt3/squad", "evaluation=prompt_gpt3/squad"],
-    "t5": ["prompt_learning=t5/squad", "evaluation=prompt_t5/squad"],
-    "mt5": ["prompt_learning=mt5/squad", "evaluation=prompt_mt5/squad"],
+    "gpt": ["prompt_learning=gpt/squad", "evaluation=gpt/squad"],
+    "t5": ["prompt_learning=t5/squad", "evaluation=t5/squad"],
+    "mt5": ["prompt_learning=mt5/squad", "evaluation=mt5/squad"],
 }
 STAGES = ("data_preparation", "prompt_learning", "evaluation")
-EXECUTORS = {"bcm": "slurm", "bcp": "bcp"}  # cluster_type -> golden folder
+EXECUTORS = ("slurm", "bcp")  # cluster_type = golden folder = script suffix
 
 
 def dry_run(tmp_path: Path, cluster_type: str, *overrides: str) -> dict[str, str]:
@@ -39,7 +39,7 @@ def dry_run(tmp_path: Path, cluster_type: str, *overrides: str) -> dict[str, str
     return scripts
 
 
-@pytest.mark.parametrize("cluster_type", sorted(EXECUTORS))
+@pytest.mark.parametrize("cluster_type", EXECUTORS)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_scripts_match_golden(tmp_path, family, cluster_type):
     missing = [c for c in FAMILIES[family] if not (ROOT / "conf" / (c.replace("=", "/") + ".yaml")).exists()]
@@ -48,14 +48,14 @@ def test_scripts_match_golden(tmp_path, family, cluster_type):
     scripts = dry_run(tmp_path, cluster_type, f"stages=[{','.join(STAGES)}]", *FAMILIES[family])
     assert sorted(scripts) == sorted(STAGES)
     for stage, text in scripts.items():
-        path = GOLDEN / EXECUTORS[cluster_type] / f"{stage}_{family}.sh"
+        path = GOLDEN / cluster_type / f"{stage}_{family}.sh"
         if os.environ.get("UPDATE_GOLDEN") == "1" or not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
         assert text == path.read_text(), f"{path} differs from the rendered script; rerun with UPDATE_GOLDEN=1 if intended"
 
 
-SEED = ["prompt_learning=gpt3/squad", "stages=prompt_learning", "prompt_learning.run.model_train_name=gpt3_5b"]
+SEED = ["prompt_learning=gpt/squad", "stages=prompt_learning", "prompt_learning.run.model_train_name=gpt3_5b"]
 
 
 def test_seed_command_line_bcp(tmp_path):
@@ -67,8 +67,8 @@ def test_seed_command_line_bcp(tmp_path):
     assert "2>&1 | tee -a /mount/results/gpt3_5b/prompt_learning_squad/log-squad_gpt3_5b.out" in script
 
 
-def test_seed_command_line_bcm(tmp_path):
-    (script,) = dry_run(tmp_path, "bcm", *SEED, "launcher_scripts_path=/opt/launcher").values()
+def test_seed_command_line_slurm(tmp_path):
+    (script,) = dry_run(tmp_path, "slurm", *SEED, "launcher_scripts_path=/opt/launcher").values()
     for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --nodes=1",
                  "#SBATCH --job-name=promptlaunch-squad_gpt3_5b", "#SBATCH --time=04:00:00",
                  "#SBATCH --output=/mount/results/gpt3_5b/prompt_learning_squad/log-squad_gpt3_5b_%j.out"):

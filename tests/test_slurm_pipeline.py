@@ -22,7 +22,7 @@ def test_three_stage_pipeline_on_slurm_with_two_process_prompt_learning(slurm_cl
     subprocess.run([sys.executable, "-m", "stages.prompt_learning.tiny_llama", str(llama)], check=True, cwd=ROOT)
     results, data = tmp_path / "results", tmp_path / "data"
     proc = run_main([
-        "cluster_type=bcm", "cluster.wait=true", "cluster.poll_seconds=1", "cluster.exclusive=false",
+        "cluster_type=slurm", "cluster.wait=true", "cluster.poll_seconds=1", "cluster.exclusive=false",
         f"cluster.job_name_prefix=pl-{tmp_path.name}-", f"base_results_dir={results}", f"data_dir={data}",
         "stages=[data_preparation,prompt_learning,evaluation]",
         "data_preparation.source=local", f"data_preparation.local_dir={FIXTURE}",
@@ -50,7 +50,7 @@ def test_three_stage_pipeline_on_slurm_with_two_process_prompt_learning(slurm_cl
     # the prompt-learning job ran two srun tasks that formed one data-parallel world
     pl_log = (stage_dirs["prompt_learning"] / f"log-squad_tiny_llama_{ids['prompt_learning']}.out").read_text()
     assert "Starting with 2 processes" in pl_log, pl_log[-3000:]
-    script = (stage_dirs["prompt_learning"] / "squad_tiny_llama_bcm.sh").read_text()
+    script = (stage_dirs["prompt_learning"] / "squad_tiny_llama_slurm.sh").read_text()
     assert "#SBATCH --ntasks-per-node=2" in script and "srun" in script
     metrics = json.loads((stage_dirs["evaluation"] / "metrics.json").read_text())
     assert metrics["total"] == 3 and 0.0 <= metrics["f1"] <= 100.0

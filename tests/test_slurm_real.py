@@ -139,8 +139,8 @@ def test_hostile_results_dir_is_taken_literally_by_sbatch(slurm_cluster, tmp_pat
 def test_main_py_submits_and_waits(slurm_cluster, tmp_path):
     """The user's path end to end: main.py -> sbatch -> the data_preparation stage -> wait -> exit 0."""
     fixture = ROOT / "tests" / "fixtures" / "squad_tiny"
-    proc = run_main(["stages=[data_preparation]", "prompt_learning=gpt3/squad", "evaluation=prompt_gpt3/squad",
-                     "cluster_type=bcm", "cluster.wait=true", "cluster.poll_seconds=0.5",
+    proc = run_main(["stages=[data_preparation]", "prompt_learning=gpt/squad", "evaluation=gpt/squad",
+                     "cluster_type=slurm", "cluster.wait=true", "cluster.poll_seconds=0.5",
                      f"cluster.job_name_prefix=pl-{tmp_path.name}-", f"base_results_dir={tmp_path}/results",
                      f"data_dir={tmp_path}/data", "data_preparation.source=local", f"data_preparation.local_dir={fixture}",
                      "data_preparation.sha256.train=null", "data_preparation.sha256.dev=null",

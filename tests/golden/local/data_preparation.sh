@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# promptlaunch stage 'data_preparation', job 'download_squad', executor 'interactive'.
+# promptlaunch stage 'data_preparation', job 'download_squad', executor 'local'.
 # Config: /TMP/results/data_preparation/download_squad_hydra.yaml
-# Rerun by hand: bash /TMP/results/data_preparation/download_squad_interactive.sh
+# Rerun by hand: bash /TMP/results/data_preparation/download_squad_local.sh
 set -euo pipefail
 cd /opt/promptlaunch
 export HF_HUB_OFFLINE=1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# promptlaunch stage 'prompt_learning', job 'squad_smollm2_135m', executor 'interactive'.
+# promptlaunch stage 'prompt_learning', job 'squad_smollm2_135m', executor 'local'.
 # Config: /TMP/results/smollm2_135m/prompt_learning_squad/squad_smollm2_135m_hydra.yaml
-# Rerun by hand: bash /TMP/results/smollm2_135m/prompt_learning_squad/squad_smollm2_135m_interactive.sh
+# Rerun by hand: bash /TMP/results/smollm2_135m/prompt_learning_squad/squad_smollm2_135m_local.sh
 set -euo pipefail
 cd /opt/promptlaunch
 export HF_HUB_OFFLINE=1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# promptlaunch stage 'data_preparation', job 'download_squad', executor 'bcm'.
+# promptlaunch stage 'data_preparation', job 'download_squad', executor 'slurm'.
 # Config: /mount/results/data_preparation/download_squad_hydra.yaml
-# Rerun by hand: sbatch /mount/results/data_preparation/download_squad_bcm.sh
+# Rerun by hand: sbatch /mount/results/data_preparation/download_squad_slurm.sh
 # The launcher adds --dependency=afterok:<previous stage's job id>,singleton when it submits the chain.
 #SBATCH --error=/mount/results/data_preparation/log-download_squad_%j.err
 #SBATCH --exclusive

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# promptlaunch stage 'evaluation', job 'eval_prompt_squad_mt5_390m', executor 'bcm'.
+# promptlaunch stage 'evaluation', job 'eval_prompt_squad_mt5_390m', executor 'slurm'.
 # Config: /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_hydra.yaml
-# Rerun by hand: sbatch /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_bcm.sh
+# Rerun by hand: sbatch /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_slurm.sh
 # The launcher adds --dependency=afterok:<previous stage's job id>,singleton when it submits the chain.
 #SBATCH --error=/mount/results/mt5_390m/evaluation_squad/log-eval_prompt_squad_mt5_390m_%j.err
 #SBATCH --exclusive

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# promptlaunch stage 'evaluation', job 'eval_prompt_squad_t5_220m', executor 'bcm'.
+# promptlaunch stage 'evaluation', job 'eval_prompt_squad_t5_220m', executor 'slurm'.
 # Config: /mount/results/t5_220m/evaluation_squad/eval_prompt_squad_t5_220m_hydra.yaml
-# Rerun by hand: sbatch /mount/results/t5_220m/evaluation_squad/eval_prompt_squad_t5_220m_bcm.sh
+# Rerun by hand: sbatch /mount/results/t5_220m/evaluation_squad/eval_prompt_squad_t5_220m_slurm.sh
 # The launcher adds --dependency=afterok:<previous stage's job id>,singleton when it submits the chain.
 #SBATCH --error=/mount/results/t5_220m/evaluation_squad/log-eval_prompt_squad_t5_220m_%j.err
 #SBATCH --exclusive

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# promptlaunch stage 'prompt_learning', job 'squad_mt5_390m', executor 'bcm'.
+# promptlaunch stage 'prompt_learning', job 'squad_mt5_390m', executor 'slurm'.
 # Config: /mount/results/mt5_390m/prompt_learning_squad/squad_mt5_390m_hydra.yaml
-# Rerun by hand: sbatch /mount/results/mt5_390m/prompt_learning_squad/squad_mt5_390m_bcm.sh
+# Rerun by hand: sbatch /mount/results/mt5_390m/prompt_learning_squad/squad_mt5_390m_slurm.sh
 # The launcher adds --dependency=afterok:<previous stage's job id>,singleton when it submits the chain.
 #SBATCH --error=/mount/results/mt5_390m/prompt_learning_squad/log-squad_mt5_390m_%j.err
 #SBATCH --exclusive

@@ -9,7 +9,7 @@ import re
 import shlex
 from typing import Iterable, Sequence
 
-from launcher.jobspec import JobSpec
+from cluster.jobspec import JobSpec
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

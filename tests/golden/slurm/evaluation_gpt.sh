@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# promptlaunch stage 'evaluation', job 'eval_prompt_squad_gpt3_5b', executor 'bcm'.
+# promptlaunch stage 'evaluation', job 'eval_prompt_squad_gpt3_5b', executor 'slurm'.
 # Config: /mount/results/gpt3_5b/evaluation_squad/eval_prompt_squad_gpt3_5b_hydra.yaml
-# Rerun by hand: sbatch /mount/results/gpt3_5b/evaluation_squad/eval_prompt_squad_gpt3_5b_bcm.sh
+# Rerun by hand: sbatch /mount/results/gpt3_5b/evaluation_squad/eval_prompt_squad_gpt3_5b_slurm.sh
 # The launcher adds --dependency=afterok:<previous stage's job id>,singleton when it submits the chain.
 #SBATCH --error=/mount/results/gpt3_5b/evaluation_squad/log-eval_prompt_squad_gpt3_5b_%j.err
 #SBATCH --exclusive

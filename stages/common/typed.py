@@ -1,0 +1,26 @@
+"""Typed settings from an OmegaConf node: merge into a dataclass schema so a wrong type names its key.
+
+Used by the launcher (its global and ``run`` schemas) and by the executors (each one's settings dataclass).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from stages.common.errors import UserError
+
+
+def typed(schema: type, cfg: Any, key: str) -> Any:
+    """Merge ``cfg`` (only the keys ``schema`` declares) into ``schema``; a type error names ``key.sub``."""
+    fields = schema.__dataclass_fields__  # type: ignore[attr-defined]
+    data = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k in fields}  # type: ignore[union-attr]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        sub = getattr(exc, "full_key", "") or ""
+        msg = str(exc).splitlines()[0]
+        raise UserError(f"{key}.{sub}: {msg}; fix the value in the config or on the command line") from None
+    return obj
