@@ -104,9 +104,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
 
     tokenizer = load_tokenizer(resolved.location)
     parallel = None
-    if world_size_of(cfg) > 1 or batch_plan_layout(cfg).is_model_parallel:   # TP/PP/DP: parallel_module.py
-        from . import parallel_module as parallel
-        parallel.precheck(cfg, batch_plan_layout(cfg), resolved.location, style)
+    if world_size_of(cfg) > 1 or batch_plan_layout(cfg).is_model_parallel:   # TP/PP/DP: parallel/wiring.py
+        from .parallel import wiring as parallel
+        from .parallel.checks import precheck
+        precheck(cfg, batch_plan_layout(cfg), resolved.location, style)
         if compile_on:
             raise UserError("trainer.compile: the tensor/pipeline/data-parallel engine runs its layers uncompiled; "
                             "set trainer.compile=false (or train in one process)")
