@@ -7,8 +7,8 @@ the same number of batches (``ceil(n / batch_size)``, all full but the last), so
 the epoch boundary are those of the plain sampler.
 
 One epoch, a pure function of (seed, epoch) -- which is what lets a resumed run skip exactly the batches it
-already consumed (``fault.py``):
-  1. units = prefix groups (``examples.prefix_groups``) or single examples, in a seeded random order;
+already consumed (``fault/``):
+  1. units = prefix groups (``collate.prefix_groups``) or single examples, in a seeded random order;
   2. with length bucketing: cut that order into chunks of about ``chunk_batches`` batches' worth of examples
      and sort the units of each chunk by length (longest example of the unit), so neighbours have similar lengths;
   3. concatenate the units' examples and cut into batches of ``batch_size`` (a group may be split across two

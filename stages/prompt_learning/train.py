@@ -52,6 +52,8 @@ def batch_plan_layout(cfg: DictConfig) -> Any:
 def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
     """Run prompt learning; returns a summary dict (also written to <log_dir>/prompt_learning_summary.json)."""
     t_start = time.monotonic()
+    from stages.engine import collate as C
+    from stages.engine import dataset as DS
     from stages.engine import examples as D
 
 
@@ -81,8 +83,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     d = m.data
     known = {t: templates_all[t] for t in new_tasks + existing if t in templates_all}
     val_files = _files(d.get("validation_ds"))
-    train_records = D.read_jsonl(_files(d.get("train_ds")), known, "model.data.train_ds")
-    val_records = D.read_jsonl(val_files, known, "model.data.validation_ds") if val_files else []
+    train_records = DS.read_jsonl(_files(d.get("train_ds")), known, "model.data.train_ds")
+    val_records = DS.read_jsonl(val_files, known, "model.data.validation_ds") if val_files else []
 
     import pytorch_lightning as pl
     import torch
@@ -161,19 +163,19 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
     max_len = int(d.get("max_seq_length", 1024))
     common = dict(max_seq_length=max_len, min_seq_length=int(d.get("min_seq_length", 1) or 1),
                   add_eos=bool(d.get("add_eos", True)), seed=seed)
-    train_ex, train_stats = D.build_dataset(_files(d.get("train_ds")), templates, info, key="model.data.train_ds",
+    train_ex, train_stats = DS.build_dataset(_files(d.get("train_ds")), templates, info, key="model.data.train_ds",
                                             max_examples=d.get("max_train_examples"), records=train_records,
                                             builder=family.build_example, group_sample=share, **common)
     val_ex, val_stats = ([], None)
     if val_files:
-        val_ex, val_stats = D.build_dataset(val_files, templates, info, key="model.data.validation_ds",
+        val_ex, val_stats = DS.build_dataset(val_files, templates, info, key="model.data.validation_ds",
                                             max_examples=d.get("max_val_examples"), records=val_records, sample=False,
                                             builder=family.build_example, **common)
     task_ids = {t: i for i, t in enumerate(tasks)}
 
     def collate(batch: list[D.Example]) -> dict[str, Any]:
         if share:   # each distinct prefix once (family.loss takes both kinds of batch)
-            return D.collate_shared(batch, task_ids, info.pad_id)
+            return C.collate_shared(batch, task_ids, info.pad_id)
         return family.collate(batch, task_ids, info.pad_id)
 
     # ---- trainer --------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
         if share or bucket:
             from .batching import BucketBatchSampler
 
-            groups = D.prefix_groups(train_ex) if share else None
+            groups = C.prefix_groups(train_ex) if share else None
             sampler = BucketBatchSampler(len(train_ex), mbs, shuffle=bool(d.get("shuffle", True)), seed=seed,
                                          epoch_fn=lambda: trainer.current_epoch, rank=rank, world=world,
                                          lengths=[len(e.input_ids) for e in train_ex] if bucket else None, groups=groups)
