@@ -307,16 +307,16 @@ def test_launcher_checks_types_and_the_stage_falls_back_where_sharing_cannot_app
 
     from stages.engine.family.t5 import EncoderDecoderFamily
     from stages.prompt_learning.config import check_batching_flags
-    from stages.prompt_learning.train import _batching_options
+    from stages.prompt_learning.batching import batching_options
 
     assert check_batching_flags(OmegaConf.create({"data": {"share_prefix": True, "length_bucketing": False}})) == (True, False)
     with pytest.raises(UserError, match=r"^prompt_learning\.model\.data\.length_bucketing: must be true or false, got 'no'$"):
         check_batching_flags(OmegaConf.create({"data": {"length_bucketing": "no"}}))
-    d = {"share_prefix": True, "length_bucketing": True}
-    assert _batching_options(d, DecoderOnlyFamily(), parallel=False) == (True, True)
+    flags = check_batching_flags(OmegaConf.create({"data": {"share_prefix": True, "length_bucketing": True}}))
+    assert batching_options(flags, DecoderOnlyFamily(), parallel=False) == (True, True)
     with caplog.at_level(logging.WARNING, logger="promptlaunch.prompt_learning"):
-        assert _batching_options(d, DecoderOnlyFamily(), parallel=True) == (False, False)
-        assert _batching_options(d, EncoderDecoderFamily.__new__(EncoderDecoderFamily), parallel=False) == (False, True)
+        assert batching_options(flags, DecoderOnlyFamily(), parallel=True) == (False, False)
+        assert batching_options(flags, EncoderDecoderFamily.__new__(EncoderDecoderFamily), parallel=False) == (False, True)
     assert "parallel engine uses plain batches" in caplog.text and "cannot share prefixes" in caplog.text
 
 

@@ -17,11 +17,35 @@ already consumed (``fault/``):
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import logging
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .module import ResumableBatchSampler
+
+log = logging.getLogger("promptlaunch.prompt_learning")
+
+
+def batching_options(flags: tuple[bool, bool], family: Any, parallel: bool) -> tuple[bool, bool]:
+    """(share_prefix, length_bucketing) as checked by ``config.check_batching_flags``, switched off with a logged
+    line where they cannot apply rather than failing (the CPU default turns them on): the TP/PP/DP engine builds
+    its batches with its own sampler, and an encoder-decoder model's bidirectional encoder makes a prefix depend
+    on what follows."""
+    share, bucket = flags
+    if parallel and (share or bucket):
+        log.warning("model.data.share_prefix/length_bucketing ignored: the tensor/pipeline/data-parallel engine uses plain batches")
+        return False, False
+    if share and not getattr(family, "shares_prefix", False):
+        log.warning("model.data.share_prefix=true ignored: the %s family (encoder-decoder) cannot share prefixes", family.name)
+        share = False
+    return share, bucket
+
+
+def batching_layout(share: bool, bucket: bool) -> dict[str, Any]:
+    """The sampler layout key of checkpoints (absent for plain batching, so older checkpoints still resume)."""
+    kind = "+".join(k for k, on in (("length_bucketing", bucket), ("share_prefix", share)) if on)
+    return {"batching": kind} if kind else {}
 
 
 class BucketBatchSampler(ResumableBatchSampler):

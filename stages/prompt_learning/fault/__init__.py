@@ -3,7 +3,7 @@
 A kill at any moment (``kill -9``, the OOM killer, a node failure, a Slurm time limit) costs at most the steps
 since the last checkpoint; the rerun resumes from ``last.ckpt`` and ends with the same prompt, bit for bit on
 CPU, as an uninterrupted run. The pieces, one module each, composed for one run by :class:`FaultTolerance`
-(``tolerance.py``), which the recipe (``recipe.py``) wires into the trainer:
+(``tolerance.py``), which the recipe (``train.py``) wires into the trainer:
 
 * ``checkpoint_io.py`` -- :class:`AtomicCheckpointIO` writes every checkpoint to a hidden temporary file in the
   checkpoint folder, fsyncs it and renames it over the target (``stages.common.io.atomic_path``); before

@@ -18,7 +18,7 @@ from .state import STATE_KEY
 log = logging.getLogger("promptlaunch.prompt_learning")
 
 FIX = "delete {dir} to start over, or set exp_manager.resume_if_exists=false"
-LAYOUT_DEFAULTS: dict[str, Any] = {"batching": None}   # layout keys written only when not plain (recipe._batching_layout)
+LAYOUT_DEFAULTS: dict[str, Any] = {"batching": None}   # layout keys written only when not plain (batching.batching_layout)
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """The prompt_learning stage on several processes: tensor, pipeline and data parallel, exact.
 
-The recipe (``recipe.py``) uses this path whenever the job has more than one process or
+The recipe (``train.py``) uses this path whenever the job has more than one process or
 ``model.tensor_model_parallel_size x model.pipeline_model_parallel_size > 1``; a single process with TP = PP = 1
 keeps the plain automatic-optimisation module of ``stages/prompt_learning/module.py``. This module wires the path
-(:func:`setup_parallel`); the pieces: ``checks.py`` (config checks before the process group exists), ``engines.py``
-(one optimiser step on this rank), ``data.py`` (samplers, ``PadCollate``), ``strategy.py`` (the Lightning strategy,
-checkpoint step counters) and ``lightning_module.py`` (``ParallelPromptModule``).
+(:func:`parallel_module`, :func:`parallel_trainer`, :func:`parallel_dataloaders`); the pieces: ``checks.py``
+(config checks before the process group exists), ``engines.py`` (one optimiser step on this rank), ``data.py``
+(samplers, ``PadCollate``), ``strategy.py`` (the Lightning strategy, checkpoint step counters) and
+``lightning_module.py`` (``ParallelPromptModule``).
 
 What is the same as the single-process engine: examples, templates, truncation, answer-only labels, the
 ``PromptStore`` (per-task tables, restored frozen tasks, prompt tuning or P-tuning), the optimizer and LR
@@ -52,25 +53,35 @@ from .strategy import PromptParallelStrategy
 log = logging.getLogger("promptlaunch.prompt_learning")
 
 
-def setup_parallel(*, layout: ParallelLayout, model: Any, store: PromptStore, family: Any, optim: dict[str, Any],
-                   train_ex: Sequence[Any], val_ex: Sequence[Any], collate: Callable, trainer_kwargs: dict[str, Any],
-                   micro_batch_size: int, shuffle: bool, seed: int, num_workers: int = 0):
-    """(module, trainer, train_dataloader, val_dataloader) of the parallel path."""
-    from torch.utils.data import DataLoader
+def parallel_module(*, layout: ParallelLayout, model: Any, store: PromptStore, family: Any, optim: dict[str, Any],
+                    examples: Sequence[Any], clip_val: Any, micro_batch_size: int) -> ParallelPromptModule:
+    """The module of the parallel path; it clips gradients itself (manual optimisation), so ``clip_val`` is
+    ``trainer.gradient_clip_val`` and :func:`parallel_trainer` keeps it away from the Trainer."""
+    # pipeline stages exchange fixed-shape activations: pad every batch to the longest example of the run
+    pad_to = max(len(e.input_ids) for e in examples) if layout.pp > 1 else None
+    return ParallelPromptModule(model, store, family, optim, layout=layout, pad_to=pad_to,
+                                clip_val=float(clip_val) if clip_val else None, micro_batch_size=micro_batch_size)
 
+
+def parallel_trainer(trainer_kwargs: dict[str, Any], layout: ParallelLayout) -> pl.Trainer:
+    """``pl.Trainer`` with :class:`PromptParallelStrategy`: one Lightning batch is one optimiser step, and
+    gradient clipping is the module's."""
     kwargs = dict(trainer_kwargs)
-    clip = kwargs.pop("gradient_clip_val", None)
-    algorithm = kwargs.pop("gradient_clip_algorithm", None) or "norm"
+    kwargs.pop("gradient_clip_val", None)
     kwargs.update(strategy=PromptParallelStrategy(layout.world_size), accumulate_grad_batches=1,
                   use_distributed_sampler=False)
-    # pipeline stages exchange fixed-shape activations: pad every batch to the longest example of the run
-    pad_to = max(len(e.input_ids) for e in [*train_ex, *val_ex]) if layout.pp > 1 else None
-    module = ParallelPromptModule(model, store, family, optim, layout=layout, pad_to=pad_to,
-                                  clip_val=float(clip) if clip else None, clip_algorithm=str(algorithm),
-                                  micro_batch_size=micro_batch_size)
     trainer = pl.Trainer(**kwargs)
     if trainer.world_size != layout.world_size:
         raise UserError(f"trainer.devices x trainer.num_nodes = {layout.world_size} but Lightning sees {trainer.world_size} processes")
+    return trainer
+
+
+def parallel_dataloaders(module: ParallelPromptModule, trainer: pl.Trainer, layout: ParallelLayout, *,
+                         train_ex: Sequence[Any], val_ex: Sequence[Any], collate: Callable, shuffle: bool, seed: int,
+                         num_workers: int = 0) -> tuple[Any, Any]:
+    """(train_dataloader, val_dataloader): global batches sharded by this process's data-parallel rank."""
+    from torch.utils.data import DataLoader
+
     dp_rank = (trainer.global_rank // layout.tp) % layout.dp      # mesh order (pp, dp, tp), tp innermost
     module.expected_dp_rank = dp_rank
     rows = layout.rows_per_dp_rank
@@ -87,5 +98,5 @@ def setup_parallel(*, layout: ParallelLayout, model: Any, store: PromptStore, fa
     log.info("parallel layout: TP %d x PP %d (%s) x DP %d = %d processes; global batch %d = %d rows per data-parallel "
              "rank in %d micro batches of %d%s", layout.tp, layout.pp, layout.schedule if layout.pp > 1 else "-", layout.dp,
              layout.world_size, layout.global_batch_size, rows, layout.n_microbatches, layout.micro_batch_size,
-             f"; sequences padded to {pad_to}" if pad_to else "")
-    return module, trainer, train_dl, val_dl
+             f"; sequences padded to {module.pad_to}" if module.pad_to else "")
+    return train_dl, val_dl
