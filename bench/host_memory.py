@@ -36,7 +36,7 @@ def child(args: Any) -> dict[str, Any]:
     import torch
 
     import train_vs_peft as T
-    from stages.engine import examples as D
+    from stages.engine.collate import collate_shared
 
     torch.manual_seed(args.seed)
     setup = C.setup_from_args(args)
@@ -44,7 +44,7 @@ def child(args: Any) -> dict[str, Any]:
     table = C.prompt_table(setup, init=args.init, seed=args.seed, artifact=args.artifact)
     ids, pad = {setup.template.taskname: 0}, setup.info.pad_id
     sides = {"ours-plain": T.ours_side(setup, "ours-plain", [setup.family.collate(e, ids, pad) for e in examples], table),
-             "ours-shared": T.ours_side(setup, "ours-shared", [D.collate_shared(e, ids, pad) for e in examples], table)}
+             "ours-shared": T.ours_side(setup, "ours-shared", [collate_shared(e, ids, pad) for e in examples], table)}
     for side in sides.values():
         side.train_pass()
     out: dict[str, Any] = {"setting": args.host_memory, "passes": {}}

@@ -8,7 +8,7 @@ questions per context), same prompt table, same tokens and labels (answer only),
                 attention_mask, labels).loss; backward; AdamW on the prompt embedding
   ours-plain    the engine's DecoderOnlyFamily.loss(model, store, data.collate(batch)); backward; AdamW on the
                 PromptStore (what PromptLearningModule.training_step runs)
-  ours-shared   the same loss on data.collate_shared(batch): each paragraph's prefix runs once
+  ours-shared   the same loss on collate.collate_shared(batch): each paragraph's prefix runs once
   ours-plain-compiled  ours-plain with ``trainer.compile`` (layer_compile.py: the decoder layers through
                 torch.compile, dynamic shapes); the first step, in the agreement check, pays the compilation (reported
                 as ``first_step_seconds``); --no-compile leaves this side out
@@ -59,7 +59,7 @@ def bucketed_batches(examples: list[Any], batch_size: int, seed: int = 0) -> lis
     """The same examples batched as the engine's training sampler does with ``length_bucketing`` and
     ``share_prefix`` (``batching.BucketBatchSampler``: whole paragraphs, similar lengths together)."""
     from stages.prompt_learning.batching import BucketBatchSampler
-    from stages.engine.examples import prefix_groups
+    from stages.engine.collate import prefix_groups
 
     sampler = BucketBatchSampler(len(examples), batch_size, shuffle=True, seed=seed, epoch_fn=lambda: 0,
                                  lengths=[len(e.input_ids) for e in examples], groups=prefix_groups(examples))
@@ -145,6 +145,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         max_seq_length: int = 384, tol: float = 1e-4, measure_peak: bool = True, peak_repeats: int = 5,
         compile_plain: bool = True) -> dict[str, Any]:
     """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
+    from stages.engine.collate import collate_shared
     from stages.engine import examples as D
 
     fam, tpl, info = setup.family, setup.template, setup.info
@@ -164,11 +165,11 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
 
         check_compiler("ours-plain-compiled", fix="run the bench with --no-compile")
         sides["ours-plain-compiled"] = compiled_side(setup, "ours-plain-compiled", plain, table)
-    sides["ours-shared"] = ours_side(setup, "ours-shared", [D.collate_shared(exs, task_ids, info.pad_id) for exs in examples], table)
+    sides["ours-shared"] = ours_side(setup, "ours-shared", [collate_shared(exs, task_ids, info.pad_id) for exs in examples], table)
     # the same questions, batches formed by the engine's sampler
     bucketed = bucketed_batches([e for exs in examples for e in exs], len(examples[0]))
     sides["ours-shared-bucketed"] = ours_side(setup, "ours-shared-bucketed",
-                                              [D.collate_shared(b, task_ids, info.pad_id) for b in bucketed], table)
+                                              [collate_shared(b, task_ids, info.pad_id) for b in bucketed], table)
 
     # ---- agreement on batch 0, from the same table ----------------------------------------------------
     ref_loss, ref_grad = sides["peft"].loss_and_grad(0)

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     import torch
 
     from stages.engine import artifact
-    from stages.prompt_learning import fault
+    from stages.prompt_learning.fault import checkpoint_io   # keep_previous is looked up there, so patched there
 
     steps = {"n": 0}
     for cls in (torch.optim.Adam, torch.optim.AdamW):
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
     real_save = torch.save
 
     def save(obj, f, *a, **kw):
-        if hasattr(f, "write") and f".{fault.LAST}." in str(getattr(f, "name", "")):   # the temporary file of last.ckpt
+        if hasattr(f, "write") and f".{checkpoint_io.LAST}." in str(getattr(f, "name", "")):   # the temporary file of last.ckpt
             saves["n"] += 1
             print(f"fault_runner: save {saves['n']} of last.ckpt (step {obj.get('global_step')})", flush=True)
             if opts.kill_mid_save == saves["n"]:
@@ -94,18 +94,18 @@ def main(argv: list[str]) -> None:
     torch.save = save
 
     keeps = {"n": 0}
-    real_keep = fault.keep_previous
+    real_keep = checkpoint_io.keep_previous
 
     def keep_previous(last):
         keeps["n"] += 1
         if opts.kill_in_keep_previous == keeps["n"]:
             half = last.read_bytes()
-            last.with_name(f".{fault.PREV}.{os.getpid()}.tmp").write_bytes(half[: len(half) // 2])
+            last.with_name(f".{checkpoint_io.PREV}.{os.getpid()}.tmp").write_bytes(half[: len(half) // 2])
             print("fault_runner: SIGKILL while handing last.ckpt over to last.prev.ckpt", flush=True)
             _die()
         return real_keep(last)
 
-    fault.keep_previous = keep_previous
+    checkpoint_io.keep_previous = keep_previous
 
     if opts.kill_in_artifact:
         real_export = artifact.write_exports

@@ -101,9 +101,9 @@ def test_sigkill_during_data_preparation_leaves_no_partial_jsonl_and_no_marker(t
 
 def test_checkpoint_save_interrupted_keeps_the_previous_last_ckpt(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
-    from stages.prompt_learning import fault
+    from stages.prompt_learning.fault.checkpoint_io import AtomicCheckpointIO
 
-    io_ = fault.AtomicCheckpointIO()
+    io_ = AtomicCheckpointIO()
     last = tmp_path / "last.ckpt"
     io_.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, last)
     real = torch.save
@@ -193,7 +193,7 @@ def test_rendered_script_interrupted_is_not_left_half_written(tmp_path, monkeypa
 
 def test_metrics_csv_is_rewritten_whole_and_keeps_rows_before_the_resumed_step(tmp_path):
     pytest.importorskip("pytorch_lightning")
-    from stages.prompt_learning.fault import atomic_csv_logger
+    from stages.prompt_learning.fault.csv_logger import atomic_csv_logger
 
     first = atomic_csv_logger(str(tmp_path), lambda: 0)
     for step in range(5):

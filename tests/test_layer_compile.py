@@ -15,6 +15,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from stages.common.errors import UserError  # noqa: E402
 from stages.engine.template import parse_template  # noqa: E402
+from stages.engine import collate as C  # noqa: E402
 from stages.engine import examples as D  # noqa: E402
 from stages.prompt_learning import layer_compile as LC  # noqa: E402
 from tests.test_prompt_learning import SQUAD_T, make_cfg, tables, tiny, train  # noqa: E402,F401
@@ -36,9 +37,9 @@ def test_compiled_layers_equal_eager_one_graph_for_all_layers_and_lengths(tiny, 
     exs = [D.build_example(tpl, r, info, max_seq_length=128, add_eos=True, where="r") for r in paragraph_records(4, 2)]
     ids = {"squad": 0}
     by_len = sorted(exs, key=lambda e: len(e.input_ids))
-    short, long = D.collate(by_len[:3], ids, info.pad_id), D.collate(by_len[3:], ids, info.pad_id)
+    short, long = C.collate(by_len[:3], ids, info.pad_id), C.collate(by_len[3:], ids, info.pad_id)
     assert short["input_ids"].shape[1] != long["input_ids"].shape[1]       # two padded lengths
-    shared = D.collate_shared(exs, ids, info.pad_id)
+    shared = C.collate_shared(exs, ids, info.pad_id)
     assert "prefix_row" in shared
     store = make_store({"squad": 4}, model.config.hidden_size)
     eager = {name: loss_and_grad(model, store, b) for name, b in (("short", short), ("long", long), ("shared", shared))}

@@ -18,6 +18,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from stages.common.errors import UserError  # noqa: E402
 from stages.engine.template import parse_template, parse_templates  # noqa: E402
+from stages.engine import collate as C  # noqa: E402
+from stages.engine import dataset as DS  # noqa: E402
 from stages.engine import examples as D  # noqa: E402
 from tests.templates import SQUAD_T  # noqa: E402,F401  (re-exported: other test modules import it from here)
 
@@ -228,10 +230,10 @@ def test_record_errors_name_file_line_and_field(tmp_path, tok):
     templates = parse_templates([SQUAD_T])
     p = write_jsonl(tmp_path / "d.jsonl", squad_records(2) + [{"taskname": "squad", "context": "x", "answer": "y"}])
     with pytest.raises(UserError, match=r"d\.jsonl:3: .*'question'"):
-        D.read_jsonl([p], templates, "model.data.train_ds")
+        DS.read_jsonl([p], templates, "model.data.train_ds")
     p = write_jsonl(tmp_path / "e.jsonl", squad_records(1) + [{"taskname": "nope", "context": "x"}])
     with pytest.raises(UserError, match=r"e\.jsonl:2: taskname 'nope'"):
-        D.read_jsonl([p], templates, "model.data.train_ds")
+        DS.read_jsonl([p], templates, "model.data.train_ds")
 
 
 def test_template_errors():
@@ -504,7 +506,7 @@ def test_p_tuning_table_equals_encoder_output(tmp_path, tiny):
             module.prompts.eval()
             with torch.no_grad():
                 captured["table"] = module.prompts.table("squad").clone()
-                batch = D.collate([D.build_example(parse_template(SQUAD_T), squad_records(1)[0], D.TokenizerInfo(make_tokenizer()),
+                batch = C.collate([D.build_example(parse_template(SQUAD_T), squad_records(1)[0], D.TokenizerInfo(make_tokenizer()),
                                                    max_seq_length=128, add_eos=False, where="r")], {"squad": 0}, 1)
                 x = module.prompts.embed(module.base_model.get_input_embeddings(), batch["input_ids"], batch["virtual_index"], batch["task_ids"])
                 captured["logits"] = module.base_model(inputs_embeds=x, attention_mask=batch["attention_mask"]).logits

@@ -13,6 +13,8 @@ pytest.importorskip("transformers")
 
 from stages.common.errors import UserError  # noqa: E402
 from stages.engine.template import parse_template, parse_templates  # noqa: E402
+from stages.engine import collate as C  # noqa: E402
+from stages.engine import dataset as DS  # noqa: E402
 from stages.engine import examples as D  # noqa: E402
 from stages.prompt_learning.batching import BucketBatchSampler  # noqa: E402
 from stages.engine.family import DecoderOnlyFamily  # noqa: E402
@@ -80,7 +82,7 @@ def test_answer_only_logits_equal_full_logits(tiny, info):
     model = load_model(tiny)
     tpl = parse_template(SQUAD_T)
     exs = [D.build_example(tpl, r, info, max_seq_length=128, add_eos=True, where="r") for r in paragraph_records(3, 2)]
-    batch = D.collate(exs, {"squad": 0}, info.pad_id)
+    batch = C.collate(exs, {"squad": 0}, info.pad_id)
     store = make_store({"squad": 4}, 32)
     fast = loss_and_grad(model, store, batch)
     store.zero_grad()
@@ -154,8 +156,8 @@ def test_dynamic_padding_loss_equals_unpadded(tiny, info):
     exs = [D.build_example(tpl, r, info, max_seq_length=128, add_eos=True, where="r") for r in paragraph_records(4, 1, seed=2)]
     assert len({len(e.input_ids) for e in exs}) > 1
     store = make_store({"squad": 4}, 32)
-    batched = loss_and_grad(model, store, D.collate(exs, {"squad": 0}, info.pad_id))
-    alone = [loss_and_grad(model, store, D.collate([e], {"squad": 0}, info.pad_id)) for e in exs]
+    batched = loss_and_grad(model, store, C.collate(exs, {"squad": 0}, info.pad_id))
+    alone = [loss_and_grad(model, store, C.collate([e], {"squad": 0}, info.pad_id)) for e in exs]
     assert batched[0] == pytest.approx(sum(a[0] for a in alone), rel=1e-5)
     assert batched[1] == sum(a[1] for a in alone)
 
@@ -165,9 +167,9 @@ def test_dynamic_padding_loss_equals_unpadded(tiny, info):
 def shared_vs_plain(model, exs, tasks, info, rel=1e-5):
     task_ids = {t: i for i, t in enumerate(tasks)}
     store = make_store(tasks, model.config.hidden_size)
-    shared = D.collate_shared(exs, task_ids, info.pad_id)
+    shared = C.collate_shared(exs, task_ids, info.pad_id)
     assert "prefix_row" in shared
-    a = loss_and_grad(model, store, D.collate(exs, task_ids, info.pad_id))
+    a = loss_and_grad(model, store, C.collate(exs, task_ids, info.pad_id))
     b = loss_and_grad(model, store, shared)
     assert a[1] == b[1] > 0
     assert b[0] == pytest.approx(a[0], rel=rel)
@@ -216,8 +218,8 @@ def test_labels_inside_the_prefix_shrink_it(tiny, info):
 def test_collate_shared_falls_back_to_plain_when_nothing_is_shared(info):
     tpl = parse_template(SQUAD_T)
     exs = [D.build_example(tpl, r, info, max_seq_length=128, add_eos=True, where="r") for r in paragraph_records(3, 1)]
-    got = D.collate_shared(exs, {"squad": 0}, info.pad_id)
-    ref = D.collate(exs, {"squad": 0}, info.pad_id)
+    got = C.collate_shared(exs, {"squad": 0}, info.pad_id)
+    ref = C.collate(exs, {"squad": 0}, info.pad_id)
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
@@ -227,21 +229,21 @@ def test_truncated_contexts_share_only_identical_ids(info):
     ctx = " ".join(WORDS * 4)
     recs = [{"taskname": "squad", "context": ctx, "question": q, "answer": "fox"} for q in ("Which?", "Which?", "Which dog fox lazy brown?")]
     exs = [D.build_example(tpl, r, info, max_seq_length=40, add_eos=True, where="r") for r in recs]
-    assert D.prefix_groups(exs) == [[0, 1], [2]]
+    assert C.prefix_groups(exs) == [[0, 1], [2]]
     assert exs[2].prefix_len < exs[0].prefix_len
 
 
 def test_group_sampling_takes_whole_paragraphs(info):
     recs = [(r, f"f:{i}") for i, r in enumerate(paragraph_records(20, 5))]
     tpls = parse_templates([SQUAD_T])
-    exs, _ = D.build_dataset([], tpls, info, key="k", max_seq_length=128, min_seq_length=1, add_eos=True,
+    exs, _ = DS.build_dataset([], tpls, info, key="k", max_seq_length=128, min_seq_length=1, add_eos=True,
                              max_examples=23, seed=4, records=recs, group_sample=True)
     assert len(exs) == 23
-    sizes = sorted(len(g) for g in D.prefix_groups(exs))
+    sizes = sorted(len(g) for g in C.prefix_groups(exs))
     assert sizes == [3, 5, 5, 5, 5]          # four whole paragraphs and the first 3 questions of a fifth
-    scattered, _ = D.build_dataset([], tpls, info, key="k", max_seq_length=128, min_seq_length=1, add_eos=True,
+    scattered, _ = DS.build_dataset([], tpls, info, key="k", max_seq_length=128, min_seq_length=1, add_eos=True,
                                    max_examples=23, seed=4, records=recs)
-    assert len(D.prefix_groups(scattered)) > 10
+    assert len(C.prefix_groups(scattered)) > 10
 
 
 # ---- 3b. shared-context prefixes: training end to end, resumable -------------------------------------------
@@ -305,16 +307,16 @@ def test_launcher_checks_types_and_the_stage_falls_back_where_sharing_cannot_app
 
     from stages.engine.family.t5 import EncoderDecoderFamily
     from stages.prompt_learning.config import check_batching_flags
-    from stages.prompt_learning.train import _batching_options
+    from stages.prompt_learning.batching import batching_options
 
     assert check_batching_flags(OmegaConf.create({"data": {"share_prefix": True, "length_bucketing": False}})) == (True, False)
     with pytest.raises(UserError, match=r"^prompt_learning\.model\.data\.length_bucketing: must be true or false, got 'no'$"):
         check_batching_flags(OmegaConf.create({"data": {"length_bucketing": "no"}}))
-    d = {"share_prefix": True, "length_bucketing": True}
-    assert _batching_options(d, DecoderOnlyFamily(), parallel=False) == (True, True)
+    flags = check_batching_flags(OmegaConf.create({"data": {"share_prefix": True, "length_bucketing": True}}))
+    assert batching_options(flags, DecoderOnlyFamily(), parallel=False) == (True, True)
     with caplog.at_level(logging.WARNING, logger="promptlaunch.prompt_learning"):
-        assert _batching_options(d, DecoderOnlyFamily(), parallel=True) == (False, False)
-        assert _batching_options(d, EncoderDecoderFamily.__new__(EncoderDecoderFamily), parallel=False) == (False, True)
+        assert batching_options(flags, DecoderOnlyFamily(), parallel=True) == (False, False)
+        assert batching_options(flags, EncoderDecoderFamily.__new__(EncoderDecoderFamily), parallel=False) == (False, True)
     assert "parallel engine uses plain batches" in caplog.text and "cannot share prefixes" in caplog.text
 
 

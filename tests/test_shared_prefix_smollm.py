@@ -60,17 +60,18 @@ def dev_records(dev: Path, paragraphs: int, per: int) -> list[dict]:
 
 
 def test_smollm2_shared_training_loss_and_gradient_equal_plain(smollm, dev_file):
+    from stages.engine import collate as C
     from stages.engine import examples as D
     from stages.engine.family import DecoderOnlyFamily
 
     recs = dev_records(dev_file, 3, 4)
     tpl = smollm.templates["squad"]
     exs = [D.build_example(tpl, r, smollm.tok, max_seq_length=512, add_eos=True, where=f"dev:{i}") for i, r in enumerate(recs)]
-    shared = D.collate_shared(exs, {"squad": 0}, smollm.tok.pad_id)
+    shared = C.collate_shared(exs, {"squad": 0}, smollm.tok.pad_id)
     assert shared["prefix_input_ids"].shape[0] == 3 and len(exs) == 12   # three real paragraphs, four questions each
     fam = DecoderOnlyFamily()
     out = []
-    for batch in (D.collate(exs, {"squad": 0}, smollm.tok.pad_id), shared):
+    for batch in (C.collate(exs, {"squad": 0}, smollm.tok.pad_id), shared):
         smollm.store.zero_grad()
         total, n = fam.loss(smollm.model, smollm.store, batch)
         total.backward()

@@ -2,7 +2,9 @@
 training stage; it imports nothing of the stages above it (only ``stages.common``).
 
     template.py        NeMo-style task templates: ``<|VIRTUAL_PROMPT_n|>`` markers and fields, checked
-    examples.py        records -> token examples with virtual slots; collation (plain and shared-prefix batches)
+    examples.py        template + record -> token example with virtual slots, or a generation prompt
+    dataset.py         JSONL records read and checked, sampled, tokenised into examples
+    collate.py         examples -> padded batches (plain and shared-prefix)
     prompts.py         the prompt store (one table per task; prompt tuning and the p-tuning encoder)
     base_model.py      base model loading: HF folders, hub ids, GGUF converted once; fingerprints; freezing
     family/            model-family adapters (``gpt.py``, ``t5.py``) behind the ``Family`` protocol; ``family_for``

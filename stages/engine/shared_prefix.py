@@ -3,7 +3,7 @@
 SQuAD has about five questions per paragraph, and the template puts [BOS] + virtual tokens + "Context:" + context
 first. Causal attention means a prefix's hidden states and keys/values do not depend on what follows it, so:
 
-* training (``shared_loss``): the distinct prefixes of a batch (``examples.collate_shared``) run once, WITH
+* training (``shared_loss``): the distinct prefixes of a batch (``collate.collate_shared``) run once, WITH
   gradients; their per-layer keys/values are index-selected per question row (``DynamicCache.batch_select_indices``,
   differentiable: every question's loss flows back through its prefix into the prompt table); the suffixes
   ("Question: ... Answer: ... </s>") run attending to them. Suffix labels start inside the suffix
@@ -25,10 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import collate as C
 from . import examples as D
 from .prompts import PromptStore
 
-SHARED_KEY = "prefix_row"   # a batch with this key came from data.collate_shared
+SHARED_KEY = "prefix_row"   # a batch with this key came from collate.collate_shared
 
 
 def is_shared(batch: dict[str, Any]) -> bool:
@@ -195,7 +196,7 @@ def _run_packed(family: Any, model: Any, store: PromptStore | None, packs: list[
     allowed = causal & ((sk == sq) | ((sk == 0) & (sq > 0)))
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    batch = D.collate([D.Example("", pk.ids, pk.vidx, [D.IGNORE] * len(pk.ids)) for pk in packs], {"": 0}, pad_id)
+    batch = C.collate([D.Example("", pk.ids, pk.vidx, [D.IGNORE] * len(pk.ids)) for pk in packs], {"": 0}, pad_id)
     x = family.embed(model, store, batch["input_ids"].to(device), batch["virtual_index"].to(device),
                      torch.tensor([pk.task for pk in packs], dtype=torch.long, device=device))
     body, _ = body_and_head(model)

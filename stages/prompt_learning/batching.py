@@ -7,8 +7,8 @@ the same number of batches (``ceil(n / batch_size)``, all full but the last), so
 the epoch boundary are those of the plain sampler.
 
 One epoch, a pure function of (seed, epoch) -- which is what lets a resumed run skip exactly the batches it
-already consumed (``fault.py``):
-  1. units = prefix groups (``examples.prefix_groups``) or single examples, in a seeded random order;
+already consumed (``fault/``):
+  1. units = prefix groups (``collate.prefix_groups``) or single examples, in a seeded random order;
   2. with length bucketing: cut that order into chunks of about ``chunk_batches`` batches' worth of examples
      and sort the units of each chunk by length (longest example of the unit), so neighbours have similar lengths;
   3. concatenate the units' examples and cut into batches of ``batch_size`` (a group may be split across two
@@ -17,11 +17,35 @@ already consumed (``fault.py``):
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import logging
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .module import ResumableBatchSampler
+
+log = logging.getLogger("promptlaunch.prompt_learning")
+
+
+def batching_options(flags: tuple[bool, bool], family: Any, parallel: bool) -> tuple[bool, bool]:
+    """(share_prefix, length_bucketing) as checked by ``config.check_batching_flags``, switched off with a logged
+    line where they cannot apply rather than failing (the CPU default turns them on): the TP/PP/DP engine builds
+    its batches with its own sampler, and an encoder-decoder model's bidirectional encoder makes a prefix depend
+    on what follows."""
+    share, bucket = flags
+    if parallel and (share or bucket):
+        log.warning("model.data.share_prefix/length_bucketing ignored: the tensor/pipeline/data-parallel engine uses plain batches")
+        return False, False
+    if share and not getattr(family, "shares_prefix", False):
+        log.warning("model.data.share_prefix=true ignored: the %s family (encoder-decoder) cannot share prefixes", family.name)
+        share = False
+    return share, bucket
+
+
+def batching_layout(share: bool, bucket: bool) -> dict[str, Any]:
+    """The sampler layout key of checkpoints (absent for plain batching, so older checkpoints still resume)."""
+    kind = "+".join(k for k, on in (("length_bucketing", bucket), ("share_prefix", share)) if on)
+    return {"batching": kind} if kind else {}
 
 
 class BucketBatchSampler(ResumableBatchSampler):

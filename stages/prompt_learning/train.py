@@ -1,16 +1,19 @@
 """Stage entry: tune virtual prompts for a frozen Hugging Face LM from the resolved ``prompt_learning`` config.
 
-Steps: templates -> base model (frozen, fp32) -> restored tasks (frozen) + new tasks (trainable) -> examples ->
-PyTorch Lightning fit (prompt state only in checkpoints, resumable) -> artifact + exports + loss_curve.png.
+The training recipe, in the manner of torchtune's single-device recipes: :class:`PromptLearningRecipe` sets one run
+up a concern at a time (process, config, data records, base model, prompts, examples, optimiser, fault tolerance,
+trainer, data loaders, resume), then fits it with PyTorch Lightning (prompt state only in checkpoints, resumable)
+and writes the artifact, exports and loss_curve.png. :func:`train` is what ``run.py``, the tests and ``bench/`` call.
 """
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from stages.common.errors import UserError
 from stages.common.io import write_json
@@ -19,270 +22,367 @@ from stages.prompt_learning.config import check_batching_flags, check_tasks
 from stages.prompt_learning.layer_compile import check_setting as check_compile
 from stages.prompt_learning.layer_compile import compile_layers
 
+from .parallel.layout import layout_from_config
+from .trainer_args import plain, trainer_kwargs, world_size_of
+
 log = logging.getLogger("promptlaunch.prompt_learning")
 
+EXPECTED_WARNINGS = (
+    r".*module\(s\) in eval mode.*",   # the frozen base model, on purpose
+    r".*srun. command is available.*",
+    r".*LeafSpec.*",
+    # the batch sampler skips the batches already consumed (fault/, module.ResumableBatchSampler)
+    r".*resuming from a checkpoint that ended before the epoch ended.*",
+    r".*Checkpoint directory .* exists and is not empty.*",   # resuming
+)
 
-def _cfg(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
+
+def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Run prompt learning; returns a summary dict (also written to <log_dir>/prompt_learning_summary.json)."""
+    return PromptLearningRecipe(cfg, callbacks).run()
+
+
+class PromptLearningRecipe:
+    """One prompt-learning run. :meth:`setup` calls one method per concern, in the order the run needs them:
+    each reads what the earlier ones left on ``self``, cheap checks come before the model load, and the
+    preemption handler before everything. The recipe holds its pieces (model, prompt store, LightningModule,
+    ``pl.Trainer``, ``FaultTolerance``) rather than inheriting from any of them."""
+
+    def __init__(self, cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> None:
+        self.t_start = time.monotonic()
+        self.cfg = cfg
+        self.callbacks = callbacks
+
+    def run(self) -> dict[str, Any]:
+        """Set up, fit, write the artifact and report; the summary (empty on ranks other than 0)."""
+        self.setup()
+        self.fit()
+        return self.write_outputs()
+
+    def setup(self) -> None:
+        self.setup_process()
+        self.check_config()
+        self.read_records()
+        self.setup_model()
+        self.setup_prompts()
+        self.setup_data()
+        self.setup_optimizer()
+        self.setup_fault_tolerance()
+        self.setup_trainer()
+        self.setup_dataloaders()
+        self.choose_resume()
+
+    # ---- setup, one concern each --------------------------------------------------------------------------
+    def setup_process(self) -> None:
+        """Process-wide settings, before any work: the warnings this stage expects are silenced, the preemption
+        signal from here on only sets a flag (it cannot kill the process halfway through a step), freed host
+        memory is kept for reuse or not (``trainer.reuse_host_memory``)."""
+        for pattern in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        from .fault.preemption import install_preemption_handler
+
+        self.preempt_flag = install_preemption_handler()
+        reuse = (self.cfg.get("trainer") or {}).get("reuse_host_memory", True)
+        if not isinstance(reuse, bool):
+            raise UserError(f"trainer.reuse_host_memory: must be true or false, got {reuse!r}")
+        reuse_host_memory(reuse)
+
+    def check_config(self) -> None:
+        """The stage's config rules (``config.py``, the functions the launcher calls too), again on the config this
+        job was handed, plus the compile setting and the TP x PP x DP layout: one-line UserErrors, before any work."""
+        cfg = self.cfg
+        tr = cfg.get("trainer") or {}
+        self.compile_on = check_compile(tr.get("compile", False), cpu=str(tr.get("accelerator", "cpu")) == "cpu")
+        self.seed = int(cfg.model.get("seed", 1234))
+        self.tasks = check_tasks(cfg.model)
+        self.layout = layout_from_config(cfg.model, world_size_of(cfg.trainer), prefix="")   # torch-free
+        self.batching_flags = check_batching_flags(cfg.model)
+
+    def read_records(self) -> None:
+        """The JSONL records, checked against the task templates: data errors are cheap to find and should not
+        wait for a model load."""
+        from stages.engine.dataset import read_jsonl
+
+        d, t = self.cfg.model.data, self.tasks
+        known = {name: t.templates[name] for name in t.new + t.existing if name in t.templates}
+        self.val_files = _files(d.get("validation_ds"))
+        self.train_records = read_jsonl(_files(d.get("train_ds")), known, "model.data.train_ds")
+        self.val_records = read_jsonl(self.val_files, known, "model.data.validation_ds") if self.val_files else []
+
+    def setup_model(self) -> None:
+        """The frozen fp32 base model, its tokenizer and family. Several processes or TP x PP > 1 take the
+        parallel engine (``parallel/``), whose checks read only the model's config.json, before the weights load."""
+        import pytorch_lightning as pl
+
+        from stages.engine.artifact import base_info
+        from stages.engine.base_model import fingerprint, load_tokenizer, resolve
+        from stages.engine.examples import TokenizerInfo
+        from stages.engine.family import family_for
+
+        from .parallel.checks import precheck, use_parallel_path
+
+        pl.seed_everything(self.seed, workers=True, verbose=False)
+        m = self.cfg.model
+        self.resolved = resolve(m.get("language_model_path"), "model.language_model_path")
+        self.tokenizer = load_tokenizer(self.resolved.location)
+        self.parallel = use_parallel_path(self.layout)
+        if self.parallel:
+            precheck(self.cfg, self.layout, self.resolved.location, self.tasks.style)
+            if self.compile_on:
+                raise UserError("trainer.compile: the tensor/pipeline/data-parallel engine runs its layers uncompiled; "
+                                "set trainer.compile=false (or train in one process)")
+        self.model = model = load_base_model(self.resolved.location, m.get("attn_implementation"))
+        self.family = family_for(model.config, self.tokenizer)   # "gpt" (causal LM) or "t5" (encoder-decoder)
+        if self.compile_on and self.family.name != "gpt":
+            raise UserError(f"trainer.compile: supported for decoder-only models; {type(model).__name__} is an "
+                            f"encoder-decoder ({self.family.name}); set trainer.compile=false")
+        self.fingerprint = fingerprint(model)
+        self.base = base_info(self.resolved.given, self.resolved.location, model, self.fingerprint)
+        self.info = TokenizerInfo(self.tokenizer)
+        self.emb_before = model.get_input_embeddings().weight.detach().clone() if self.cfg.get("_check_frozen") else None
+
+    def setup_prompts(self) -> None:
+        """The prompt store: existing tasks restored from ``model.restore_path`` (frozen; the artifact must be of
+        this base model and keep each task's row count), new tasks initialised and trainable."""
+        from stages.engine.artifact import check_base, load_artifact
+        from stages.engine.prompts import PromptStore, build_new
+
+        m, t = self.cfg.model, self.tasks
+        templates = {}
+        restored: dict[str, Any] = {}
+        if t.existing:
+            restore = m.get("restore_path")
+            meta, art_templates, tables = load_artifact(restore, "model.restore_path")
+            check_base(meta, restore, self.fingerprint, self.resolved.given, family=self.family.name)
+            for name in t.existing:
+                if name not in tables:
+                    raise UserError(f"model.existing_tasks: '{name}' is not in the artifact {restore} (has {sorted(tables)})")
+                tpl = t.templates.get(name, art_templates[name])
+                if tpl.total_virtual_tokens != tables[name].shape[0]:
+                    raise UserError(
+                        f"model.task_templates[{name}].total_virtual_tokens: {tpl.total_virtual_tokens}, but the restored "
+                        f"prompt has {tables[name].shape[0]} rows; keep the template of an existing task unchanged"
+                    )
+                templates[name] = tpl
+                restored[name] = tables[name]
+        for name in t.new:
+            templates[name] = t.templates[name]
+        self.templates = templates
+        self.task_names = t.existing + t.new
+        self.store = store = PromptStore(self.task_names, self.fingerprint["hidden_size"])
+        for name in t.existing:
+            store.add_frozen(name, restored[name])
+        build_new(store, t.new, {name: templates[name].total_virtual_tokens for name in t.new}, t.style, m,
+                  self.model.get_input_embeddings().weight, self.tokenizer, self.seed)
+        n_trainable = sum(p.numel() for p in store.parameters() if p.requires_grad)
+        log.info("tasks: existing (frozen) %s, new (trainable) %s; %s trainable parameters; base model %s (%s) frozen",
+                 t.existing, t.new, f"{n_trainable:,}", self.resolved.given, self.fingerprint["sha256"])
+
+    def setup_data(self) -> None:
+        """Token examples and the collate function, with the batching options that apply to this model and engine.
+        The layers are compiled here because whether batches carry a shared prefix's KV cache is decided here."""
+        from stages.engine.collate import collate_shared
+        from stages.engine.dataset import build_dataset
+
+        from .batching import batching_options
+
+        d = self.cfg.model.data
+        self.share, self.bucket = share, bucket = batching_options(self.batching_flags, self.family, self.parallel)
+        if self.compile_on:
+            if share:
+                log.warning("trainer.compile: with model.data.share_prefix=true every batch carries its prefix's KV "
+                            "cache and runs the eager layers; set model.data.share_prefix=false to train compiled")
+            compile_layers(self.model)
+        self.max_len = int(d.get("max_seq_length", 1024))
+        self.add_eos = bool(d.get("add_eos", True))
+        common = dict(max_seq_length=self.max_len, min_seq_length=int(d.get("min_seq_length", 1) or 1),
+                      add_eos=self.add_eos, seed=self.seed)
+        builder = self.family.build_example
+        self.train_ex, self.train_stats = build_dataset(
+            _files(d.get("train_ds")), self.templates, self.info, key="model.data.train_ds",
+            max_examples=d.get("max_train_examples"), records=self.train_records, builder=builder, group_sample=share,
+            **common)
+        self.val_ex, self.val_stats = ([], None)
+        if self.val_files:
+            self.val_ex, self.val_stats = build_dataset(
+                self.val_files, self.templates, self.info, key="model.data.validation_ds",
+                max_examples=d.get("max_val_examples"), records=self.val_records, sample=False, builder=builder, **common)
+        task_ids = {name: i for i, name in enumerate(self.task_names)}
+        family, pad_id = self.family, self.info.pad_id
+
+        def collate(batch: list[Any]) -> dict[str, Any]:
+            if share:   # each distinct prefix once (family.loss takes both kinds of batch)
+                return collate_shared(batch, task_ids, pad_id)
+            return family.collate(batch, task_ids, pad_id)
+
+        self.collate = collate
+
+    def setup_optimizer(self) -> None:
+        """The LightningModule, which owns the optimiser and LR schedule of ``model.optim`` (``configure_optimizers``
+        in ``module.py``): automatic optimisation in one process; on the parallel path manual optimisation around
+        the TP/PP/DP engine, global token-mean loss, the module clipping gradients itself."""
+        optim = plain(self.cfg.model.optim)
+        if self.parallel:
+            from .parallel.wiring import parallel_module
+
+            self.module = parallel_module(layout=self.layout, model=self.model, store=self.store, family=self.family,
+                                          optim=optim, examples=[*self.train_ex, *self.val_ex],
+                                          clip_val=self.cfg.trainer.get("gradient_clip_val"),
+                                          micro_batch_size=self.layout.micro_batch_size)
+        else:
+            from .module import PromptLearningModule
+
+            self.module = PromptLearningModule(self.model, self.store, self.family, optim)
+
+    def setup_fault_tolerance(self) -> None:
+        """Atomic checkpoints, RNG/data state, ``last.ckpt`` and preemption (``fault/``). The layout recorded in
+        every checkpoint is what a resumed run must share to see the same batches."""
+        from .batching import batching_layout
+        from .fault.tolerance import FaultTolerance
+
+        cfg = self.cfg
+        em, d = cfg.exp_manager, cfg.model.data
+        self.log_dir = Path(str(em.get("explicit_log_dir") or Path(str(cfg.run.results_dir)) / "results"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        layout = {"train_examples": len(self.train_ex), "global_batch_size": self.layout.global_batch_size,
+                  "shuffle": bool(d.get("shuffle", True)), "seed": self.seed, **batching_layout(self.share, self.bucket)}
+        self.ft = FaultTolerance(self.log_dir, layout=layout, flag=self.preempt_flag,
+                                 every_n_train_steps=(plain(em.get("checkpoint_callback_params")) or {}).get("every_n_train_steps"))
+
+    def setup_trainer(self) -> None:
+        """``pl.Trainer`` with loggers, the top-k checkpoint and fault-tolerance callbacks (``trainer_args.py``);
+        the parallel path brings its own strategy and accumulates inside the engine."""
+        cfg = self.cfg
+        accumulate = 1 if self.parallel else self.layout.n_microbatches
+        kwargs = trainer_kwargs(cfg.trainer, cfg.exp_manager, self.log_dir, accumulate, self.callbacks, bool(self.val_ex),
+                                self.ft)
+        if self.parallel:
+            from .parallel.wiring import parallel_trainer
+
+            self.trainer = parallel_trainer(kwargs, self.layout)
+        else:
+            import pytorch_lightning as pl
+
+            self.trainer = pl.Trainer(**kwargs)
+
+    def setup_dataloaders(self) -> None:
+        """Samplers and DataLoaders. After the trainer: a sampler shards by the trainer's rank, reshuffles by its
+        epoch and, on resume, skips the batches already consumed (``module.ResumableBatchSampler``)."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        d = self.cfg.model.data
+        shuffle, seed, nw = bool(d.get("shuffle", True)), self.seed, int(d.get("num_workers", 0) or 0)
+        trainer, train_ex, val_ex, mbs = self.trainer, self.train_ex, self.val_ex, self.layout.micro_batch_size
+        if self.parallel:
+            from .parallel.wiring import parallel_dataloaders
+
+            self.train_dl, self.val_dl = parallel_dataloaders(self.module, trainer, self.layout, train_ex=train_ex,
+                                                              val_ex=val_ex, collate=self.collate, shuffle=shuffle,
+                                                              seed=seed, num_workers=nw)
+            return
+        from .module import ResumableBatchSampler
+
+        rank, world = trainer.global_rank, trainer.world_size
+        if self.share or self.bucket:
+            from stages.engine.collate import prefix_groups
+
+            from .batching import BucketBatchSampler
+
+            groups = prefix_groups(train_ex) if self.share else None
+            sampler = BucketBatchSampler(len(train_ex), mbs, shuffle=shuffle, seed=seed,
+                                         epoch_fn=lambda: trainer.current_epoch, rank=rank, world=world,
+                                         lengths=[len(e.input_ids) for e in train_ex] if self.bucket else None,
+                                         groups=groups)
+            if groups is not None:
+                log.info("share_prefix: %d training examples in %d prefix groups (%.1f per group)", len(train_ex),
+                         len(groups), len(train_ex) / max(1, len(groups)))
+        else:
+            sampler = ResumableBatchSampler(len(train_ex), mbs, shuffle=shuffle, seed=seed,
+                                            epoch_fn=lambda: trainer.current_epoch, rank=rank, world=world)
+        self.module.sampler = sampler
+        self.train_dl = DataLoader(train_ex, batch_sampler=sampler, collate_fn=self.collate, num_workers=nw,
+                                   generator=torch.Generator().manual_seed(seed))   # not the global RNG (fault/)
+        self.val_dl = None
+        if val_ex:
+            self.val_dl = DataLoader(val_ex[rank::world], batch_size=mbs, shuffle=False, collate_fn=self.collate,
+                                     num_workers=nw, generator=torch.Generator().manual_seed(seed))
+
+    def choose_resume(self) -> None:
+        """The checkpoint ``fit`` resumes from: last.ckpt checked (last.prev.ckpt if it is corrupt), or None to
+        start from scratch (``fault/resume.py``); needs the module's prompt shapes and the trainer's rank."""
+        self.ckpt_path = self.ft.resume_path(self.module, self.trainer.global_rank,
+                                             bool(self.cfg.exp_manager.get("resume_if_exists", False)))
+
+    # ---- the run -----------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        """Validate once first (the step-0 point of the val curve: the initial prompt) unless resuming, then fit."""
+        lay, trainer, module = self.layout, self.trainer, self.module
+        log.info("training: micro batch %d x accumulate %d x data-parallel %d = global batch %d; %d train / %d val "
+                 "examples", lay.micro_batch_size, lay.n_microbatches, lay.dp, lay.global_batch_size, len(self.train_ex),
+                 len(self.val_ex))
+        if self.val_dl is not None and self.ckpt_path is None and bool(self.cfg.model.get("validate_before_training", True)):
+            trainer.validate(module, self.val_dl, verbose=False)
+        try:
+            trainer.fit(module, train_dataloaders=self.train_dl, val_dataloaders=self.val_dl, ckpt_path=self.ckpt_path)
+        except RuntimeError as exc:
+            ckpt_path = self.ckpt_path
+            if ckpt_path and ("state_dict" in str(exc) or "size mismatch" in str(exc) or "optimizer" in str(exc).lower()):
+                raise UserError(f"{ckpt_path}: checkpoint does not match this config ({str(exc)[:160]}); delete it or set exp_manager.resume_if_exists=false") from None
+            raise
+        if self.emb_before is not None:
+            import torch
+
+            emb = self.model.get_input_embeddings().weight
+            emb = emb.full_tensor() if hasattr(emb, "full_tensor") else emb   # a DTensor shard under TP
+            assert torch.equal(self.emb_before, emb.cpu()), "base model changed during training"
+
+    def write_outputs(self) -> dict[str, Any]:
+        """Rank 0: the artifact (prompt tables, templates, base model fingerprint, exports), loss curve, loss
+        history and summary; the summary is returned (empty on other ranks)."""
+        if self.trainer.global_rank != 0:
+            return {}
+        from stages.engine.artifact import save_artifact
+        from stages.engine.export import input_spec
+
+        from .report import write_loss_curve
+
+        cfg, m, t, log_dir = self.cfg, self.cfg.model, self.tasks, self.log_dir
+        hist = self.module.history
+        val_losses = [v for _, v in hist["val"]]
+        training = {
+            "steps": int(self.trainer.global_step),
+            "final_val_loss": val_losses[-1] if val_losses else None,
+            "first_val_loss": val_losses[0] if val_losses else None,
+            "final_train_loss": hist["train"][-1][1] if hist["train"] else None,
+            "global_batch_size": self.layout.global_batch_size,
+            "train_examples": self.train_stats.as_dict(),
+            "val_examples": self.val_stats.as_dict() if self.val_stats else None,
+            "seed": self.seed,
+            "lr": float(m.optim.lr),
+            "existing_tasks": t.existing,
+            "new_tasks": t.new,
+        }
+        checked = [r for r, _ in self.val_records + self.train_records]   # the PEFT input check runs on the run's own records
+        specs = {name: input_spec(self.family, self.templates[name], checked, self.info) for name in self.task_names}
+        art = save_artifact(str(m.artifact_path), tables=self.store.export_tables(), templates=self.templates,
+                            style=t.style, base=self.base, add_eos=self.add_eos, max_seq_length=self.max_len,
+                            training=training, family=self.family.name, export_specs=specs)
+        write_loss_curve(log_dir / "loss_curve.png", hist,
+                         title=f"{cfg.run.get('name', 'prompt_learning')}: {', '.join(t.new)}")
+        write_json(log_dir / "loss_history.json", hist)
+        summary = {**training, "artifact_path": str(art), "seconds": round(time.monotonic() - self.t_start, 1),
+                   "loss_curve": str(log_dir / "loss_curve.png")}
+        write_json(log_dir / "prompt_learning_summary.json", summary)
+        log.info("artifact written to %s; val_loss %s -> %s over %d steps (%.0fs)", art, training["first_val_loss"],
+                 training["final_val_loss"], training["steps"], summary["seconds"])
+        return summary
 
 
 def _files(x: Any) -> list[str]:
     if x is None:
         return []
     return [str(x)] if isinstance(x, str) else [str(v) for v in x]
-
-
-def batch_plan(cfg: DictConfig) -> tuple[int, int, int]:
-    """(micro_batch_size, accumulate_grad_batches, data_parallel_size) from global/micro batch sizes."""
-    layout = batch_plan_layout(cfg)   # TP x PP x DP sizes checked (one-line UserErrors); torch-free
-    return layout.micro_batch_size, layout.n_microbatches, layout.dp
-
-
-def world_size_of(cfg: DictConfig) -> int:
-    return int(cfg.trainer.get("devices", 1) or 1) * int(cfg.trainer.get("num_nodes", 1) or 1)
-
-
-def batch_plan_layout(cfg: DictConfig) -> Any:
-    """The validated TP x PP x DP layout (``parallel.layout.ParallelLayout``) of the stage config."""
-    from .parallel.layout import layout_from_config
-
-    return layout_from_config(cfg.model, world_size_of(cfg), prefix="")
-
-
-def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
-    """Run prompt learning; returns a summary dict (also written to <log_dir>/prompt_learning_summary.json)."""
-    t_start = time.monotonic()
-    from stages.engine import examples as D
-
-
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")   # the frozen base model, on purpose
-    warnings.filterwarnings("ignore", message=r".*srun. command is available.*")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-    # the batch sampler skips the batches already consumed (fault.py, module.ResumableBatchSampler)
-    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
-    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")   # resuming
-    from .fault import FaultTolerance, install_preemption_handler
-
-    preempt_flag = install_preemption_handler()   # first: from here on the preemption signal cannot kill the process
-    tr_cfg = cfg.get("trainer") or {}
-    reuse = tr_cfg.get("reuse_host_memory", True)
-    if not isinstance(reuse, bool):
-        raise UserError(f"trainer.reuse_host_memory: must be true or false, got {reuse!r}")
-    reuse_host_memory(reuse)
-    compile_on = check_compile(tr_cfg.get("compile", False), cpu=str(tr_cfg.get("accelerator", "cpu")) == "cpu")
-    m = cfg.model
-    seed = int(m.get("seed", 1234))
-    tasks = check_tasks(m)   # the launcher's own check, again on the config this job was handed
-    style, templates_all, new_tasks, existing = tasks.style, tasks.templates, tasks.new, tasks.existing
-    mbs, accumulate, dp = batch_plan(cfg)
-    # data errors first: they are cheap to find and should not wait for a model load
-    d = m.data
-    known = {t: templates_all[t] for t in new_tasks + existing if t in templates_all}
-    val_files = _files(d.get("validation_ds"))
-    train_records = D.read_jsonl(_files(d.get("train_ds")), known, "model.data.train_ds")
-    val_records = D.read_jsonl(val_files, known, "model.data.validation_ds") if val_files else []
-
-    import pytorch_lightning as pl
-    import torch
-    from torch.utils.data import DataLoader
-
-    from stages.engine.artifact import base_info, check_base, load_artifact, save_artifact
-    from stages.engine.export import input_spec
-    from stages.engine.family import family_for
-    from stages.engine.base_model import fingerprint, resolve
-    from .module import PromptLearningModule, ResumableBatchSampler
-    from stages.engine.prompts import PromptStore, build_new
-    from .report import write_loss_curve
-
-    pl.seed_everything(seed, workers=True, verbose=False)
-
-    # ---- base model --------------------------------------------------------------------------
-    resolved = resolve(m.get("language_model_path"), "model.language_model_path")
-    from stages.engine.base_model import load_tokenizer
-
-    tokenizer = load_tokenizer(resolved.location)
-    parallel = None
-    if world_size_of(cfg) > 1 or batch_plan_layout(cfg).is_model_parallel:   # TP/PP/DP: parallel_module.py
-        from . import parallel_module as parallel
-        parallel.precheck(cfg, batch_plan_layout(cfg), resolved.location, style)
-        if compile_on:
-            raise UserError("trainer.compile: the tensor/pipeline/data-parallel engine runs its layers uncompiled; "
-                            "set trainer.compile=false (or train in one process)")
-    model = load_base_model(resolved.location, m.get("attn_implementation"))
-    family = family_for(model.config, tokenizer)   # "gpt" (causal LM) or "t5" (encoder-decoder)
-    if compile_on and family.name != "gpt":
-        raise UserError(f"trainer.compile: supported for decoder-only models; {type(model).__name__} is an "
-                        f"encoder-decoder ({family.name}); set trainer.compile=false")
-    fp = fingerprint(model)
-    base = base_info(resolved.given, resolved.location, model, fp)
-    info = D.TokenizerInfo(tokenizer)
-    emb_before = model.get_input_embeddings().weight.detach().clone() if cfg.get("_check_frozen") else None
-
-    # ---- tasks: restored (frozen) + new (trainable) ------------------------------------------
-    templates = {}
-    restored: dict[str, Any] = {}
-    if existing:
-        restore = m.get("restore_path")
-        meta, art_templates, tables = load_artifact(restore, "model.restore_path")
-        check_base(meta, restore, fp, resolved.given, family=family.name)
-        for t in existing:
-            if t not in tables:
-                raise UserError(f"model.existing_tasks: '{t}' is not in the artifact {restore} (has {sorted(tables)})")
-            tpl = templates_all.get(t, art_templates[t])
-            if tpl.total_virtual_tokens != tables[t].shape[0]:
-                raise UserError(
-                    f"model.task_templates[{t}].total_virtual_tokens: {tpl.total_virtual_tokens}, but the restored prompt has "
-                    f"{tables[t].shape[0]} rows; keep the template of an existing task unchanged"
-                )
-            templates[t] = tpl
-            restored[t] = tables[t]
-    for t in new_tasks:
-        templates[t] = templates_all[t]
-    tasks = existing + new_tasks
-    store = PromptStore(tasks, fp["hidden_size"])
-    for t in existing:
-        store.add_frozen(t, restored[t])
-    build_new(store, new_tasks, {t: templates[t].total_virtual_tokens for t in new_tasks}, style, m,
-              model.get_input_embeddings().weight, tokenizer, seed)
-    n_trainable = sum(p.numel() for p in store.parameters() if p.requires_grad)
-    log.info("tasks: existing (frozen) %s, new (trainable) %s; %s trainable parameters; base model %s (%s) frozen",
-             existing, new_tasks, f"{n_trainable:,}", resolved.given, fp["sha256"])
-
-    # ---- data ------------------------------------------------------------------------------------
-    share, bucket = _batching_options(d, family, parallel is not None)
-    if compile_on:
-        if share:
-            log.warning("trainer.compile: with model.data.share_prefix=true every batch carries its prefix's KV cache "
-                        "and runs the eager layers; set model.data.share_prefix=false to train compiled")
-        compile_layers(model)
-    max_len = int(d.get("max_seq_length", 1024))
-    common = dict(max_seq_length=max_len, min_seq_length=int(d.get("min_seq_length", 1) or 1),
-                  add_eos=bool(d.get("add_eos", True)), seed=seed)
-    train_ex, train_stats = D.build_dataset(_files(d.get("train_ds")), templates, info, key="model.data.train_ds",
-                                            max_examples=d.get("max_train_examples"), records=train_records,
-                                            builder=family.build_example, group_sample=share, **common)
-    val_ex, val_stats = ([], None)
-    if val_files:
-        val_ex, val_stats = D.build_dataset(val_files, templates, info, key="model.data.validation_ds",
-                                            max_examples=d.get("max_val_examples"), records=val_records, sample=False,
-                                            builder=family.build_example, **common)
-    task_ids = {t: i for i, t in enumerate(tasks)}
-
-    def collate(batch: list[D.Example]) -> dict[str, Any]:
-        if share:   # each distinct prefix once (family.loss takes both kinds of batch)
-            return D.collate_shared(batch, task_ids, info.pad_id)
-        return family.collate(batch, task_ids, info.pad_id)
-
-    # ---- trainer --------------------------------------------------------------------------------
-    tr, em = cfg.trainer, cfg.exp_manager
-    log_dir = Path(str(em.get("explicit_log_dir") or Path(str(cfg.run.results_dir)) / "results"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    nw = int(d.get("num_workers", 0) or 0)
-    ft = FaultTolerance(log_dir, layout={"train_examples": len(train_ex), "global_batch_size": mbs * accumulate * dp,
-                                         "shuffle": bool(d.get("shuffle", True)), "seed": seed,
-                                         **_batching_layout(share, bucket)},
-                        every_n_train_steps=(_cfg(em.get("checkpoint_callback_params")) or {}).get("every_n_train_steps"),
-                        flag=preempt_flag)
-    if parallel is not None:   # several processes or TP x PP > 1: global token-mean loss, manual optimisation
-        module, trainer, train_dl, val_dl = parallel.setup_parallel(
-            layout=batch_plan_layout(cfg), model=model, store=store, family=family, optim=_cfg(m.optim), train_ex=train_ex,
-            val_ex=val_ex, collate=collate, trainer_kwargs=_trainer_kwargs(tr, em, log_dir, 1, callbacks, bool(val_ex), ft),
-            micro_batch_size=mbs, shuffle=bool(d.get("shuffle", True)), seed=seed, num_workers=nw)
-    else:
-        module = PromptLearningModule(model, store, family, _cfg(m.optim))
-        trainer = pl.Trainer(**_trainer_kwargs(tr, em, log_dir, accumulate, callbacks, bool(val_ex), ft))
-        rank, world = trainer.global_rank, trainer.world_size
-        if share or bucket:
-            from .batching import BucketBatchSampler
-
-            groups = D.prefix_groups(train_ex) if share else None
-            sampler = BucketBatchSampler(len(train_ex), mbs, shuffle=bool(d.get("shuffle", True)), seed=seed,
-                                         epoch_fn=lambda: trainer.current_epoch, rank=rank, world=world,
-                                         lengths=[len(e.input_ids) for e in train_ex] if bucket else None, groups=groups)
-            if groups is not None:
-                log.info("share_prefix: %d training examples in %d prefix groups (%.1f per group)", len(train_ex),
-                         len(groups), len(train_ex) / max(1, len(groups)))
-        else:
-            sampler = ResumableBatchSampler(len(train_ex), mbs, shuffle=bool(d.get("shuffle", True)), seed=seed,
-                                            epoch_fn=lambda: trainer.current_epoch, rank=rank, world=world)
-        module.sampler = sampler
-        train_dl = DataLoader(train_ex, batch_sampler=sampler, collate_fn=collate, num_workers=nw,
-                              generator=torch.Generator().manual_seed(seed))   # not the global RNG (fault.py)
-        val_dl = None
-        if val_ex:
-            shard = val_ex[rank::world]
-            val_dl = DataLoader(shard, batch_size=mbs, shuffle=False, collate_fn=collate, num_workers=nw,
-                                generator=torch.Generator().manual_seed(seed))
-    # last.ckpt checked (falls back to last.prev.ckpt if corrupt), or None: start from scratch
-    ckpt_path = ft.resume_path(module, trainer.global_rank, bool(em.get("resume_if_exists", False)))
-    log.info("training: micro batch %d x accumulate %d x data-parallel %d = global batch %d; %d train / %d val examples",
-             mbs, accumulate, dp, mbs * accumulate * dp, len(train_ex), len(val_ex))
-    if val_dl is not None and ckpt_path is None and bool(m.get("validate_before_training", True)):
-        trainer.validate(module, val_dl, verbose=False)   # step-0 point of the val curve (the initial prompt)
-    try:
-        trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl, ckpt_path=ckpt_path)
-    except RuntimeError as exc:
-        if ckpt_path and ("state_dict" in str(exc) or "size mismatch" in str(exc) or "optimizer" in str(exc).lower()):
-            raise UserError(f"{ckpt_path}: checkpoint does not match this config ({str(exc)[:160]}); delete it or set exp_manager.resume_if_exists=false") from None
-        raise
-    if emb_before is not None:
-        emb = model.get_input_embeddings().weight
-        emb = emb.full_tensor() if hasattr(emb, "full_tensor") else emb   # a DTensor shard under TP
-        assert torch.equal(emb_before, emb.cpu()), "base model changed during training"
-
-    # ---- artifact, exports, report (rank 0) ------------------------------------------------------
-    summary: dict[str, Any] = {}
-    if trainer.global_rank == 0:
-        hist = module.history
-        val_losses = [v for _, v in hist["val"]]
-        training = {
-            "steps": int(trainer.global_step),
-            "final_val_loss": val_losses[-1] if val_losses else None,
-            "first_val_loss": val_losses[0] if val_losses else None,
-            "final_train_loss": hist["train"][-1][1] if hist["train"] else None,
-            "global_batch_size": mbs * accumulate * dp,
-            "train_examples": train_stats.as_dict(),
-            "val_examples": val_stats.as_dict() if val_stats else None,
-            "seed": seed,
-            "lr": float(m.optim.lr),
-            "existing_tasks": existing,
-            "new_tasks": new_tasks,
-        }
-        checked = [r for r, _ in val_records + train_records]   # the PEFT input check runs on the run's own records
-        specs = {t: input_spec(family, templates[t], checked, info) for t in tasks}
-        art = save_artifact(str(m.artifact_path), tables=store.export_tables(), templates=templates, style=style, base=base,
-                            add_eos=common["add_eos"], max_seq_length=max_len, training=training, family=family.name,
-                            export_specs=specs)
-        write_loss_curve(log_dir / "loss_curve.png", hist, title=f"{cfg.run.get('name', 'prompt_learning')}: {', '.join(new_tasks)}")
-        write_json(log_dir / "loss_history.json", hist)
-        summary = {**training, "artifact_path": str(art), "seconds": round(time.monotonic() - t_start, 1),
-                   "loss_curve": str(log_dir / "loss_curve.png")}
-        write_json(log_dir / "prompt_learning_summary.json", summary)
-        log.info("artifact written to %s; val_loss %s -> %s over %d steps (%.0fs)", art, training["first_val_loss"],
-                 training["final_val_loss"], training["steps"], summary["seconds"])
-    return summary
-
-
-def _batching_options(d: Any, family: Any, parallel: bool) -> tuple[bool, bool]:
-    """(share_prefix, length_bucketing) from ``model.data``. Where they cannot apply they are switched off with a
-    logged line rather than failing (the CPU default turns them on): the TP/PP/DP engine builds its batches with
-    its own sampler, and an encoder-decoder model's bidirectional encoder makes a prefix depend on what follows."""
-    share, bucket = check_batching_flags({"data": d})
-    if parallel and (share or bucket):
-        log.warning("model.data.share_prefix/length_bucketing ignored: the tensor/pipeline/data-parallel engine uses plain batches")
-        return False, False
-    if share and not getattr(family, "shares_prefix", False):
-        log.warning("model.data.share_prefix=true ignored: the %s family (encoder-decoder) cannot share prefixes", family.name)
-        share = False
-    return share, bucket
-
-
-def _batching_layout(share: bool, bucket: bool) -> dict[str, Any]:
-    """The sampler layout key of checkpoints (absent for plain batching, so older checkpoints still resume)."""
-    kind = "+".join(k for k, on in (("length_bucketing", bucket), ("share_prefix", share)) if on)
-    return {"batching": kind} if kind else {}
 
 
 def load_base_model(location: str, attn_implementation: str | None) -> Any:
@@ -301,80 +401,3 @@ def load_base_model(location: str, attn_implementation: str | None) -> Any:
     except Exception as exc:
         raise UserError(f"model.attn_implementation={attn_implementation}: cannot load the model with it ({str(exc)[:160]}); use eager or sdpa") from None
     return freeze(model)
-
-
-def _trainer_kwargs(tr: DictConfig, em: DictConfig, log_dir: Path, accumulate: int, callbacks: Sequence[Any] | None,
-                    has_val: bool, fault: Any = None) -> dict[str, Any]:
-    """Lightning Trainer arguments; ``fault`` (fault.FaultTolerance) adds atomic checkpoints, RNG/data-position
-    state, preemption handling and an atomically written metrics.csv."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
-
-    loggers: list[Any] = []
-    if em.get("create_csv_logger", True):
-        loggers.append(fault.logger(str(log_dir)) if fault is not None else CSVLogger(save_dir=str(log_dir), name="", version="csv"))
-    if em.get("create_tensorboard_logger", False):
-        try:
-            import tensorboard  # noqa: F401
-            from pytorch_lightning.loggers import TensorBoardLogger
-
-            loggers.append(TensorBoardLogger(save_dir=str(log_dir), name="", version="tensorboard"))
-        except ImportError:
-            log.warning("exp_manager.create_tensorboard_logger=true but tensorboard is not installed; skipping it")
-    if em.get("create_wandb_logger", False):
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise UserError("exp_manager.create_wandb_logger=true but wandb is not installed; `pip install wandb` or set it to false") from None
-        from pytorch_lightning.loggers import WandbLogger
-
-        loggers.append(WandbLogger(save_dir=str(log_dir), **(_cfg(em.get("wandb_logger_kwargs")) or {})))
-    cp = _cfg(em.get("checkpoint_callback_params")) or {}
-    monitor = cp.get("monitor", "val_loss") if has_val else None
-    ckpt_cb = ModelCheckpoint(
-        dirpath=str(log_dir / "checkpoints"),
-        filename="step={step}-val_loss={val_loss:.4f}" if monitor else "step={step}",
-        auto_insert_metric_name=False,
-        monitor=monitor,
-        mode=cp.get("mode", "min"),
-        save_top_k=int(cp.get("save_top_k", 1)) if monitor else 1,
-        save_last=fault is None,     # with fault tolerance, fault.LastCheckpoint writes last.ckpt (every_n_train_steps)
-        every_n_train_steps=None if fault is not None else cp.get("every_n_train_steps"),
-        save_weights_only=False,
-        enable_version_counter=False,   # always last.ckpt (never last-v1.ckpt), the file a rerun resumes from
-    )
-    precision = str(tr.get("precision", "32"))
-    if str(tr.get("accelerator", "cpu")) == "cpu" and "16" in precision:
-        log.warning("trainer.precision=%s on CPU is emulated and very slow; use 32", precision)
-    cfg_acc = int(tr.get("accumulate_grad_batches", 1) or 1)
-    if cfg_acc not in (1, accumulate):
-        log.warning("trainer.accumulate_grad_batches=%d ignored: global/micro batch sizes give %d", cfg_acc, accumulate)
-    val_every = tr.get("val_check_interval", 1.0)
-    kwargs = dict(
-        accelerator=str(tr.get("accelerator", "cpu")),
-        devices=tr.get("devices", 1),
-        num_nodes=int(tr.get("num_nodes", 1) or 1),
-        precision=precision,
-        max_steps=int(tr.get("max_steps", -1) if tr.get("max_steps") is not None else -1),
-        max_epochs=int(tr.get("max_epochs", -1) if tr.get("max_epochs") is not None else -1),
-        val_check_interval=val_every,
-        check_val_every_n_epoch=None if isinstance(val_every, int) else 1,
-        limit_val_batches=tr.get("limit_val_batches", 1.0) if has_val else 0,
-        gradient_clip_val=tr.get("gradient_clip_val"),
-        accumulate_grad_batches=accumulate,
-        log_every_n_steps=int(tr.get("log_every_n_steps", 10)),
-        enable_progress_bar=bool(tr.get("enable_progress_bar", True)),
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        logger=loggers or False,
-        callbacks=[ckpt_cb, *(fault.callbacks() if fault is not None else []), *(callbacks or [])],
-        default_root_dir=str(log_dir),
-        use_distributed_sampler=False,
-        deterministic=False,
-    )
-    if fault is not None:
-        kwargs["plugins"] = fault.plugins()
-    world = int(tr.get("devices", 1) or 1) * int(tr.get("num_nodes", 1) or 1)
-    if world > 1:
-        kwargs["strategy"] = "ddp_find_unused_parameters_true"
-    return kwargs

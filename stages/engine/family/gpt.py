@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from stages.engine.template import TaskTemplate
 
+from .. import collate as C
 from .. import examples as D
 from .. import shared_prefix as SP
 from ..decoding import greedy_decode
@@ -32,7 +33,7 @@ class DecoderOnlyFamily:
 
     @staticmethod
     def collate(examples: Sequence[D.Example], task_ids: dict[str, int], pad_id: int) -> dict[str, Any]:
-        return D.collate(examples, task_ids, pad_id)
+        return C.collate(examples, task_ids, pad_id)
 
     # ---- training -------------------------------------------------------------------------------
     embed = staticmethod(embed_inputs)
@@ -40,7 +41,7 @@ class DecoderOnlyFamily:
     def loss(self, model: Any, store: PromptStore, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token cross-entropies, number of label tokens); logits only where there are labels.
 
-        Accepts a plain ``examples.collate`` batch or a ``examples.collate_shared`` one (each distinct prefix run once;
+        Accepts a plain ``collate.collate`` batch or a ``collate.collate_shared`` one (each distinct prefix run once;
         same loss and prompt gradient up to float rounding, see shared_prefix.py)."""
         if SP.is_shared(batch):
             return SP.shared_loss(self, model, store, batch)
@@ -91,7 +92,7 @@ class DecoderOnlyFamily:
         """Plain prefill of the whole left-padded prompts: (output of the last position, mask, position ids)."""
         device = next(model.parameters()).device
         exs = [D.Example("", ids, vidx, [D.IGNORE] * len(ids)) for ids, vidx, _ in rows]
-        batch = D.collate(exs, {"": 0}, pad_id, left=True)
+        batch = C.collate(exs, {"": 0}, pad_id, left=True)
         ids = batch["input_ids"].to(device)
         vidx = batch["virtual_index"].to(device)
         mask = batch["attention_mask"].to(device)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from stages.common.errors import UserError
 from stages.engine.template import TaskTemplate
 
+from .. import collate as C
 from .. import examples as D
 from ..prompts import PromptStore, embed_inputs
 
@@ -121,7 +122,7 @@ class EncoderDecoderFamily:
                 decoder_start_id: int | None = None) -> dict[str, Any]:
         """Right-padded encoder batch + decoder labels (-100 padding) and decoder inputs (labels shifted right)."""
         start = pad_id if decoder_start_id is None else decoder_start_id
-        batch = D.collate([D.Example(e.task, e.input_ids, e.virtual_index, [D.IGNORE] * len(e.input_ids)) for e in examples],
+        batch = C.collate([D.Example(e.task, e.input_ids, e.virtual_index, [D.IGNORE] * len(e.input_ids)) for e in examples],
                           task_ids, pad_id)
         del batch["labels"]
         n = max(len(e.labels) for e in examples)
@@ -160,7 +161,7 @@ class EncoderDecoderFamily:
         """Greedy decoding for one batch: right-padded encoder input (run once), decoder with the KV cache."""
         device = next(model.parameters()).device
         exs = [D.Example("", ids, vidx, [D.IGNORE] * len(ids)) for ids, vidx, _ in rows]
-        batch = D.collate(exs, {"": 0}, pad_id)
+        batch = C.collate(exs, {"": 0}, pad_id)
         ids = batch["input_ids"].to(device)
         vidx = batch["virtual_index"].to(device)
         mask = batch["attention_mask"].to(device)

@@ -44,9 +44,10 @@ API (everything the engine needs)
     (shift inside, -100 ignored). Loss = sum of CE over every labelled token of the global batch /
     their count -- exact under TP, PP, DP and micro batching (see ``model.py``).
 
-The prompt_learning stage's real integration is ``stages/prompt_learning/parallel_module.py`` (per-task prompt
-tables stacked into one table, the engine's data pipeline, checkpoints, artifact; tested through the stage entry
-in ``tests/test_prompt_learning_parallel.py``). The minimal recipe (tested in
+The prompt_learning stage's real integration is ``wiring.py`` with ``checks.py``, ``engines.py``, ``data.py``,
+``strategy.py`` and ``lightning_module.py`` in this package (per-task prompt tables stacked into one table, the
+engine's data pipeline, checkpoints, artifact; tested through the stage entry in
+``tests/test_prompt_learning_parallel.py``). The minimal recipe (tested in
 ``tests/test_parallel_lightning.py``)::
 
     layout = layout_from_config(cfg.model, world_size=devices * num_nodes)      # before pl.Trainer
