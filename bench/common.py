@@ -67,7 +67,7 @@ def machine_info() -> dict[str, Any]:
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
                     torch_interop_threads=torch.get_num_interop_threads(),
                     cpu_capability=torch.backends.cpu.get_cpu_capability())
-        from stages.host_memory import in_effect
+        from stages.engine.host_memory import in_effect
 
         info["reuse_host_memory"] = in_effect()   # the stages' trainer.reuse_host_memory (--host-memory)
         for mod in ("transformers", "peft"):
@@ -187,7 +187,7 @@ def arg_parser(description: str, *, name: str, batches: int) -> argparse.Argumen
     ap.add_argument("--artifact", default=None, help="start from this prompt artifact's table instead")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--host-memory", default="reuse", choices=["reuse", "default"],
-                    help="reuse = what the stages do by default (trainer.reuse_host_memory=true, stages/host_memory.py), "
+                    help="reuse = what the stages do by default (trainer.reuse_host_memory=true, stages/engine/host_memory.py), "
                          "for every side of the comparison: it is process-wide; default = glibc malloc as it comes")
     ap.add_argument("--out", default=str(RESULTS_DIR / f"{name}.json"))
     return ap
@@ -195,7 +195,7 @@ def arg_parser(description: str, *, name: str, batches: int) -> argparse.Argumen
 
 def setup_from_args(args: argparse.Namespace) -> Setup:
     """Apply --host-memory and --threads, then ``load_setup`` with --model and --attn."""
-    from stages.host_memory import reuse_host_memory
+    from stages.engine.host_memory import reuse_host_memory
 
     reuse_host_memory(args.host_memory == "reuse", "--host-memory")
     if args.threads:

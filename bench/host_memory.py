@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What ``trainer.reuse_host_memory`` (stages/host_memory.py) does to the training step: glibc malloc as it comes
+"""What ``trainer.reuse_host_memory`` (stages/engine/host_memory.py) does to the training step: glibc malloc as it comes
 against malloc keeping freed memory for the next step, on the same model, questions and batches as
 ``train_vs_peft.py`` (its ours-plain and ours-shared steps).
 

@@ -1,4 +1,4 @@
-"""trainer.reuse_host_memory (stages/host_memory.py): freed host memory is reused, page faults disappear, the knob
+"""trainer.reuse_host_memory (stages/engine/host_memory.py): freed host memory is reused, page faults disappear, the knob
 is checked and reaches both stages. The malloc setting is process-wide, so the behaviour tests run in a child."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not sys.platform
 CHILD = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from stages.host_memory import in_effect, reuse_host_memory
+    from stages.engine.host_memory import in_effect, reuse_host_memory
     applied = reuse_host_memory(sys.argv[1] == "on")
     import ctypes
     libc = ctypes.CDLL(None)
@@ -71,7 +71,7 @@ def test_reuse_removes_the_page_faults_of_a_big_allocation_cycle():
 
 
 def test_stays_off_where_not_glibc(monkeypatch):
-    from stages import host_memory
+    from stages.engine import host_memory
 
     monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("musl", "1.2"))
     assert host_memory._mallopt() is None
@@ -90,18 +90,22 @@ def test_training_stage_rejects_a_non_boolean_before_any_work(tmp_path, monkeypa
     called = []
     monkeypatch.setattr(T, "reuse_host_memory", lambda *a: called.append(a))
     cfg = OmegaConf.create({"trainer": {"reuse_host_memory": "yes"}, "model": {}})
-    with pytest.raises(UserError, match=r"^trainer\.reuse_host_memory: must be true or false, got 'yes'$"):
+    with pytest.raises(UserError, match=r"^prompt_learning\.trainer\.reuse_host_memory: must be true or false, got 'yes'$"):
         T.train(cfg)
     assert called == []
 
 
-def test_training_stage_applies_the_knob(monkeypatch):
+def test_training_stage_applies_the_knob(tmp_path, monkeypatch):
     from stages.prompt_learning import train as T
+    from tests.test_prompt_learning import make_cfg, make_model_dir
 
     called = []
-    monkeypatch.setattr(T, "reuse_host_memory", lambda *a: called.append(a))
+    monkeypatch.setattr(T, "reuse_host_memory", lambda *a: called.append(a[0]))
+    monkeypatch.setattr(T.PromptLearningRecipe, "read_records", lambda self: (_ for _ in ()).throw(RuntimeError("stop")))
+    model = make_model_dir(tmp_path / "model")
     for value in (True, False):
-        cfg = OmegaConf.create({"trainer": {"reuse_host_memory": value}, "model": {"virtual_prompt_style": "bad"}})
-        with pytest.raises(UserError, match="virtual_prompt_style"):   # stops right after, before loading anything
+        cfg = make_cfg(tmp_path / str(value), str(model))
+        cfg.trainer.reuse_host_memory = value
+        with pytest.raises(RuntimeError, match="stop"):   # stops right after the process setup, before any data
             T.train(cfg)
-    assert called == [(True,), (False,)]
+    assert called == [True, False]

@@ -61,37 +61,45 @@ def test_compiled_layers_equal_eager_one_graph_for_all_layers_and_lengths(tiny, 
 
 
 def test_model_without_repeated_layers_is_refused():
-    with pytest.raises(UserError, match=r"^trainer\.compile: Linear names no repeated decoder layer"):
+    with pytest.raises(UserError, match=r"^prompt_learning\.trainer\.compile: Linear names no repeated decoder layer"):
         LC.LayerCompiler(torch.nn.Linear(2, 2))
 
 
-def test_setting_is_checked_and_needs_a_compiler_on_cpu(monkeypatch):
-    with pytest.raises(UserError, match=r"^trainer\.compile: must be true or false, got 'fast'$"):
-        LC.check_setting("fast", cpu=True)
-    assert LC.check_setting(True, cpu=True) is True and LC.check_setting(False, cpu=True) is False
+def test_setting_is_checked_and_needs_a_compiler_on_cpu(tmp_path, tiny, monkeypatch):
+    from stages.prompt_learning.config import check_config
+
+    cfg = make_cfg(tmp_path, tiny)
+    cfg.trainer.compile = "fast"
+    with pytest.raises(UserError, match=r"^prompt_learning\.trainer\.compile: must be true or false, got 'fast'$"):
+        check_config(cfg)
+    cfg.trainer.compile = True
+    assert check_config(cfg).compile is True
+    cfg.trainer.compile = False
+    assert check_config(cfg).compile is False and not check_config(cfg).stage.here   # off: no compiler needed
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    assert LC.check_setting(False, cpu=True) is False                  # off: no compiler needed
-    assert LC.check_setting(True, cpu=False) is True                   # GPU kernels are not built with it
-    with pytest.raises(UserError, match=r"^trainer\.compile: .*no C\+\+ compiler.*apt-get install g\+\+\) or set trainer\.compile=false$"):
-        LC.check_setting(True, cpu=True)
+    cfg.trainer.compile = True
+    (here,) = check_config(cfg).stage.here                             # on CPU: the machine that runs it needs one
+    with pytest.raises(UserError, match=r"^prompt_learning\.trainer\.compile: .*no C\+\+ compiler.*apt-get install g\+\+\) "
+                                        r"or set prompt_learning\.trainer\.compile=false$"):
+        here()
 
 
 def test_training_stage_checks_the_setting_before_any_work(tmp_path, tiny, monkeypatch):
     cfg = make_cfg(tmp_path, tiny)
     cfg.trainer.compile = "yes"
-    with pytest.raises(UserError, match=r"^trainer\.compile: must be true or false, got 'yes'$"):
+    with pytest.raises(UserError, match=r"^prompt_learning\.trainer\.compile: must be true or false, got 'yes'$"):
         train(cfg)
     assert not (tmp_path / "results").exists()                       # failed before writing anything
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     cfg.trainer.compile = True
-    with pytest.raises(UserError, match=r"^trainer\.compile: .*no C\+\+ compiler"):
+    with pytest.raises(UserError, match=r"^prompt_learning\.trainer\.compile: .*no C\+\+ compiler"):
         train(cfg)
     monkeypatch.undo()
-    cfg.trainer.devices = 2                                           # the TP/PP/DP engine: refused before the model loads
+    cfg.trainer.devices = 2                                           # several processes: refused before the model loads
     cfg.model.global_batch_size = 8
-    with pytest.raises(UserError, match=r"^trainer\.compile: the tensor/pipeline/data-parallel engine runs its layers uncompiled"):
+    with pytest.raises(UserError, match=r"^prompt_learning\.trainer\.compile: runs in one process only, this run has 2"):
         train(cfg)
 
 
@@ -114,7 +122,7 @@ def test_shared_prefix_runs_warn_that_nothing_is_compiled(tmp_path, tiny, caplog
     cfg.model.data.share_prefix = True
     with caplog.at_level(logging.WARNING, logger="promptlaunch.prompt_learning"):
         train(cfg)
-    assert "with model.data.share_prefix=true every batch carries its prefix's KV cache" in caplog.text
+    assert "with prompt_learning.model.data.share_prefix=true every batch carries its prefix's KV cache" in caplog.text
 
 
 def test_the_stage_config_documents_the_knob_off_by_default():

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from stages.common.errors import UserError
-from stages.common.io import atomic_dir, atomic_path, remove_stale_tmp, write_json
+from stages.common.io import atomic_dir, remove_stale_tmp, write_json
 from stages.engine.template import TaskTemplate, parse_templates
 
 from .export import engine_ids, write_exports

@@ -49,7 +49,7 @@ class Settings:
     share_prefix: bool = False            # generate with shared-context prefixes (PromptedModel.generate)
     prompt_lookup_num_tokens: int = 0     # draft tokens copied from the prompt per decoding pass (0 = off)
     prompt_lookup_pass_budget: int | None = None   # at most this many row-tokens per decoding pass (None: no limit)
-    trainer: Trainer | None = None        # devices, accelerator, reuse_host_memory (stages/host_memory.py)
+    trainer: Trainer | None = None        # devices, accelerator, reuse_host_memory (stages/engine/host_memory.py)
 
     @property
     def reuse_host_memory(self) -> bool:

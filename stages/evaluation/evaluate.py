@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from stages.common.errors import UserError
 from stages.common.io import remove_stale_tmp, write_json, write_jsonl, write_text
-from stages.host_memory import reuse_host_memory
+from stages.engine.host_memory import reuse_host_memory
 
 from .data import Example, TestSlice, check_examples, read_slice
 from .metrics import Score, aggregate, score

@@ -34,10 +34,10 @@ def batching_options(flags: tuple[bool, bool], family: Any, parallel: bool) -> t
     on what follows."""
     share, bucket = flags
     if parallel and (share or bucket):
-        log.warning("model.data.share_prefix/length_bucketing ignored: the tensor/pipeline/data-parallel engine uses plain batches")
+        log.warning("prompt_learning.model.data.share_prefix/length_bucketing ignored: the tensor/pipeline/data-parallel engine uses plain batches")
         return False, False
     if share and not getattr(family, "shares_prefix", False):
-        log.warning("model.data.share_prefix=true ignored: the %s family (encoder-decoder) cannot share prefixes", family.name)
+        log.warning("prompt_learning.model.data.share_prefix=true ignored: the %s family (encoder-decoder) cannot share prefixes", family.name)
         share = False
     return share, bucket
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
 
-from stages.common.checks import Need, StageCheck, boolean, check_trainer, positive_int, require_gpu
+from stages.common.checks import Need, StageCheck, Trainer, boolean, check_trainer, positive_int, require_gpu
 from stages.common.errors import UserError
 from stages.engine.base_model import architecture, check_reference
 from stages.engine.template import TaskTemplate, parse_templates
@@ -119,9 +119,12 @@ class Checked:
     """The checked stage config: what the launcher needs (``stage``) and what the job plans with."""
 
     stage: StageCheck
+    trainer: Trainer
     tasks: Tasks
     layout: ParallelLayout
     compile: bool
+    share_prefix: bool
+    length_bucketing: bool
 
 
 def check(sc: Any) -> StageCheck:
@@ -161,12 +164,12 @@ def check_config(sc: Any) -> Checked:
         result.reads.append(Need(str(m.get("restore_path")), f"{KEY}.restore_path",
                                  "point it at a prompt artifact written by an earlier run"))
     result.reads += _check_data(m)
-    check_batching_flags(m)
+    share_prefix, length_bucketing = check_batching_flags(m)
     _check_optim(m)
     _check_limits(t)
     result.signal_warning = _check_exp_manager(sc)
     result.writes.append(os.path.normpath(str(m.get("artifact_path"))))
-    return Checked(result, tasks, layout, compile_on)
+    return Checked(result, trainer, tasks, layout, compile_on, share_prefix, length_bucketing)
 
 
 def _check_model_layout(path: Any, layout: ParallelLayout) -> None:

@@ -1,4 +1,4 @@
-"""``trainer.compile``: the frozen model's decoder layers run through ``torch.compile`` in passes without a KV cache.
+"""``prompt_learning.trainer.compile``: the frozen model's decoder layers run through ``torch.compile`` in passes without a KV cache.
 
 Why: in a plain training step on CPU the matmuls already run near this machine's matmul rate; what is left is
 the elementwise work around them (attention scale, mask and softmax over B x H x L^2 scores, SiLU x up, RMSNorm,
@@ -34,7 +34,7 @@ def decoder_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def check_compiler(key: str = "trainer.compile", fix: str | None = None) -> str:
+def check_compiler(key: str = "prompt_learning.trainer.compile", fix: str | None = None) -> str:
     """Path of the C++ compiler inductor will call (``$CXX`` or g++/c++/clang++); UserError if there is none."""
     for name in [os.environ.get("CXX")] + ["g++", "c++", "clang++"]:
         if name and shutil.which(name):
@@ -62,8 +62,8 @@ class LayerCompiler:
 
         self.layers = decoder_layers(model)
         if not self.layers:
-            raise UserError(f"trainer.compile: {type(model).__name__} names no repeated decoder layer "
-                            f"(_no_split_modules); set trainer.compile=false")
+            raise UserError(f"prompt_learning.trainer.compile: {type(model).__name__} names no repeated decoder layer "
+                            f"(_no_split_modules); set prompt_learning.trainer.compile=false")
         self._compiled = [self._dispatch(layer.forward, torch.compile(layer.forward, dynamic=True)) for layer in self.layers]
 
     @staticmethod
@@ -85,16 +85,7 @@ class LayerCompiler:
             layer.__dict__.pop("forward", None)
 
 
-def check_setting(enabled: Any, *, cpu: bool, key: str = "trainer.compile") -> bool:
-    """The ``trainer.compile`` value as a bool, checked before any model is loaded (on CPU: a compiler exists)."""
-    if not isinstance(enabled, bool):
-        raise UserError(f"{key}: must be true or false, got {enabled!r}")
-    if enabled and cpu:
-        check_compiler(key)
-    return enabled
-
-
-def compile_layers(model: Any, key: str = "trainer.compile") -> LayerCompiler:
+def compile_layers(model: Any, key: str = "prompt_learning.trainer.compile") -> LayerCompiler:
     """Switch the decoder layers of ``model`` to compiled forwards (before any forward pass) and say so."""
     compiler = LayerCompiler(model)
     n = compiler.enable()

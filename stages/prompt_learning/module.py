@@ -10,7 +10,6 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Sampler
 
-from stages.common.errors import UserError
 
 from stages.engine.family import DecoderOnlyFamily
 from stages.engine.prompts import PromptStore
@@ -67,7 +66,7 @@ def lr_lambda(name: str, warmup: int, total: int, min_ratio: float) -> Callable[
             return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         if name == "linear":
             return min_ratio + (1 - min_ratio) * (1 - progress)
-        raise UserError(f"model.optim.sched.name: '{name}' is not one of cosine, constant, linear")
+        raise ValueError(f"lr_lambda: unknown schedule {name!r}")   # the user-facing rule: config._check_optim
 
     return f
 
@@ -155,7 +154,7 @@ class PromptLearningModule(pl.LightningModule):
         elif name == "adam":
             opt = torch.optim.Adam(params, lr=float(o["lr"]), weight_decay=float(o.get("weight_decay", 0.0)), betas=betas)
         else:
-            raise UserError(f"model.optim.name: '{name}' is not one of adamw, adam")
+            raise ValueError(f"configure_optimizers: unknown optimizer {name!r}")   # the user-facing rule: config._check_optim
         sched = o.get("sched") or {}
         total = self.trainer.estimated_stepping_batches
         min_ratio = float(sched.get("min_lr", 0.0)) / float(o["lr"]) if float(o["lr"]) else 0.0

@@ -17,13 +17,11 @@ from omegaconf import DictConfig
 
 from stages.common.errors import UserError
 from stages.common.io import write_json
-from stages.host_memory import reuse_host_memory
-from stages.prompt_learning.config import check_batching_flags, check_tasks
-from stages.prompt_learning.layer_compile import check_setting as check_compile
+from stages.engine.host_memory import reuse_host_memory
+from stages.prompt_learning.config import STAGE, check_config
 from stages.prompt_learning.layer_compile import compile_layers
 
-from .parallel.layout import layout_from_config
-from .trainer_args import plain, trainer_kwargs, world_size_of
+from .trainer_args import plain, trainer_kwargs
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 
@@ -44,8 +42,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> dict[str, 
 
 class PromptLearningRecipe:
     """One prompt-learning run. :meth:`setup` calls one method per concern, in the order the run needs them:
-    each reads what the earlier ones left on ``self``, cheap checks come before the model load, and the
-    preemption handler before everything. The recipe holds its pieces (model, prompt store, LightningModule,
+    each reads what the earlier ones left on ``self``, the config check (torch-free, no side effects) comes first,
+    the preemption handler before any work. The recipe holds its pieces (model, prompt store, LightningModule,
     ``pl.Trainer``, ``FaultTolerance``) rather than inheriting from any of them."""
 
     def __init__(self, cfg: DictConfig, callbacks: Sequence[Any] | None = None) -> None:
@@ -60,8 +58,8 @@ class PromptLearningRecipe:
         return self.write_outputs()
 
     def setup(self) -> None:
-        self.setup_process()
         self.check_config()
+        self.setup_process()
         self.read_records()
         self.setup_model()
         self.setup_prompts()
@@ -82,21 +80,18 @@ class PromptLearningRecipe:
         from .fault.preemption import install_preemption_handler
 
         self.preempt_flag = install_preemption_handler()
-        reuse = (self.cfg.get("trainer") or {}).get("reuse_host_memory", True)
-        if not isinstance(reuse, bool):
-            raise UserError(f"trainer.reuse_host_memory: must be true or false, got {reuse!r}")
-        reuse_host_memory(reuse)
+        reuse_host_memory(self.checked.trainer.reuse_host_memory, f"{STAGE}.trainer.reuse_host_memory")
 
     def check_config(self) -> None:
-        """The stage's config rules (``config.py``, the functions the launcher calls too), again on the config this
-        job was handed, plus the compile setting and the TP x PP x DP layout: one-line UserErrors, before any work."""
-        cfg = self.cfg
-        tr = cfg.get("trainer") or {}
-        self.compile_on = check_compile(tr.get("compile", False), cpu=str(tr.get("accelerator", "cpu")) == "cpu")
-        self.seed = int(cfg.model.get("seed", 1234))
-        self.tasks = check_tasks(cfg.model)
-        self.layout = layout_from_config(cfg.model, world_size_of(cfg.trainer), prefix="")   # torch-free
-        self.batching_flags = check_batching_flags(cfg.model)
+        """The stage's config rules (``config.check_config``, the function the launcher calls too), again on the
+        config this job was handed, with the inputs and the machine: one-line UserErrors, before any work."""
+        self.checked = checked = check_config(self.cfg)
+        checked.stage.check_reads_exist()
+        for here in checked.stage.here:
+            here()
+        self.seed = int(self.cfg.model.get("seed", 1234))
+        self.tasks, self.layout, self.compile_on = checked.tasks, checked.layout, checked.compile
+        self.batching_flags = (checked.share_prefix, checked.length_bucketing)
 
     def read_records(self) -> None:
         """The JSONL records, checked against the task templates: data errors are cheap to find and should not
@@ -106,8 +101,8 @@ class PromptLearningRecipe:
         d, t = self.cfg.model.data, self.tasks
         known = {name: t.templates[name] for name in t.new + t.existing if name in t.templates}
         self.val_files = _files(d.get("validation_ds"))
-        self.train_records = read_jsonl(_files(d.get("train_ds")), known, "model.data.train_ds")
-        self.val_records = read_jsonl(self.val_files, known, "model.data.validation_ds") if self.val_files else []
+        self.train_records = read_jsonl(_files(d.get("train_ds")), known, "prompt_learning.model.data.train_ds")
+        self.val_records = read_jsonl(self.val_files, known, "prompt_learning.model.data.validation_ds") if self.val_files else []
 
     def setup_model(self) -> None:
         """The frozen fp32 base model, its tokenizer and family. Several processes or TP x PP > 1 take the
@@ -123,26 +118,23 @@ class PromptLearningRecipe:
 
         pl.seed_everything(self.seed, workers=True, verbose=False)
         m = self.cfg.model
-        self.resolved = resolve(m.get("language_model_path"), "model.language_model_path")
+        self.resolved = resolve(m.get("language_model_path"), "prompt_learning.model.language_model_path")
         self.tokenizer = load_tokenizer(self.resolved.location)
         self.parallel = use_parallel_path(self.layout)
         if self.parallel:
-            precheck(self.cfg, self.layout, self.resolved.location, self.tasks.style)
-            if self.compile_on:
-                raise UserError("trainer.compile: the tensor/pipeline/data-parallel engine runs its layers uncompiled; "
-                                "set trainer.compile=false (or train in one process)")
+            precheck(self.layout, self.resolved.location)
         self.model = model = load_base_model(self.resolved.location, m.get("attn_implementation"))
         self.family = family_for(model.config, self.tokenizer)   # "gpt" (causal LM) or "t5" (encoder-decoder)
         if self.compile_on and self.family.name != "gpt":
-            raise UserError(f"trainer.compile: supported for decoder-only models; {type(model).__name__} is an "
-                            f"encoder-decoder ({self.family.name}); set trainer.compile=false")
+            raise UserError(f"{STAGE}.trainer.compile: supported for decoder-only models; {type(model).__name__} is an "
+                            f"encoder-decoder ({self.family.name}); set {STAGE}.trainer.compile=false")
         self.fingerprint = fingerprint(model)
         self.base = base_info(self.resolved.given, self.resolved.location, model, self.fingerprint)
         self.info = TokenizerInfo(self.tokenizer)
         self.emb_before = model.get_input_embeddings().weight.detach().clone() if self.cfg.get("_check_frozen") else None
 
     def setup_prompts(self) -> None:
-        """The prompt store: existing tasks restored from ``model.restore_path`` (frozen; the artifact must be of
+        """The prompt store: existing tasks restored from ``prompt_learning.model.restore_path`` (frozen; the artifact must be of
         this base model and keep each task's row count), new tasks initialised and trainable."""
         from stages.engine.artifact import check_base, load_artifact
         from stages.engine.prompts import PromptStore, build_new
@@ -152,15 +144,15 @@ class PromptLearningRecipe:
         restored: dict[str, Any] = {}
         if t.existing:
             restore = m.get("restore_path")
-            meta, art_templates, tables = load_artifact(restore, "model.restore_path")
+            meta, art_templates, tables = load_artifact(restore, "prompt_learning.model.restore_path")
             check_base(meta, restore, self.fingerprint, self.resolved.given, family=self.family.name)
             for name in t.existing:
                 if name not in tables:
-                    raise UserError(f"model.existing_tasks: '{name}' is not in the artifact {restore} (has {sorted(tables)})")
+                    raise UserError(f"prompt_learning.model.existing_tasks: '{name}' is not in the artifact {restore} (has {sorted(tables)})")
                 tpl = t.templates.get(name, art_templates[name])
                 if tpl.total_virtual_tokens != tables[name].shape[0]:
                     raise UserError(
-                        f"model.task_templates[{name}].total_virtual_tokens: {tpl.total_virtual_tokens}, but the restored "
+                        f"prompt_learning.model.task_templates[{name}].total_virtual_tokens: {tpl.total_virtual_tokens}, but the restored "
                         f"prompt has {tables[name].shape[0]} rows; keep the template of an existing task unchanged"
                     )
                 templates[name] = tpl
@@ -190,8 +182,8 @@ class PromptLearningRecipe:
         self.share, self.bucket = share, bucket = batching_options(self.batching_flags, self.family, self.parallel)
         if self.compile_on:
             if share:
-                log.warning("trainer.compile: with model.data.share_prefix=true every batch carries its prefix's KV "
-                            "cache and runs the eager layers; set model.data.share_prefix=false to train compiled")
+                log.warning("prompt_learning.trainer.compile: with prompt_learning.model.data.share_prefix=true every batch carries its prefix's KV "
+                            "cache and runs the eager layers; set prompt_learning.model.data.share_prefix=false to train compiled")
             compile_layers(self.model)
         self.max_len = int(d.get("max_seq_length", 1024))
         self.add_eos = bool(d.get("add_eos", True))
@@ -199,13 +191,13 @@ class PromptLearningRecipe:
                       add_eos=self.add_eos, seed=self.seed)
         builder = self.family.build_example
         self.train_ex, self.train_stats = build_dataset(
-            _files(d.get("train_ds")), self.templates, self.info, key="model.data.train_ds",
+            _files(d.get("train_ds")), self.templates, self.info, key="prompt_learning.model.data.train_ds",
             max_examples=d.get("max_train_examples"), records=self.train_records, builder=builder, group_sample=share,
             **common)
         self.val_ex, self.val_stats = ([], None)
         if self.val_files:
             self.val_ex, self.val_stats = build_dataset(
-                self.val_files, self.templates, self.info, key="model.data.validation_ds",
+                self.val_files, self.templates, self.info, key="prompt_learning.model.data.validation_ds",
                 max_examples=d.get("max_val_examples"), records=self.val_records, sample=False, builder=builder, **common)
         task_ids = {name: i for i, name in enumerate(self.task_names)}
         family, pad_id = self.family, self.info.pad_id
@@ -218,7 +210,7 @@ class PromptLearningRecipe:
         self.collate = collate
 
     def setup_optimizer(self) -> None:
-        """The LightningModule, which owns the optimiser and LR schedule of ``model.optim`` (``configure_optimizers``
+        """The LightningModule, which owns the optimiser and LR schedule of ``prompt_learning.model.optim`` (``configure_optimizers``
         in ``module.py``): automatic optimisation in one process; on the parallel path manual optimisation around
         the TP/PP/DP engine, global token-mean loss, the module clipping gradients itself."""
         optim = plain(self.cfg.model.optim)
@@ -328,7 +320,7 @@ class PromptLearningRecipe:
         except RuntimeError as exc:
             ckpt_path = self.ckpt_path
             if ckpt_path and ("state_dict" in str(exc) or "size mismatch" in str(exc) or "optimizer" in str(exc).lower()):
-                raise UserError(f"{ckpt_path}: checkpoint does not match this config ({str(exc)[:160]}); delete it or set exp_manager.resume_if_exists=false") from None
+                raise UserError(f"{ckpt_path}: checkpoint does not match this config ({str(exc)[:160]}); delete it or set prompt_learning.exp_manager.resume_if_exists=false") from None
             raise
         if self.emb_before is not None:
             import torch
@@ -399,5 +391,5 @@ def load_base_model(location: str, attn_implementation: str | None) -> Any:
         model = getattr(transformers, auto_class).from_pretrained(location, dtype=torch.float32,
                                                                   attn_implementation=str(attn_implementation))
     except Exception as exc:
-        raise UserError(f"model.attn_implementation={attn_implementation}: cannot load the model with it ({str(exc)[:160]}); use eager or sdpa") from None
+        raise UserError(f"prompt_learning.model.attn_implementation={attn_implementation}: cannot load the model with it ({str(exc)[:160]}); use eager or sdpa") from None
     return freeze(model)

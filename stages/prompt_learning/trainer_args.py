@@ -20,7 +20,7 @@ def plain(node: Any) -> Any:
 
 
 def world_size_of(tr: Any) -> int:
-    """``trainer.devices x trainer.num_nodes`` of the ``trainer`` config block."""
+    """``prompt_learning.trainer.devices x prompt_learning.trainer.num_nodes`` of the ``trainer`` config block."""
     return int(tr.get("devices", 1) or 1) * int(tr.get("num_nodes", 1) or 1)
 
 
@@ -40,12 +40,12 @@ def trainer_kwargs(tr: DictConfig, em: DictConfig, log_dir: Path, accumulate: in
 
             loggers.append(TensorBoardLogger(save_dir=str(log_dir), name="", version="tensorboard"))
         except ImportError:
-            log.warning("exp_manager.create_tensorboard_logger=true but tensorboard is not installed; skipping it")
+            log.warning("prompt_learning.exp_manager.create_tensorboard_logger=true but tensorboard is not installed; skipping it")
     if em.get("create_wandb_logger", False):
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise UserError("exp_manager.create_wandb_logger=true but wandb is not installed; `pip install wandb` or set it to false") from None
+            raise UserError("prompt_learning.exp_manager.create_wandb_logger=true but wandb is not installed; `pip install wandb` or set it to false") from None
         from pytorch_lightning.loggers import WandbLogger
 
         loggers.append(WandbLogger(save_dir=str(log_dir), **(plain(em.get("wandb_logger_kwargs")) or {})))
@@ -65,10 +65,10 @@ def trainer_kwargs(tr: DictConfig, em: DictConfig, log_dir: Path, accumulate: in
     )
     precision = str(tr.get("precision", "32"))
     if str(tr.get("accelerator", "cpu")) == "cpu" and "16" in precision:
-        log.warning("trainer.precision=%s on CPU is emulated and very slow; use 32", precision)
+        log.warning("prompt_learning.trainer.precision=%s on CPU is emulated and very slow; use 32", precision)
     cfg_acc = int(tr.get("accumulate_grad_batches", 1) or 1)
     if cfg_acc not in (1, accumulate):
-        log.warning("trainer.accumulate_grad_batches=%d ignored: global/micro batch sizes give %d", cfg_acc, accumulate)
+        log.warning("prompt_learning.trainer.accumulate_grad_batches=%d ignored: global/micro batch sizes give %d", cfg_acc, accumulate)
     val_every = tr.get("val_check_interval", 1.0)
     kwargs = dict(
         accelerator=str(tr.get("accelerator", "cpu")),

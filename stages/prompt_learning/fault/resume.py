@@ -17,7 +17,7 @@ from .state import STATE_KEY
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 
-FIX = "delete {dir} to start over, or set exp_manager.resume_if_exists=false"
+FIX = "delete {dir} to start over, or set prompt_learning.exp_manager.resume_if_exists=false"
 LAYOUT_DEFAULTS: dict[str, Any] = {"batching": None}   # layout keys written only when not plain (batching.batching_layout)
 
 

@@ -51,7 +51,7 @@ class FaultTolerance:
         shapes = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.startswith("base_model.")}
         if not resume_if_exists:
             if (self.ckpt_dir / LAST).is_file():
-                log.info("exp_manager.resume_if_exists=false: starting over; %s will be overwritten", self.ckpt_dir / LAST)
+                log.info("prompt_learning.exp_manager.resume_if_exists=false: starting over; %s will be overwritten", self.ckpt_dir / LAST)
             if rank == 0:
                 remove_stale_tmp(self.ckpt_dir)
             return None

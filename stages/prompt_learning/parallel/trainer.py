@@ -63,7 +63,7 @@ class ParallelPromptTrainer:
         impl = getattr(model.config, "_attn_implementation", None) or "eager"
         if impl not in ("eager", "sdpa"):
             raise UserError(
-                f"{prefix}model.language_model_path: attention implementation '{impl}' cannot take the 4-D "
+                f"{prefix}prompt_learning.model.language_model_path: attention implementation '{impl}' cannot take the 4-D "
                 f"causal+padding mask of the parallel path; load the model with attn_implementation='sdpa'"
             )
         self.layout = layout
@@ -80,8 +80,8 @@ class ParallelPromptTrainer:
             if dist.get_world_size() != layout.world_size:
                 raise UserError(
                     f"{prefix}model: the layout needs tp x pp x dp = {layout.tp}x{layout.pp}x{layout.dp} = "
-                    f"{layout.world_size} processes but {dist.get_world_size()} were started; fix trainer.devices / "
-                    f"trainer.num_nodes or the parallel sizes"
+                    f"{layout.world_size} processes but {dist.get_world_size()} were started; fix prompt_learning.trainer.devices / "
+                    f"prompt_learning.trainer.num_nodes or the parallel sizes"
                 )
             self.mesh = mesh if mesh is not None else build_mesh(layout.tp, layout.pp, layout.dp)
             self.pp_rank = self.mesh.get_local_rank("pp")

@@ -10,7 +10,7 @@ keeps the plain automatic-optimisation module of ``stages/prompt_learning/module
 
 What is the same as the single-process engine: examples, templates, truncation, answer-only labels, the
 ``PromptStore`` (per-task tables, restored frozen tasks, prompt tuning or P-tuning), the optimizer and LR
-schedule from ``model.optim``, gradient clipping, ``val_loss``, checkpoints holding only the prompt state (same
+schedule from ``prompt_learning.model.optim``, gradient clipping, ``val_loss``, checkpoints holding only the prompt state (same
 keys as the single-process engine: ``prompts.*``), the artifact and loss curve written by rank 0.
 
 What is different (and why):
@@ -72,7 +72,7 @@ def parallel_trainer(trainer_kwargs: dict[str, Any], layout: ParallelLayout) -> 
                   use_distributed_sampler=False)
     trainer = pl.Trainer(**kwargs)
     if trainer.world_size != layout.world_size:
-        raise UserError(f"trainer.devices x trainer.num_nodes = {layout.world_size} but Lightning sees {trainer.world_size} processes")
+        raise UserError(f"prompt_learning.trainer.devices x prompt_learning.trainer.num_nodes = {layout.world_size} but Lightning sees {trainer.world_size} processes")
     return trainer
 
 
