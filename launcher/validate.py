@@ -66,11 +66,10 @@ class _Inputs:
         norm = os.path.normpath(os.path.expanduser(need.path))
         if norm in self.produced or os.path.exists(norm):
             return
-        msg = f"{need.key}: '{need.path}' does not exist; {need.fix}"
         if self.dry_run:
-            self.warnings.append(msg)
+            self.warnings.append(need.missing())
         else:
-            raise UserError(msg)
+            raise UserError(need.missing())
 
 
 _SIGNAL = re.compile(r"^(?:SIG)?(USR1|USR2)@(\d+)$")

@@ -34,6 +34,10 @@ class Need:
     key: str
     fix: str
 
+    def missing(self) -> str:
+        """The one line that says the file is not there."""
+        return f"{self.key}: '{self.path}' does not exist; {self.fix}"
+
 
 @dataclass
 class StageCheck:
@@ -51,7 +55,7 @@ class StageCheck:
         """Inside the job every input must be there now (the launcher allowed ones an earlier stage writes)."""
         for need in self.reads:
             if not os.path.exists(os.path.expanduser(need.path)):
-                raise UserError(f"{need.key}: '{need.path}' does not exist; {need.fix}")
+                raise UserError(need.missing())
 
 
 def positive_int(value: Any, key: str) -> int:

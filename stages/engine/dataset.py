@@ -23,7 +23,7 @@ def read_jsonl(paths: Iterable[str], templates: dict[str, TaskTemplate], key: st
     for path in paths:
         p = Path(str(path))
         if not p.is_file():
-            raise UserError(f"{key}: {p} does not exist; run the data_preparation stage first or fix the path")
+            raise UserError(f"{key}: '{p}' does not exist; run the data_preparation stage first or fix the path")
         n_file = 0
         with open(p, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):

@@ -121,7 +121,7 @@ def _list_get(values: Any, i: int, key: str, n_new: int) -> Any:
 def load_init_file(path: str, n: int, hidden: int, key: str, task: str) -> torch.Tensor:
     p = Path(str(path)).expanduser()
     if not p.is_file():
-        raise UserError(f"{key}: {p} does not exist; give a .npy or .safetensors file of shape [{n}, {hidden}]")
+        raise UserError(f"{key}: '{p}' does not exist; give a .npy or .safetensors file of shape [{n}, {hidden}]")
     if p.suffix == ".npy":
         import numpy as np
 
