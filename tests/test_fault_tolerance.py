@@ -124,7 +124,7 @@ def test_sigkill_at_many_points_then_rerun_gives_the_uninterrupted_prompt(tmp_pa
     # the checkpoint holds the data position and the RNG states the resumes used
     last = torch.load(ck / "last.ckpt", map_location="cpu", weights_only=True)
     state = last["callbacks"]["promptlaunch.ResumeState"]
-    assert state["position"]["global_step"] == 6 and state["layout"]["train_examples"] == 24
+    assert state["position"]["global_step"] == 6 and state["identity"]["prompt_learning.train_examples (derived)"] == 24
     assert set(state["rng"][0]) >= {"torch", "python", "numpy"}
     assert last["promptlaunch"]["epoch_batches"] == state["position"]["batches_in_epoch"] == 6  # a whole epoch
 

@@ -108,13 +108,19 @@ def check_base(meta: dict[str, Any], artifact_path: str | Path, fingerprint: dic
             f"model the prompts were tuned on, or re-tune the prompts for this model"
         )
     got_fp = fingerprint.get("sha256")
-    if want.get("fingerprint", {}).get("sha256") != got_fp:
+    recorded = want.get("fingerprint", {})
+    if recorded.get("sha256") != got_fp or recorded.get("weights_sha256", fingerprint.get("weights_sha256")) != \
+            fingerprint.get("weights_sha256"):   # artifacts written before weights_sha256: the embeddings only
         raise UserError(
             f"artifact {artifact_path} was trained on base model {want.get('language_model_path')} "
-            f"(fingerprint {want.get('fingerprint', {}).get('sha256')}, hidden {want.get('hidden_size')}), but {key} points to "
-            f"{language_model_path} (fingerprint {got_fp}, hidden {fingerprint.get('hidden_size')}); "
+            f"(fingerprint {_shown(recorded)}, hidden {want.get('hidden_size')}), but {key} points to "
+            f"{language_model_path} (fingerprint {_shown(fingerprint)}, hidden {fingerprint.get('hidden_size')}); "
             f"use the base model the prompts were tuned on, or re-tune the prompts for this model"
         )
+
+
+def _shown(fp: dict[str, Any]) -> str:
+    return f"{fp.get('sha256')}/{fp.get('weights_sha256', '-')}"
 
 
 def base_info(given: str, resolved: str, model: Any, fingerprint: dict[str, Any]) -> dict[str, Any]:

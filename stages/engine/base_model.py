@@ -259,8 +259,24 @@ def freeze(model: Any) -> Any:
     return model
 
 
+def weights_digest(model: Any, per_tensor: int = 512) -> str:
+    """Every parameter by content: name, shape and an even sample of its values (two fine-tunes of one model share
+    the embedding rows, so those alone do not tell them apart). Under tensor parallelism the full tensor counts."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        flat = full.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].to(torch.float32).cpu().contiguous()
+        h.update(f"{name}{tuple(full.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def fingerprint(model: Any) -> dict[str, Any]:
-    """A cheap but real identity of the base model: config + embedding shape + a hash of embedding rows."""
+    """A cheap but real identity of the base model: config + embedding shape + a hash of embedding rows
+    (``sha256``, what older artifacts recorded) and a sample of every weight (``weights_sha256``)."""
     import torch
 
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
@@ -272,6 +288,7 @@ def fingerprint(model: Any) -> dict[str, Any]:
     h.update(rows.numpy().tobytes())
     return {
         "sha256": h.hexdigest()[:16],
+        "weights_sha256": weights_digest(model),
         "model_type": getattr(model.config, "model_type", None),
         "hidden_size": int(emb.shape[1]),
         "vocab_size": int(emb.shape[0]),

@@ -146,6 +146,13 @@ def load_init_file(path: str, n: int, hidden: int, key: str, task: str) -> torch
     return arr
 
 
+def table_digest(table: torch.Tensor) -> str:
+    """A prompt table by content (a restored task's prompt is part of the run it is extended in)."""
+    import hashlib
+
+    return hashlib.sha256(table.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def init_table(method: str, n: int, embeddings: torch.Tensor, tokenizer: Any, *, seed: int, task: str,
                text: str | None = None, file: str | None = None, std: float | None = None,
                key: str = "model.prompt_tuning") -> torch.Tensor:

@@ -42,10 +42,9 @@ def batching_options(flags: tuple[bool, bool], family: Any, parallel: bool) -> t
     return share, bucket
 
 
-def batching_layout(share: bool, bucket: bool) -> dict[str, Any]:
-    """The sampler layout key of checkpoints (absent for plain batching, so older checkpoints still resume)."""
-    kind = "+".join(k for k, on in (("length_bucketing", bucket), ("share_prefix", share)) if on)
-    return {"batching": kind} if kind else {}
+def batching_kind(share: bool, bucket: bool) -> str:
+    """The batching actually used (after :func:`batching_options`), part of the run identity: it decides the batches."""
+    return "+".join(k for k, on in (("length_bucketing", bucket), ("share_prefix", share)) if on) or "plain"
 
 
 class BucketBatchSampler(ResumableBatchSampler):

@@ -17,6 +17,7 @@ from stages.common.checks import Need, StageCheck, Trainer, boolean, check_train
 from stages.common.errors import UserError
 from stages.engine.base_model import architecture, check_reference
 from stages.engine.template import TaskTemplate, parse_templates
+from stages.prompt_learning.identity import ignored_keys
 from stages.prompt_learning.layer_compile import check_compiler
 from stages.prompt_learning.parallel.layout import ParallelLayout, check_model_for_layout, layout_from_config
 
@@ -244,6 +245,7 @@ def _check_exp_manager(sc: Any) -> str | None:
     every = (em.get("checkpoint_callback_params") or {}).get("every_n_train_steps")
     if every is not None:
         positive_int(every, f"{STAGE}.exp_manager.checkpoint_callback_params.every_n_train_steps")
+    ignored_keys(em.get("resume_ignore_changes"))
     if boolean(em.get("resume_if_exists", False), f"{STAGE}.exp_manager.resume_if_exists"):
         return None
     return (f"cluster.signal is set but {STAGE}.exp_manager.resume_if_exists=false: a job requeued after the signal "

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from stages.common.errors import UserError
 from stages.common.io import write_json
 from stages.engine.host_memory import reuse_host_memory
+from stages.engine.prompts import table_digest
 from stages.prompt_learning.config import STAGE, check_config
 from stages.prompt_learning.layer_compile import compile_layers
 
@@ -157,6 +158,7 @@ class PromptLearningRecipe:
                     )
                 templates[name] = tpl
                 restored[name] = tables[name]
+        self.restored_digest = {name: table_digest(restored[name]) for name in t.existing}
         for name in t.new:
             templates[name] = t.templates[name]
         self.templates = templates
@@ -227,19 +229,25 @@ class PromptLearningRecipe:
             self.module = PromptLearningModule(self.model, self.store, self.family, optim)
 
     def setup_fault_tolerance(self) -> None:
-        """Atomic checkpoints, RNG/data state, ``last.ckpt`` and preemption (``fault/``). The layout recorded in
-        every checkpoint is what a resumed run must share to see the same batches."""
-        from .batching import batching_layout
+        """Atomic checkpoints, RNG/data state, ``last.ckpt`` and preemption (``fault/``). The run identity recorded in
+        every checkpoint is what a resumed run must share: the settings, the base model and data by content, and
+        the batches (``fault/identity.py``)."""
+        from .batching import batching_kind
+        from .identity import ignored_keys, run_identity
         from .fault.tolerance import FaultTolerance
 
         cfg = self.cfg
         em, d = cfg.exp_manager, cfg.model.data
         self.log_dir = Path(str(em.get("explicit_log_dir") or Path(str(cfg.run.results_dir)) / "results"))
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        layout = {"train_examples": len(self.train_ex), "global_batch_size": self.layout.global_batch_size,
-                  "shuffle": bool(d.get("shuffle", True)), "seed": self.seed, **batching_layout(self.share, self.bucket)}
-        self.ft = FaultTolerance(self.log_dir, layout=layout, flag=self.preempt_flag,
-                                 every_n_train_steps=(plain(em.get("checkpoint_callback_params")) or {}).get("every_n_train_steps"))
+        derived = {"train_examples": len(self.train_ex), "batching": batching_kind(self.share, self.bucket),
+                   "restored_prompts": self.restored_digest}
+        self.identity = run_identity(cfg, style=self.tasks.style, base_fingerprint=self.fingerprint["weights_sha256"],
+                                     data_files={"model.data.train_ds": _files(d.get("train_ds")),
+                                                 "model.data.validation_ds": self.val_files},
+                                     derived=derived)
+        self.ft = FaultTolerance(self.log_dir, identity=self.identity, flag=self.preempt_flag,
+                                 every_n_train_steps=(plain(em.get("checkpoint_callback_params")) or {}).get("every_n_train_steps"),
+                                 ignore=ignored_keys(em.get("resume_ignore_changes")))
 
     def setup_trainer(self) -> None:
         """``pl.Trainer`` with loggers, the top-k checkpoint and fault-tolerance callbacks (``trainer_args.py``);
@@ -337,6 +345,8 @@ class PromptLearningRecipe:
         from stages.engine.artifact import save_artifact
         from stages.engine.export import input_spec
 
+        from .identity import digest
+
         from .report import write_loss_curve
 
         cfg, m, t, log_dir = self.cfg, self.cfg.model, self.tasks, self.log_dir
@@ -354,6 +364,9 @@ class PromptLearningRecipe:
             "lr": float(m.optim.lr),
             "existing_tasks": t.existing,
             "new_tasks": t.new,
+            "identity_digest": digest(self.identity),
+            "identity": self.identity,
+            "resumed_with_changes": self.ft.resumed.changed,
         }
         checked = [r for r, _ in self.val_records + self.train_records]   # the PEFT input check runs on the run's own records
         specs = {name: input_spec(self.family, self.templates[name], checked, self.info) for name in self.task_names}

@@ -8,13 +8,17 @@ CPU, as an uninterrupted run. The pieces, one module each, composed for one run 
 * ``checkpoint_io.py`` -- :class:`AtomicCheckpointIO` writes every checkpoint to a hidden temporary file in the
   checkpoint folder, fsyncs it and renames it over the target (``stages.common.io.atomic_path``); before
   ``last.ckpt`` is replaced, the previous one is copied (atomically too) to ``last.prev.ckpt``.
+* ``../identity.py`` -- the run identity: every setting that determines the result (the config minus where things go
+  and how often to log, with the base model's and the data files' content in place of their paths, and the
+  batching actually used). It is in every checkpoint and in the artifact.
 * ``resume.py`` -- :func:`select_resume` loads and checks ``last.ckpt`` before training (complete, readable the
-  way Lightning reads it, written for the same data/batch layout and prompt shapes). A corrupt or truncated one
-  falls back to ``last.prev.ckpt`` with a warning naming both; if neither is usable, or the checkpoint belongs to
-  another configuration, the run stops with one line saying what to delete or which key to set.
+  way Lightning reads it, the same prompt shapes, the same run identity). A corrupt or truncated one falls back to
+  ``last.prev.ckpt`` with a warning naming both; if neither is usable, or the checkpoint belongs to another run,
+  the run stops with one line listing what changed and the ways on (a new ``run.name``,
+  ``resume_if_exists=false``, or ``exp_manager.resume_ignore_changes=[keys]``).
 * ``state.py`` -- :class:`ResumeState` stores, in every checkpoint, the RNG states (torch CPU/CUDA, Python,
-  NumPy, per rank) and the data position (epoch, batches consumed, and the sampler layout they refer to). The RNG
-  is restored right before the first resumed batch; the batch position is restored by the module's sampler skip.
+  NumPy, per rank), the run identity and the data position (epoch, batches consumed). The RNG is restored right
+  before the first resumed batch; the batch position is restored by the module's sampler skip.
 * ``last_checkpoint.py`` -- :class:`LastCheckpoint` owns ``last.ckpt``: written at optimizer-step boundaries
   every ``exp_manager.checkpoint_callback_params.every_n_train_steps`` steps, after each validation and at the
   end of training (``ModelCheckpoint`` keeps only the top-k by val_loss).
@@ -35,12 +39,12 @@ from .checkpoint_io import LAST, PREV, AtomicCheckpointIO, keep_previous
 from .csv_logger import atomic_csv_logger
 from .last_checkpoint import LastCheckpoint
 from .preemption import PREEMPT_EXIT, REQUEUE_ENV, SIGNAL_ENV, Preempted, PreemptionFlag, install_preemption_handler, preempt_signal
-from .resume import FIX, LAYOUT_DEFAULTS, Resume, check_compatible, load_checkpoint_file, select_resume
+from .resume import FIX, Resume, check_compatible, load_checkpoint_file, select_resume
 from .state import STATE_KEY, ResumeState, capture_rng, restore_rng
 from .tolerance import FaultTolerance
 
 __all__ = [
-    "FIX", "LAST", "LAYOUT_DEFAULTS", "PREEMPT_EXIT", "PREV", "REQUEUE_ENV", "SIGNAL_ENV", "STATE_KEY",
+    "FIX", "LAST", "PREEMPT_EXIT", "PREV", "REQUEUE_ENV", "SIGNAL_ENV", "STATE_KEY",
     "AtomicCheckpointIO", "FaultTolerance", "LastCheckpoint", "Preempted", "PreemptionFlag", "Resume", "ResumeState",
     "atomic_csv_logger", "capture_rng", "check_compatible", "install_preemption_handler", "keep_previous",
     "load_checkpoint_file", "preempt_signal", "restore_rng", "select_resume",

@@ -48,8 +48,8 @@ class ResumeState(pl.Callback):
     """RNG states (one per rank) and the data position in every checkpoint; RNG restored before the first
     resumed batch, so nothing that runs between the restore and that batch can shift the random stream."""
 
-    def __init__(self, layout: dict[str, Any]) -> None:
-        self.layout = dict(layout)
+    def __init__(self, identity: dict[str, Any]) -> None:
+        self.identity = dict(identity)
         self._pending: dict[str, Any] | None = None
         self._trainer: Any = None
 
@@ -74,7 +74,7 @@ class ResumeState(pl.Callback):
             "batches_in_epoch": int(getattr(module, "epoch_batches", 0)),
             "global_step": int(t.global_step) if t is not None else 0,
         }
-        return {"rng": ranks, "layout": dict(self.layout), "position": position}
+        return {"rng": ranks, "identity": dict(self.identity), "position": position}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         ranks = state_dict.get("rng") or []

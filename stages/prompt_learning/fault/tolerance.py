@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from stages.common.io import remove_stale_tmp
 
@@ -22,12 +22,13 @@ log = logging.getLogger("promptlaunch.prompt_learning")
 class FaultTolerance:
     """Plugins, callbacks, logger and the resume decision for one prompt-learning run."""
 
-    def __init__(self, log_dir: Path, layout: dict[str, Any], every_n_train_steps: int | None = None,
-                 flag: PreemptionFlag | None = None) -> None:
+    def __init__(self, log_dir: Path, identity: dict[str, Any], every_n_train_steps: int | None = None,
+                 flag: PreemptionFlag | None = None, ignore: Sequence[str] = ()) -> None:
         self.ckpt_dir = Path(log_dir) / "checkpoints"
-        self.layout = dict(layout)
+        self.identity = dict(identity)
+        self.ignore = list(ignore)
         self.checkpoint_io = AtomicCheckpointIO()
-        self.resume_state = ResumeState(layout)
+        self.resume_state = ResumeState(identity)
         self.last = LastCheckpoint(self.ckpt_dir, every_n_train_steps, flag or install_preemption_handler())
         self.resumed = Resume()
 
@@ -55,7 +56,7 @@ class FaultTolerance:
             if rank == 0:
                 remove_stale_tmp(self.ckpt_dir)
             return None
-        self.resumed = select_resume(self.ckpt_dir, self.layout, shapes, rank)
+        self.resumed = select_resume(self.ckpt_dir, self.identity, shapes, rank, self.ignore)
         if self.resumed.path is not None:
             if Path(self.resumed.path).name == LAST:
                 self.checkpoint_io.trusted.add(os.path.abspath(self.resumed.path))
