@@ -239,6 +239,11 @@ class PromptLearningRecipe:
         cfg = self.cfg
         em, d = cfg.exp_manager, cfg.model.data
         self.log_dir = Path(str(em.get("explicit_log_dir") or Path(str(cfg.run.results_dir)) / "results"))
+        if not bool(em.get("resume_if_exists", False)):
+            from .fault.set_aside import set_aside
+
+            set_aside(self.log_dir, [Path(str(cfg.model.artifact_path))])
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         derived = {"train_examples": len(self.train_ex), "batching": batching_kind(self.share, self.bucket),
                    "restored_prompts": self.restored_digest}
         self.identity = run_identity(cfg, style=self.tasks.style, base_fingerprint=self.fingerprint["weights_sha256"],

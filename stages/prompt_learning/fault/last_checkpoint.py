@@ -88,8 +88,8 @@ class LastCheckpoint(Checkpoint):
 
     def _stop(self, trainer: Any, saved: bool = True) -> None:
         step = int(trainer.global_step)
-        name = self.flag.signum.name
-        marker = os.environ.get(REQUEUE_ENV)
+        name = (self.flag.received or self.flag.signum).name
+        marker = os.environ.get(REQUEUE_ENV) if self.flag.requeue else None
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if trainer.is_global_zero:
             what = f"checkpoint saved at step {step} to {self.ckpt_dir / LAST}" if saved else "nothing new to save"

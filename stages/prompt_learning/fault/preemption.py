@@ -1,4 +1,6 @@
 """The preemption signal (SIGUSR1 by default) only sets a flag; ``LastCheckpoint`` acts on it at a step boundary.
+SIGTERM and SIGINT (a closed terminal, Ctrl-C, ``kill``, the launcher passing them on, ``scancel``) do the same,
+without the requeue: checkpoint at the next step boundary and exit. A second Ctrl-C stops at once.
 
 Saving inside the signal handler instead (Lightning's ``SLURMEnvironment(auto_requeue=True)``) could catch the
 trainer halfway through an optimizer step, and its ``scontrol`` call runs inside the task (often a container
@@ -30,20 +32,34 @@ def preempt_signal() -> signal.Signals:
 
 
 class PreemptionFlag:
-    """The preemption signal only sets this flag (signal-safe); the trainer acts on it at a step boundary."""
+    """The stop signals only set this flag (signal-safe); the trainer acts on it at a step boundary. ``signum`` is
+    the preemption signal (checkpoint and requeue); ``received`` the signal that actually came."""
 
     def __init__(self) -> None:
         self.signum = preempt_signal()
         self.requested = False
+        self.received: signal.Signals | None = None
+
+    @property
+    def requeue(self) -> bool:
+        """Only the preemption signal asks for a requeue; SIGTERM/SIGINT ask to stop."""
+        return self.received in (None, self.signum)
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            signal.signal(self.signum, self._on_signal)
+            for signum in {self.signum, signal.SIGTERM, signal.SIGINT}:
+                signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        if self.requested and sig == signal.SIGINT and self.received == signal.SIGINT:   # Ctrl-C twice: stop now
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
         if not self.requested:
-            os.write(2, f"promptlaunch: received {signal.Signals(signum).name}; checkpointing at the next step "
-                        f"boundary\n".encode())
+            again = "; Ctrl-C again stops without it" if sig == signal.SIGINT else ""
+            os.write(2, f"promptlaunch: received {sig.name}; checkpointing at the next step boundary{again}\n".encode())
+            self.received = sig
         self.requested = True
 
 
@@ -56,5 +72,6 @@ def install_preemption_handler() -> PreemptionFlag:
     if _FLAG is None:
         _FLAG = PreemptionFlag()
     _FLAG.requested = False
+    _FLAG.received = None
     _FLAG.install()
     return _FLAG

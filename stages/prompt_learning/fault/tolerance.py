@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from stages.common.io import remove_stale_tmp
 
 from .checkpoint_io import LAST, AtomicCheckpointIO
 from .csv_logger import atomic_csv_logger
@@ -50,11 +49,7 @@ class FaultTolerance:
     def resume_path(self, module: Any, rank: int, resume_if_exists: bool) -> str | None:
         """The checkpoint to pass to ``trainer.fit(ckpt_path=...)``; None starts from scratch."""
         shapes = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.startswith("base_model.")}
-        if not resume_if_exists:
-            if (self.ckpt_dir / LAST).is_file():
-                log.info("prompt_learning.exp_manager.resume_if_exists=false: starting over; %s will be overwritten", self.ckpt_dir / LAST)
-            if rank == 0:
-                remove_stale_tmp(self.ckpt_dir)
+        if not resume_if_exists:   # the previous outputs were set aside (set_aside.py)
             return None
         self.resumed = select_resume(self.ckpt_dir, self.identity, shapes, rank, self.ignore)
         if self.resumed.path is not None:
