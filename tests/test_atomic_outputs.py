@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stages.common import io
-from tests.launcher_helpers import ROOT, run_main
+from tests.support.launcher import ROOT, run_main
 
 
 class Boom(RuntimeError):
@@ -67,7 +67,7 @@ runpy.run_path({entry!r}, run_name="__main__")
 def test_sigkill_during_data_preparation_leaves_no_partial_jsonl_and_no_marker(tmp_path):
     from omegaconf import OmegaConf
 
-    from tests.test_data_preparation import make_cfg
+    from tests.support.data_preparation import make_cfg
 
     data = tmp_path / "data"
     out = data / "prompt_data" / "v1.1"
@@ -124,7 +124,7 @@ def test_artifact_write_interrupted_keeps_the_previous_artifact(tmp_path, monkey
     torch = pytest.importorskip("torch")
     from stages.engine.template import parse_templates
     from stages.engine import artifact
-    from tests.test_prompt_learning import SQUAD_T
+    from tests.support.templates import SQUAD_T
 
     templates = parse_templates([SQUAD_T])
     kw = dict(templates=templates, style="prompt-tuning", base={"resolved": "/m"}, add_eos=True, max_seq_length=64,
@@ -148,7 +148,8 @@ def test_artifact_write_interrupted_keeps_the_previous_artifact(tmp_path, monkey
 
 def test_evaluation_interrupted_before_metrics_leaves_no_metrics_json(tmp_path, monkeypatch):
     from stages.evaluation import evaluate as ev
-    from tests.test_evaluation import SQUAD_RECORDS, FakeModel, SQUAD_T, make_artifact, make_cfg, write_jsonl
+    from tests.support.evaluation import SQUAD_RECORDS, FakeModel, make_artifact, make_cfg, write_jsonl
+    from tests.support.templates import SQUAD_T
 
     monkeypatch.setattr(ev, "load_prompted_model", lambda s: FakeModel([SQUAD_T], str(s.artifact_path)))
     test_ds = write_jsonl(tmp_path / "test.jsonl", SQUAD_RECORDS)
@@ -183,7 +184,7 @@ def test_rendered_script_interrupted_is_not_left_half_written(tmp_path, monkeypa
         return real_atomic(path, suffix)
 
     monkeypatch.setattr(io, "atomic_path", flaky_atomic)
-    from tests.launcher_helpers import compose_cfg
+    from tests.support.launcher import compose_cfg
 
     cfg = compose_cfg([f"base_results_dir={tmp_path}/r", f"data_dir={tmp_path}/d", "stages=[data_preparation]", "dry_run=true"])
     with pytest.raises(Boom):

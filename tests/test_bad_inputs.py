@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher_helpers import run_main
-from tests.test_launcher import BAD_INPUTS as LAUNCHER_CASES
+from tests.support.launcher import BAD_INPUTS as LAUNCHER_CASES, run_main
 
 # ---- pre-launch: main.py, one line, exit 2, nothing written ---------------------------------------------------
 PRELAUNCH = [
@@ -68,7 +67,9 @@ pytest.importorskip("pytorch_lightning")
 from omegaconf import OmegaConf  # noqa: E402
 
 from stages.common.entry import run_stage  # noqa: E402
-from tests.test_prompt_learning import SQUAD_T, make_cfg, squad_records, tiny  # noqa: E402,F401  (tiny: fixture)
+from tests.support.records import squad_records  # noqa: E402
+from tests.support.templates import SQUAD_T  # noqa: E402
+from tests.support.training import make_cfg  # noqa: E402
 
 RECS = squad_records(8)
 
@@ -158,7 +159,7 @@ def _stage_case(case: str, tmp: Path, tiny: str):
         return cfg, (f"{ck / 'last.ckpt'}: checkpoint is corrupt or truncated (last.ckpt: RuntimeError: PytorchStreamReader "
                      f"failed reading zip archive")
     if case == "checkpoint_of_another_config":
-        from tests.test_prompt_learning import train
+        from tests.support.training import train
 
         cfg = make_cfg(tmp, tiny, max_steps=1)
         train(cfg)   # a real checkpoint, written for 24 training examples
@@ -204,7 +205,7 @@ def test_stage_bad_input(tmp_path, tiny, capsys, case):
 def test_evaluation_with_a_damaged_artifact(tmp_path, capsys):
     """The evaluation stage entry: an artifact folder that lost its tables (an interrupted copy)."""
     from stages.evaluation.evaluate import evaluate
-    from tests.test_evaluation import SQUAD_RECORDS, make_cfg as eval_cfg, write_jsonl
+    from tests.support.evaluation import SQUAD_RECORDS, make_cfg as eval_cfg, write_jsonl
 
     art = tmp_path / "prompt_artifact"
     art.mkdir()

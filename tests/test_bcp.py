@@ -1,4 +1,4 @@
-"""BCP executor: the bcprun script it renders, and the in-job side proven through tests/fake_bcprun/bcprun,
+"""BCP executor: the bcprun script it renders, and the in-job side proven through tests/support/fake_bcprun/bcprun,
 which starts nnodes x npernode local processes with the variables BCP gives them."""
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from cluster.bcp import BCPExecutor
 from stages.common.errors import UserError
 from cluster.jobspec import JobSpec
 from stages.common.entry import init_distributed_env
-from tests.launcher_helpers import ROOT
-from tests.test_slurm import tiny_job, write_scripts
+from tests.support.cluster import FAKE_BIN, tiny_job, write_scripts
+from tests.support.paths import ROOT
 
-FAKE_BIN = ROOT / "tests" / "fake_bcprun"
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "NGC_ARRAY_INDEX", "NGC_ARRAY_SIZE", "NGC_ARRAY_TYPE", "NGC_MASTER_ADDR")
 

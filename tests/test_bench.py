@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.paths import ROOT
+
 sys.path.insert(0, str(ROOT / "bench"))
 
 import common as C  # noqa: E402
@@ -28,9 +29,9 @@ def fixture_records(split: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> C.Setup:
-    from stages.prompt_learning.tiny_llama import build
+    from tests.support.tiny_models import build
 
-    folder = build(tmp_path_factory.mktemp("bench") / "llama_tiny_random")
+    folder = build("llama", tmp_path_factory.mktemp("bench") / "llama_tiny_random")
     return C.load_setup(str(folder), "eager")
 
 

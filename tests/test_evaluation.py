@@ -11,12 +11,11 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from stages.common.errors import UserError  # noqa: E402
-from stages.engine.template import parse_templates  # noqa: E402
 from stages.evaluation import evaluate as ev  # noqa: E402
-from tests.templates import SQUAD_T  # noqa: E402
+from tests.support.evaluation import SQUAD_RECORDS, FakeModel, make_artifact, make_cfg, write_jsonl  # noqa: E402
+from tests.support.paths import ROOT  # noqa: E402
+from tests.support.templates import SQUAD_T  # noqa: E402
 
 RUN = ROOT / "stages" / "evaluation" / "run.py"
 TRIVIA_T = {
@@ -28,59 +27,6 @@ TRIVIA_T = {
     "answer_only_loss": True,
     "answer_field": "label",
 }
-SQUAD_RECORDS = [
-    {"taskname": "squad", "id": "q0", "context": "The Eiffel Tower is in Paris.", "question": "Where is the tower?", "answer": ["Paris", "in Paris"]},
-    {"taskname": "squad", "id": "q1", "context": "It opened in 1889.", "question": "When did it open?", "answer": ["1889"]},
-    {"taskname": "squad", "id": "q2", "context": "Gustave Eiffel's company built it.", "question": "Who built it?", "answer": ["Gustave Eiffel's company"]},
-    {"taskname": "squad", "id": "q3", "context": "It is 330 m tall.", "question": "How tall?", "answer": "330 m"},
-]
-TUNED = {"Where is the tower?": "the Paris", "When did it open?": "1889", "Who built it?": "Gustave Eiffel", "How tall?": "330 metres",
-         "Capital of Japan?": "Tokyo", "Largest planet?": "Saturn"}
-
-
-class FakeModel:
-    """Implements the PromptedModel contract: templates, describe(), generate()."""
-
-    def __init__(self, specs: list[dict[str, Any]], artifact: str | None) -> None:
-        self.templates = parse_templates(specs)
-        self.artifact = artifact
-        self.calls: list[dict[str, Any]] = []
-
-    def describe(self) -> dict[str, Any]:
-        return {"model": "fake-llm", "artifact": self.artifact, "family": "gpt",
-                "virtual_tokens": {t: v.total_virtual_tokens for t, v in self.templates.items()}}
-
-    def generate(self, records, *, tokens_to_generate=32, batch_size=8, use_virtual_prompt=True, stop_strings=("\n",), progress=True,
-                 **extra):
-        self.calls.append(dict(records=[dict(r) for r in records], tokens_to_generate=tokens_to_generate, batch_size=batch_size,
-                               use_virtual_prompt=use_virtual_prompt, stop_strings=tuple(stop_strings), **extra))
-        return [TUNED[r["question"]] if use_virtual_prompt else r["question"].split()[0] for r in records]
-
-
-def write_jsonl(path: Path, records: list[Any]) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def make_artifact(tmp_path: Path) -> Path:
-    art = tmp_path / "prompt_artifact"
-    art.mkdir(exist_ok=True)
-    (art / "artifact.json").write_text("{}")
-    return art
-
-
-def make_cfg(tmp_path: Path, test_ds: Path, artifact: Path | None, **over: Any):
-    cfg = OmegaConf.create({
-        "run": {"name": "eval_prompt_squad_tiny", "results_dir": str(tmp_path / "results")},
-        "trainer": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "precision": "32"},
-        "model": {"artifact_path": str(artifact) if artifact else None, "language_model_path": None, "task_templates": [SQUAD_T]},
-        "data": {"test_ds": str(test_ds), "batch_size": 3, "max_examples": None, "offset": 0},
-        "inference": {"tokens_to_generate": 7, "greedy": True, "stop_strings": ["\n", "Question:"], "compare_baseline": True,
-                      "baseline_only": False, "progress": False},
-    })
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in over.items()]))
-
-
 @pytest.fixture
 def fake(monkeypatch):
     holder: dict[str, Any] = {}
@@ -309,7 +255,7 @@ def _keys(node: Any, prefix: str = "") -> set[str]:
 def test_conf_families_share_keys_and_validate(tmp_path, option, train_name):
     from launcher.schema import resolve_all
     from launcher.validate import validate
-    from tests.launcher_helpers import compose_cfg
+    from tests.support.launcher import compose_cfg
 
     for conf in (ROOT / "conf" / "evaluation").rglob("*.yaml"):
         assert conf.read_text().startswith("#") and "Usage:" in conf.read_text(), conf
@@ -332,7 +278,7 @@ def test_the_launcher_and_the_stage_say_the_same_line_for_evaluation_keys(tmp_pa
     """The launcher runs the stage's own Settings check before submission: one rule, one wording."""
     from stages.common.errors import UserError
     from stages.evaluation.config import Settings
-    from tests.launcher_helpers import compose_cfg, run_main
+    from tests.support.launcher import compose_cfg, run_main
 
     override = "evaluation.inference.greedy=false"
     cfg = compose_cfg(["stages=[evaluation]", override]).evaluation

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from stages.engine.template import parse_templates  # noqa: E402
-from tests.templates import SQUAD_T  # noqa: E402
-from tests.test_prompt_learning import make_model_dir  # noqa: E402  (the engine's tiny random Llama + BPE tokenizer)
+from tests.support.artifacts import save_tiny_artifact  # noqa: E402
+from tests.support.paths import ROOT  # noqa: E402
+from tests.support.templates import SQUAD_T  # noqa: E402
+from tests.support.tiny_models import make_model_dir  # noqa: E402  (the engine's tiny random Llama + BPE tokenizer)
 
 RUN = ROOT / "stages" / "evaluation" / "run.py"
 DEV = ROOT / "tests" / "fixtures" / "squad_tiny" / "dev-v1.1.json"
@@ -27,21 +26,6 @@ def squad_records() -> list[dict]:
         {"taskname": "squad", "id": qa["id"], "context": p["context"], "question": qa["question"], "answer": [a["text"] for a in qa["answers"]]}
         for art in doc["data"] for p in art["paragraphs"] for qa in p["qas"]
     ]
-
-
-def save_tiny_artifact(folder: Path, model_dir: Path) -> Path:
-    """A prompt artifact for the tiny model written by the engine's own save_artifact (random table, scale 1)."""
-    import torch
-
-    from stages.engine.artifact import base_info, save_artifact
-    from stages.engine.base_model import fingerprint, load_model
-
-    model = load_model(str(model_dir))
-    fp = fingerprint(model)
-    torch.manual_seed(1)
-    return save_artifact(folder, tables={"squad": torch.randn(4, fp["hidden_size"])}, templates=parse_templates([TEMPLATE]),
-                         style="prompt-tuning", base=base_info(str(model_dir), str(model_dir), model, fp), add_eos=True,
-                         max_seq_length=256, training={"note": "random table for tests"})
 
 
 @pytest.fixture(scope="module")

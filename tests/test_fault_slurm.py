@@ -17,9 +17,11 @@ torch = pytest.importorskip("torch")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from tests.launcher_helpers import ROOT, run_main  # noqa: E402
-from tests.test_fault_tolerance import train_single_thread  # noqa: E402
-from tests.test_prompt_learning import make_model_dir, squad_records, tables, write_jsonl  # noqa: E402
+from tests.support.launcher import run_main  # noqa: E402
+from tests.support.paths import SUPPORT  # noqa: E402
+from tests.support.records import squad_records, write_jsonl  # noqa: E402
+from tests.support.tiny_models import make_model_dir  # noqa: E402
+from tests.support.training import tables, train_single_thread  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 
@@ -45,7 +47,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same_prom
     val = write_jsonl(tmp_path / "val.jsonl", squad_records(8, seed=5))
     # the job's "python": the stage under fault_runner, slowed to ~1 s per step so the signal lands mid-training
     python = tmp_path / "python"
-    python.write_text(f"#!/bin/sh\nexec nice -n 19 {sys.executable} {ROOT / 'tests' / 'fault_runner.py'} --step-sleep 1 \"$@\"\n")
+    python.write_text(f"#!/bin/sh\nexec nice -n 19 {sys.executable} {SUPPORT / 'fault_runner.py'} --step-sleep 1 \"$@\"\n")
     python.chmod(0o755)
     results = tmp_path / "results"
     proc = run_main([

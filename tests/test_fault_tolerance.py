@@ -1,6 +1,6 @@
 """Fault tolerance of prompt learning: SIGKILL anywhere + rerun == uninterrupted run (bit for bit), corrupt
 checkpoints, the preemption signal, atomic outputs. Stage processes are real subprocesses of
-``stages/prompt_learning/run.py``, started through ``tests/fault_runner.py``, which kills them at exact points.
+``stages/prompt_learning/run.py``, started through ``tests/support/fault_runner.py``, which kills them at exact points.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ pytest.importorskip("pytorch_lightning")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from tests.test_prompt_learning import make_cfg, tables, tiny, train  # noqa: E402,F401  (tiny: session fixture)
+from tests.support.paths import ROOT, SUPPORT  # noqa: E402
+from tests.support.training import make_cfg, tables, train_single_thread  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 ENTRY = ROOT / "stages" / "prompt_learning" / "run.py"
-RUNNER = ROOT / "tests" / "fault_runner.py"
+RUNNER = SUPPORT / "fault_runner.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 for _k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "PROMPTLAUNCH_REQUEUE_FILE"):
@@ -44,16 +44,6 @@ def run_stage(config: Path, *faults: str, timeout: float = 300) -> subprocess.Co
     """The stage entry file in a fresh process (one CPU thread), with ``fault_runner`` options."""
     return subprocess.run([sys.executable, str(RUNNER), *faults, str(ENTRY), "--config", str(config)],
                           capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
-
-
-def train_single_thread(cfg) -> None:
-    """The uninterrupted reference, in this process but with the one CPU thread the subprocesses use."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def ckpt_dir(cfg) -> Path:

@@ -11,9 +11,9 @@ from torch import nn  # noqa: E402
 
 from stages.engine import few_rows as FR  # noqa: E402
 from stages.engine.family import DecoderOnlyFamily  # noqa: E402
-from tests.test_decoding import squad_rows  # noqa: E402
-from tests.test_prompt_learning import SQUAD_T, tiny  # noqa: E402,F401
-from tests.test_shared_prefix import paragraph_records, prompted  # noqa: E402
+from tests.support.engine import prompted, squad_rows  # noqa: E402
+from tests.support.records import paragraph_records  # noqa: E402
+from tests.support.templates import SQUAD_T  # noqa: E402
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -7,14 +7,13 @@ import platform
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from stages.common.errors import UserError
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not sys.platform.startswith("linux"),
                            reason="the setting is a glibc malloc option")
 

@@ -14,7 +14,7 @@ from launcher.plan import plan
 from launcher.schema import resolve_all
 from launcher.validate import normalize_stages, validate
 from stages.common.checks import StageCheck, check_trainer
-from tests.launcher_helpers import ROOT, compose_cfg, run_main
+from tests.support.launcher import BAD_INPUTS, ROOT, compose_cfg, run_main
 
 GOLDEN = ROOT / "tests" / "golden" / "local"
 
@@ -174,28 +174,6 @@ def test_dry_run_writes_three_scripts_and_configs_without_torch(tmp_path):
     assert all((tmp_path / "r").rglob("launcher_cmd.log"))
     assert "dry run (local): 3 stage(s) written, nothing run" in out.stdout
     assert not list((tmp_path / "r").rglob("log-*"))  # nothing ran
-
-
-BAD_INPUTS = [
-    (["stages=[data_preparation"], "command line:"),
-    (["no_such_key=1"], "command line:"),
-    (["prompt_learning=gpt3/nope"], "command line:"),
-    (["stages=[training]"], "unknown stage 'training'"),
-    (["cluster_type=aws"], "cluster_type: 'aws' is not one of"),
-    (["prompt_learning.trainer.devices=abc"], "prompt_learning.trainer.devices: must be a positive integer"),
-    (["prompt_learning.model.task_templates.0.virtual_token_splits=[5,5]"], "virtual_token_splits"),
-    (["prompt_learning.model.task_templates.0.prompt_template='Context: {context} Q: {question} A: {answer} <|VIRTUAL_PROMPT_0|>'"],
-     "must end with {answer}"),
-    (["stages=[prompt_learning]"], "prompt_learning.model.data.train_ds"),
-    (["base_results_dir=/etc/hostname/results"], "base_results_dir: cannot create"),
-    (["prompt_learning.model.language_model_path=/models/gpt.nemo"], "NeMo/Megatron checkpoint"),
-    (["base_results_dir=${nope}"], "cannot resolve interpolation"),
-    (["+env_vars.BAD-NAME=1"], "env_vars.BAD-NAME"),
-    (["data_preparation.source=local", "data_preparation.local_dir=/nonexistent"], "data_preparation.local_dir"),
-    (["data_preparation.run.nodes=0"], "data_preparation.run.nodes: must be a positive integer"),
-    (["prompt_learning.trainer.num_nodes=2", "prompt_learning.model.global_batch_size=16"], "cluster_type=local runs on this machine only"),
-    (["stages=[evaluation]"], "evaluation.model.artifact_path"),
-]
 
 
 @pytest.mark.parametrize("args,needle", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])

@@ -18,9 +18,10 @@ from stages.engine.template import parse_template  # noqa: E402
 from stages.engine import collate as C  # noqa: E402
 from stages.engine import examples as D  # noqa: E402
 from stages.prompt_learning import layer_compile as LC  # noqa: E402
-from tests.test_prompt_learning import SQUAD_T, make_cfg, tables, tiny, train  # noqa: E402,F401
-from tests.test_shared_prefix import (assert_close_grads, info, load_model, loss_and_grad, make_store,  # noqa: E402,F401
-                                      paragraph_records)
+from tests.support.engine import assert_close_grads, load_model, loss_and_grad, make_store  # noqa: E402
+from tests.support.records import paragraph_records  # noqa: E402
+from tests.support.templates import SQUAD_T  # noqa: E402
+from tests.support.training import make_cfg, tables, train  # noqa: E402
 
 
 def graphs() -> int:
@@ -118,10 +119,9 @@ def test_shared_prefix_runs_warn_that_nothing_is_compiled(tmp_path, tiny, caplog
 
 
 def test_the_stage_config_documents_the_knob_off_by_default():
-    from pathlib import Path
+    from tests.support.paths import ROOT
 
-    root = Path(__file__).resolve().parents[1]
-    assert OmegaConf.load(root / "conf/prompt_learning/gpt/squad.yaml").trainer.compile is False
+    assert OmegaConf.load(ROOT / "conf/prompt_learning/gpt/squad.yaml").trainer.compile is False
 
 
 def test_launcher_refuses_a_local_compiled_run_without_a_compiler(tmp_path):
@@ -129,7 +129,7 @@ def test_launcher_refuses_a_local_compiled_run_without_a_compiler(tmp_path):
     (whose nodes may have one) are left to the stage's own check."""
     import sys
 
-    from tests.launcher_helpers import run_main
+    from tests.support.launcher import run_main
 
     bin_dir = tmp_path / "bin"                       # a PATH with python and nothing else
     bin_dir.mkdir()

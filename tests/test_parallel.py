@@ -25,7 +25,8 @@ from stages.prompt_learning.parallel.model import (
     reference_loss,
     split_layers,
 )
-from tests.dist_utils import N_VIRTUAL, make_batch, prompt_init, tiny_llama, tiny_llama_config
+from tests.support.dist import N_VIRTUAL, make_batch, prompt_init
+from tests.support.tiny_models import tiny_llama, tiny_llama_config
 
 
 def _one_line_user_error(excinfo, *needles):

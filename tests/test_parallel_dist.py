@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from tests.dist_utils import GBS, LR, MBS, N_VIRTUAL, SEQ, STEPS, make_batch, prompt_init, run_distributed, tiny_llama
+from tests.support.dist import GBS, LR, MBS, N_VIRTUAL, TOL, prompt_init, reference, run_distributed, step_batches
+from tests.support.tiny_models import tiny_llama
 
 LAYOUTS = {
     "tp2": dict(tensor_model_parallel_size=2),
@@ -28,40 +29,13 @@ LAYOUTS_4 = {
     "pp2_dp2": dict(pipeline_model_parallel_size=2, pipeline_schedule="gpipe"),
 }
 LAYOUTS_8 = {"tp2_pp2_dp2": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, pipeline_schedule="1f1b")}
-TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def _batches():
-    # a different sequence length at every step: under pp one PipelineStage/schedule per shape
-    return [make_batch(s, seq=SEQ - s) for s in range(STEPS)], make_batch(99, seq=SEQ - STEPS)
-
-
-def _reference(state_dict, batches=None):
-    """Single process, full batch, stock HF forward: losses per step, final table, eval losses."""
-    from stages.prompt_learning.parallel.model import SoftPrompt, reference_loss
-
-    model = tiny_llama(state_dict)
-    prompt = SoftPrompt(N_VIRTUAL, 64, prompt_init())
-    opt = torch.optim.AdamW(prompt.parameters(), lr=LR)
-    train, held_out = batches or _batches()
-    losses, grads = [], []
-    for batch in train:
-        opt.zero_grad()
-        loss = reference_loss(model, prompt, batch)
-        loss.backward()
-        grads.append(prompt.weight.grad.clone())
-        opt.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        eval_loss = reference_loss(model, prompt, held_out).item()
-    return {"losses": losses, "grads": grads, "table": prompt.weight.detach().clone(), "eval_loss": eval_loss}
 
 
 def _ref_eval(state_dict, table):
     from stages.prompt_learning.parallel.model import SoftPrompt, reference_loss
 
     with torch.no_grad():
-        return reference_loss(tiny_llama(state_dict), SoftPrompt(N_VIRTUAL, 64, table), _batches()[1]).item()
+        return reference_loss(tiny_llama(state_dict), SoftPrompt(N_VIRTUAL, 64, table), step_batches()[1]).item()
 
 
 def _worker(rank: int, world: int, state_dict, ref_table, layouts=LAYOUTS):
@@ -69,7 +43,7 @@ def _worker(rank: int, world: int, state_dict, ref_table, layouts=LAYOUTS):
     and gradient accumulation."""
     from stages.prompt_learning.parallel import ParallelPromptTrainer, SoftPrompt, check_prompt_in_sync, make_layout
 
-    train, held_out = _batches()
+    train, held_out = step_batches()
     out = {}
     for name, sizes in layouts.items():
         t0 = time.perf_counter()
@@ -117,7 +91,7 @@ def _state_and_ref():
 
     if not _REF:
         state_dict = {k: v.clone() for k, v in tiny_llama().state_dict().items()}
-        _REF.update(state_dict=state_dict, ref=_reference(state_dict))
+        _REF.update(state_dict=state_dict, ref=reference(state_dict))
     return _REF["state_dict"], _REF["ref"]
 
 

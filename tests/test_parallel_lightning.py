@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from tests.dist_utils import GBS, MBS, N_VIRTUAL, STEPS, make_batch, prompt_init, run_distributed, tiny_llama
-from tests.test_parallel_dist import LR, TOL, _reference
+from tests.support.dist import GBS, LR, MBS, N_VIRTUAL, STEPS, TOL, make_batch, prompt_init, reference, run_distributed
+from tests.support.tiny_models import tiny_llama
 
 
 def _module_class():
@@ -87,7 +87,7 @@ def test_lightning_manual_optimisation_recipe(tmp_path):
     import stages.prompt_learning.parallel.trainer  # noqa: F401
 
     state_dict = {k: v.clone() for k, v in tiny_llama().state_dict().items()}
-    ref = _reference(state_dict, ([make_batch(s) for s in range(STEPS)], make_batch(99)))
+    ref = reference(state_dict, ([make_batch(s) for s in range(STEPS)], make_batch(99)))
     per_rank = run_distributed(_lightning_worker, 2, state_dict, str(tmp_path), timeout=150)
     for name in ("tp2", "pp2"):
         for r in per_rank:

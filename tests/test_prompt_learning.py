@@ -1,12 +1,12 @@
 """Prompt learning engine on a tiny random Llama (hidden 32, 2 layers, 4 heads) + a tiny byte-level BPE tokenizer.
 
-Fast and offline: the model folder is built once per session from LlamaConfig.
+Fast and offline: the model folder (``tests.support.tiny_models.make_model_dir``) is built once per session by the
+``tiny`` fixture of tests/conftest.py.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 
@@ -21,57 +21,11 @@ from stages.engine.template import parse_template, parse_templates  # noqa: E402
 from stages.engine import collate as C  # noqa: E402
 from stages.engine import dataset as DS  # noqa: E402
 from stages.engine import examples as D  # noqa: E402
-from tests.templates import SQUAD_T  # noqa: E402,F401  (re-exported: other test modules import it from here)
-
-CORPUS = [
-    "Context: The capital of France is Paris. Question: What is the capital of France? Answer: Paris",
-    "Context: Water boils at one hundred degrees. Question: When does water boil? Answer: one hundred degrees",
-    "The quick brown fox jumps over the lazy dog. Sentiment: positive negative neutral Review: good bad",
-    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;?!'\"()-",
-]
-SENT_T = {
-    "taskname": "sentiment",
-    "prompt_template": "<|VIRTUAL_PROMPT_0|>Review: {review}<|VIRTUAL_PROMPT_1|> Sentiment: {label}",
-    "total_virtual_tokens": 6,
-    "virtual_token_splits": [3, 3],
-    "truncate_field": "review",
-    "answer_only_loss": True,
-    "answer_field": "label",
-}
-
-
-def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>")
-
-
-def make_model_dir(path: Path, seed: int = 0) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = make_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=512, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # a spikier output distribution makes greedy decoding less tie-prone
-        model.lm_head.weight.mul_(20)
-    model.save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> str:
-    return str(make_model_dir(tmp_path_factory.mktemp("tiny_llama")))
+from tests.support.paths import ROOT  # noqa: E402
+from tests.support.records import squad_records, write_jsonl  # noqa: E402
+from tests.support.templates import SQUAD_T  # noqa: E402
+from tests.support.tiny_models import make_model_dir, make_tokenizer  # noqa: E402
+from tests.support.training import check_two_task_incremental, make_cfg, tables, train  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -82,84 +36,6 @@ def tiny_other(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tok():
     return D.TokenizerInfo(make_tokenizer())
-
-
-WORDS = ("Paris", "water", "fox", "dog", "capital", "boils", "quick", "lazy", "brown", "France")
-
-
-def squad_records(n: int, seed: int = 0, *, words: Sequence[str] = WORDS, context_words: tuple[int, int] = (4, 12)) -> list[dict]:
-    """Seeded toy SQuAD records: a context of random ``words`` ending in the answer word."""
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        ans = rng.choice(words)
-        ctx = " ".join(rng.choice(words) for _ in range(rng.randint(*context_words))) + f" {ans}."
-        out.append({"taskname": "squad", "context": ctx, "question": f"Which word {i % 3}?", "answer": ans})
-    return out
-
-
-def sent_records(n: int, seed: int = 1) -> list[dict]:
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        lab = rng.choice(["positive", "negative"])
-        out.append({"taskname": "sentiment", "review": "good dog" if lab == "positive" else "bad fox", "label": lab})
-    return out
-
-
-def write_jsonl(path: Path, recs: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return str(path)
-
-
-def make_cfg(tmp: Path, model_dir: str, *, templates=(SQUAD_T,), new_tasks=("squad",), train=None, val=None, style="prompt-tuning",
-             max_steps=4, **model_over) -> OmegaConf:
-    tmp.mkdir(parents=True, exist_ok=True)
-    train = train if train is not None else write_jsonl(tmp / "train.jsonl", squad_records(24))
-    val = val if val is not None else write_jsonl(tmp / "val.jsonl", squad_records(8, seed=5))
-    cfg = {
-        "run": {"name": "test", "results_dir": str(tmp / "results")},
-        "trainer": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "precision": "32", "max_epochs": -1,
-                    "max_steps": max_steps, "log_every_n_steps": 1, "val_check_interval": 2, "limit_val_batches": 1.0,
-                    "gradient_clip_val": 1.0, "accumulate_grad_batches": 1, "enable_progress_bar": False},
-        "exp_manager": {"explicit_log_dir": str(tmp / "results" / "log"), "resume_if_exists": True,
-                        "create_tensorboard_logger": False, "create_csv_logger": True, "create_wandb_logger": False,
-                        "checkpoint_callback_params": {"monitor": "val_loss", "mode": "min", "save_top_k": 1}},
-        "model": {
-            "seed": 7, "language_model_path": model_dir, "virtual_prompt_style": style,
-            "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-            "global_batch_size": 4, "micro_batch_size": 4, "restore_path": None, "existing_tasks": [],
-            "new_tasks": list(new_tasks), "task_templates": [dict(t) for t in templates],
-            "prompt_tuning": {"new_prompt_init_methods": ["random"], "new_prompt_init_text": [None], "new_prompt_init_file": [None],
-                              "init_std": None},
-            "p_tuning": {"encoder_type": "mlp", "num_layers": 2, "encoder_hidden": 16, "dropout": 0.0, "init_std": 0.1},
-            "data": {"train_ds": [train], "validation_ds": [val], "add_eos": True, "shuffle": True, "num_workers": 0,
-                     "max_seq_length": 128, "min_seq_length": 1, "max_train_examples": None, "max_val_examples": None},
-            "optim": {"name": "adamw", "lr": 0.05, "weight_decay": 0.0, "betas": [0.9, 0.98],
-                      "sched": {"name": "cosine", "warmup_steps": 1, "min_lr": 0.0}},
-            "artifact_path": str(tmp / "results" / "artifact"),
-        },
-    }
-    c = OmegaConf.create(cfg)
-    for k, v in model_over.items():
-        OmegaConf.update(c, f"model.{k}", v, merge=False)
-    return c
-
-
-def train(cfg, **kw):
-    from stages.prompt_learning.train import train as _train
-
-    return _train(cfg, **kw)
-
-
-def tables(artifact: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(artifact) / "prompts.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,7 +248,7 @@ def _handoff(trained, tiny, records, *, adapter=None, text=None):
     """(engine answers, {decoder: PEFT answers}) for ``records``: the engine's PromptedModel against the PEFT
     export used as a user would (whole-text ids with the call promptlaunch_input.json names, unpadded, greedy)."""
     from stages.engine.prompted_model import PromptedModel
-    from tests import peft_handoff as H
+    from tests.support import peft as H
 
     art = Path(trained[0].model.artifact_path)
     adapter = adapter or art / "export/peft/squad"
@@ -394,7 +270,7 @@ def _handoff(trained, tiny, records, *, adapter=None, text=None):
 
 def test_peft_export_input_spec_names_the_text_call_and_checked_records(trained):
     from stages.engine.artifact import peft_input_ids
-    from tests import peft_handoff as H
+    from tests.support import peft as H
 
     art = Path(trained[0].model.artifact_path)
     spec = H.input_spec(art / "export/peft/squad")
@@ -415,7 +291,7 @@ def test_peft_export_gives_the_engine_answers(trained, tiny, decoder):
     """PeftModel.from_pretrained + whole-text tokenisation + greedy = the engine's answers. ``generate`` is PEFT's
     own generation path (what users call); ``loop`` a cache-free greedy loop over PEFT's forward pass. When only
     ``generate`` fails, PEFT's generation broke, not the export."""
-    from tests import peft_handoff as H
+    from tests.support import peft as H
 
     records = squad_records(6, seed=31)
     engine, peft = _handoff(trained, tiny, records)
@@ -426,7 +302,7 @@ def test_peft_export_gives_the_engine_answers(trained, tiny, decoder):
 def test_peft_handoff_check_fails_on_a_perturbed_table_and_on_other_tokens(trained, tiny, tmp_path):
     """The hand-off comparison can fail: a random table in place of the exported one, or a text tokenised differently (a trailing
     space after "Answer:", a common slip), change PEFT's answers and both decoders report it."""
-    from tests import peft_handoff as H
+    from tests.support import peft as H
 
     records = squad_records(6, seed=31)
     art = Path(trained[0].model.artifact_path)
@@ -533,31 +409,6 @@ def test_lstm_encoder_trains(tmp_path, tiny):
     assert tables(cfg.model.artifact_path)["prompt_table.squad"].shape == (4, 32) and s["steps"] == 2
 
 
-def check_two_task_incremental(tmp_path, build_cfg, model_dir, squad_template, hidden: int, n_train: int) -> None:
-    """Tune squad, then sentiment with existing_tasks=[squad]: squad stays bit-identical, both generate in one batch.
-
-    ``build_cfg`` is the family's config builder (make_cfg here, t5_cfg for T5), so both families share one check.
-    """
-    from stages.engine.prompted_model import PromptedModel
-
-    cfg_a = build_cfg(tmp_path / "a", model_dir, max_steps=2)
-    train(cfg_a)
-    a_table = tables(cfg_a.model.artifact_path)["prompt_table.squad"]
-    tr = write_jsonl(tmp_path / "sent_train.jsonl", sent_records(n_train))
-    va = write_jsonl(tmp_path / "sent_val.jsonl", sent_records(4, seed=3))
-    cfg_b = build_cfg(tmp_path / "b", model_dir, templates=(squad_template, SENT_T), new_tasks=("sentiment",), train=tr,
-                      val=va, max_steps=2, restore_path=cfg_a.model.artifact_path, existing_tasks=["squad"])
-    train(cfg_b)
-    tb = tables(cfg_b.model.artifact_path)
-    assert torch.equal(tb["prompt_table.squad"], a_table)          # bit-identical
-    assert tb["prompt_table.sentiment"].shape == (6, hidden)
-    pm = PromptedModel.load(cfg_b.model.artifact_path)
-    mixed = [squad_records(1)[0], {"taskname": "sentiment", "review": "good dog"}, squad_records(2, seed=9)[1]]
-    out = pm.generate(mixed, tokens_to_generate=4, batch_size=3, stop_strings=(), progress=False)
-    single = [pm.generate([r], tokens_to_generate=4, stop_strings=(), progress=False)[0] for r in mixed]
-    assert out == single and len(out) == 3
-
-
 def test_two_task_incremental(tmp_path, tiny):
     check_two_task_incremental(tmp_path, make_cfg, tiny, SQUAD_T, hidden=32, n_train=16)
 
@@ -593,8 +444,7 @@ def test_stage_entry_reports_user_error_in_one_line(tmp_path, tiny):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"taskname": "squad", "context": "x", "answer": "y"}])
     cfg = make_cfg(tmp_path, tiny, train=bad)
     OmegaConf.save(cfg, tmp_path / "c.yaml")
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, str(root / "stages/prompt_learning/run.py"), "--config", str(tmp_path / "c.yaml")],
+    p = subprocess.run([sys.executable, str(ROOT / "stages/prompt_learning/run.py"), "--config", str(tmp_path / "c.yaml")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == f"error: {bad}:1: record has no field 'question' required by the template of task 'squad'; add it or fix the template"

@@ -7,8 +7,8 @@ from omegaconf import OmegaConf
 
 from stages.common.errors import UserError
 from stages.prompt_learning.config import check_tasks
-from tests.launcher_helpers import run_main
-from tests.templates import SQUAD_T
+from tests.support.launcher import run_main
+from tests.support.templates import SQUAD_T
 
 BASE = {"virtual_prompt_style": "prompt-tuning", "task_templates": [SQUAD_T], "new_tasks": ["squad"], "existing_tasks": [],
         "prompt_tuning": {"new_prompt_init_methods": ["text"]}}
@@ -51,7 +51,7 @@ def test_existing_tasks_need_a_restore_path():
 def test_the_launcher_and_the_stage_say_the_same_line(tmp_path):
     """Before submission (main.py) and inside the job (the stage's train on its handed config): one wording."""
     from stages.prompt_learning.train import train
-    from tests.test_prompt_learning import make_cfg
+    from tests.support.training import make_cfg
 
     line = "prompt_learning.model.virtual_prompt_style: 'prefix' is not one of prompt-tuning, p-tuning"
     proc = run_main(["stages=[prompt_learning]", "dry_run=true", f"base_results_dir={tmp_path}/r", f"data_dir={tmp_path}/d",

@@ -1,6 +1,6 @@
 """The prompt_learning STAGE under tensor, pipeline and data parallelism == the single-process stage.
 
-A tiny random Llama folder (``stages.prompt_learning.tiny_llama``: hidden 64, 4 heads, 2 KV heads, 4 layers;
+A tiny random Llama folder (``tests.support.tiny_models`` llama: hidden 64, 4 heads, 2 KV heads, 4 layers;
 a byte-level BPE tokenizer trained offline, deterministically) and tiny SQuAD-like + sentiment JSONL files (two new tasks trained
 together: one table per task, one of them with virtual tokens at two markers). The 14 training examples make the
 last global batch short and the 6 validation examples leave a short validation tail.
@@ -31,7 +31,6 @@ pytest.importorskip("transformers")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(atol=1e-5, rtol=1e-5)
 STEPS = 4
 SQUAD_T = {"taskname": "squad", "total_virtual_tokens": 4, "virtual_token_splits": [4], "truncate_field": "context",
@@ -53,9 +52,9 @@ LAYOUTS = {
 # ----------------------------------------------------------------------------------------------------------
 def make_tiny_llama(path: Path) -> Path:
     """hidden 64, 4 attention heads, 2 KV heads, intermediate 128, 4 layers: TP=2 and PP=2 both fit."""
-    from stages.prompt_learning.tiny_llama import build
+    from tests.support.tiny_models import build
 
-    return build(path, max_position_embeddings=256)
+    return build("llama", path, max_position_embeddings=256)
 
 
 def records(n: int, seed: int) -> list[dict]:
@@ -187,7 +186,7 @@ def _worker(rank, world, jobs):
 @pytest.mark.dist
 def test_tp_pp_dp_stage_equals_single_process(tmp_path, tiny_llama, data):
     from stages.prompt_learning.train import train
-    from tests.dist_utils import run_distributed
+    from tests.support.dist import run_distributed
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.monotonic()
@@ -247,7 +246,7 @@ def test_tp_pp_dp_stage_equals_single_process(tmp_path, tiny_llama, data):
 def test_p_tuning_tp2_equals_single_process(tmp_path, tiny_llama, data):
     """P-tuning (MLP encoder, dropout 0) under TP=2, two tasks (two encoders in one stacked table)."""
     from stages.prompt_learning.train import train
-    from tests.dist_utils import run_distributed
+    from tests.support.dist import run_distributed
 
     ref_cfg = make_cfg(tmp_path / "ref", tiny_llama, data, mbs=4, style="p-tuning", max_steps=STEPS)
     train(ref_cfg)
@@ -274,7 +273,7 @@ def _main_args(tmp_path: Path, model_dir: str, *extra: str) -> list[str]:
 
 @pytest.mark.dist
 def test_main_py_runs_tensor_parallel_through_torchrun(tmp_path, tiny_llama):
-    from tests.launcher_helpers import run_main
+    from tests.support.launcher import run_main
 
     args = _main_args(tmp_path, tiny_llama, "prompt_learning.model.tensor_model_parallel_size=2",
                       "prompt_learning.trainer.devices=2")
@@ -318,7 +317,7 @@ def test_main_py_runs_tensor_parallel_through_torchrun(tmp_path, tiny_llama):
 )
 def test_impossible_layout_rejected_before_launch(tmp_path, tiny_llama, extra, msg):
     """main.py (no dry run) stops with ONE error line and exit code 2; nothing is started."""
-    from tests.launcher_helpers import run_main
+    from tests.support.launcher import run_main
 
     p = run_main(_main_args(tmp_path, tiny_llama, *extra))
     assert p.returncode == 2, p.stdout + p.stderr
@@ -333,7 +332,7 @@ def test_embedded_smollm2_cannot_use_tp2(tmp_path):
     from stages.common.errors import UserError
     from launcher.schema import resolve_all
     from launcher.validate import validate
-    from tests.launcher_helpers import compose_cfg
+    from tests.support.launcher import compose_cfg
 
     cfg = compose_cfg([f"base_results_dir={tmp_path}/results", f"data_dir={tmp_path}/data", "dry_run=true",
                        "prompt_learning.model.tensor_model_parallel_size=2", "prompt_learning.trainer.devices=2",
@@ -348,9 +347,9 @@ def test_embedded_smollm2_cannot_use_tp2(tmp_path):
 @pytest.mark.dist
 def test_t5_data_parallel_equals_single_process(tmp_path, data):
     """DP=2 is architecture-agnostic (the family's own loss, sums all-reduced): a tiny random T5 too."""
-    from stages.prompt_learning.tiny_models import build
+    from tests.support.tiny_models import build
     from stages.prompt_learning.train import train
-    from tests.dist_utils import run_distributed
+    from tests.support.dist import run_distributed
 
     t5 = str(build("t5", tmp_path / "t5_tiny_random"))
     squad = {**SQUAD_T, "prompt_template": "<|VIRTUAL_PROMPT_0|> Question: {question} Context: {context} Answer: {answer}"}
@@ -366,7 +365,7 @@ def test_t5_data_parallel_equals_single_process(tmp_path, data):
     from stages.common.errors import UserError
     from launcher.schema import resolve_all
     from launcher.validate import validate
-    from tests.launcher_helpers import compose_cfg
+    from tests.support.launcher import compose_cfg
 
     lc = compose_cfg([f"base_results_dir={tmp_path}/results", f"data_dir={tmp_path}/data", "dry_run=true",
                       "stages=[prompt_learning]", f"prompt_learning.model.language_model_path={t5}",

@@ -23,7 +23,8 @@ def test_smollm2_gguf_train_two_steps_and_generate(tmp_path):
 
     from stages.engine.prompted_model import PromptedModel
     from stages.engine.base_model import resolve
-    from tests.test_prompt_learning import make_cfg, squad_records, write_jsonl
+    from tests.support.records import squad_records, write_jsonl
+    from tests.support.training import make_cfg
 
     folder = Path(resolve("embedded:smollm2-135m-instruct").location)
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
@@ -53,7 +54,8 @@ def train(cfg):
 @pytest.fixture(scope="module")
 def smollm_artifact(tmp_path_factory, squad_v11_dir):
     """A prompt trained 2 steps on real SQuAD questions (the CPU recipe's template and text init)."""
-    from tests.test_prompt_learning import make_cfg, write_jsonl
+    from tests.support.records import write_jsonl
+    from tests.support.training import make_cfg
 
     tmp = tmp_path_factory.mktemp("smollm_handoff")
     rows = [json.loads(line) for line in (squad_v11_dir / "squad_train.jsonl").open(encoding="utf-8")]
@@ -74,7 +76,7 @@ def test_smollm2_peft_export_gives_the_engine_answers(smollm_artifact, squad_v11
     promptlaunch_input.json tokenised whole, greedy through PEFT's generate (``generate``) or a cache-free loop over
     its forward pass (``loop``) = the engine's answers. A failure of ``generate`` alone is PEFT's generation path."""
     from stages.engine.prompted_model import PromptedModel
-    from tests import peft_handoff as H
+    from tests.support import peft as H
 
     spec = H.input_spec(smollm_artifact / "export/peft/squad")
     check = spec["whole_text_tokenisation"]

@@ -1,6 +1,6 @@
 """Encoder-decoder prompt learning (family "t5") on tiny RANDOMLY INITIALISED T5 / mT5 models with real tokenizers.
 
-The model folders come from ``stages.prompt_learning.tiny_models`` (SentencePiece trained offline on a built-in
+The model folders come from ``tests.support.tiny_models`` (SentencePiece trained offline on a built-in
 corpus, random weights d_model 64), built once per session.
 """
 from __future__ import annotations
@@ -21,8 +21,11 @@ from omegaconf import OmegaConf  # noqa: E402
 from stages.common.errors import UserError  # noqa: E402
 from stages.engine.template import parse_template  # noqa: E402
 from stages.engine import examples as D  # noqa: E402
-from tests.test_prompt_learning import SENT_T, check_two_task_incremental, make_cfg, make_model_dir, make_tokenizer, tables, train, write_jsonl  # noqa: E402
-from tests import test_prompt_learning as tp  # noqa: E402
+from tests.support import records  # noqa: E402
+from tests.support.records import write_jsonl  # noqa: E402
+from tests.support.templates import SENT_T  # noqa: E402
+from tests.support.tiny_models import make_model_dir, make_tokenizer  # noqa: E402
+from tests.support.training import check_two_task_incremental, make_cfg, tables, train  # noqa: E402
 
 T5_SQUAD = {  # the t5/squad recipe's template, fewer virtual tokens
     "taskname": "squad",
@@ -48,14 +51,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> str:
-    from stages.prompt_learning.tiny_models import build
+    from tests.support.tiny_models import build
 
     return str(build("t5", tmp_path_factory.mktemp("tiny_t5") / "t5_tiny_random"))
 
 
 @pytest.fixture(scope="session")
 def tiny_mt5(tmp_path_factory) -> str:
-    from stages.prompt_learning.tiny_models import build
+    from tests.support.tiny_models import build
 
     return str(build("mt5", tmp_path_factory.mktemp("tiny_mt5") / "mt5_tiny_random"))
 
@@ -78,7 +81,7 @@ def family_of(model_dir: str):
 
 def squad_records(n: int, seed: int = 0) -> list[dict]:
     """Toy records in the tiny T5/mT5 tokenizer's vocabulary (a non-ASCII word included)."""
-    return tp.squad_records(n, seed, words=("Paris", "France", "Tower", "Eiffel", "capital", "city", "Tokyo", "Japan",
+    return records.squad_records(n, seed, words=("Paris", "France", "Tower", "Eiffel", "capital", "city", "Tokyo", "Japan",
                                             "lake", "Zürich"), context_words=(3, 10))
 
 
@@ -106,7 +109,7 @@ def param_hash(model) -> str:
 def test_tiny_model_folders_are_labelled_t5_layout_and_deterministic(tiny_t5, tiny_mt5, t5tok, tmp_path):
     from transformers import AutoConfig
 
-    from stages.prompt_learning.tiny_models import LABEL, build_tokenizer
+    from tests.support.tiny_models import LABEL, build_tokenizer
 
     for folder, model_type in ((tiny_t5, "t5"), (tiny_mt5, "mt5")):
         assert (Path(folder) / "README.txt").read_text(encoding="utf-8").startswith("RANDOMLY INITIALISED — for tests only")
@@ -398,7 +401,7 @@ def test_incremental_task_t5(tmp_path, tiny_t5):
 
 @pytest.fixture(scope="module")
 def gpt_artifact(tmp_path_factory):
-    from tests.test_evaluation_e2e import save_tiny_artifact
+    from tests.support.artifacts import save_tiny_artifact
 
     root = tmp_path_factory.mktemp("gpt_art")
     model_dir = make_model_dir(root / "tiny_llama")
@@ -434,7 +437,7 @@ def _t5_handoff(cfg, tiny_t5, records, adapter=None):
     """(engine answers, {decoder: PEFT answers}, input spec): PeftModel.from_pretrained on the export, the text and
     tokenizer call of promptlaunch_input.json, greedy through PEFT's generate and through a cache-free loop."""
     from stages.engine.prompted_model import PromptedModel
-    from tests import peft_handoff as H
+    from tests.support import peft as H
 
     art = Path(cfg.model.artifact_path)
     pm = PromptedModel.load(str(art))
@@ -456,7 +459,7 @@ QA_RECORDS = [{"taskname": "qa", "question": q} for q, _ in PAIRS]
 @pytest.mark.parametrize("decoder", ["generate", "loop"])
 def test_peft_seq2seq_export_gives_the_engine_answers(qa_t5, tiny_t5, decoder):
     """The T5 export used as a user would gives the engine's answers (here the memorised ones)."""
-    from tests import peft_handoff as H
+    from tests.support import peft as H
 
     engine, peft, spec = _t5_handoff(qa_t5, tiny_t5, QA_RECORDS)
     assert engine == [a for _, a in PAIRS]
@@ -470,7 +473,7 @@ def test_peft_seq2seq_handoff_check_fails_on_a_perturbed_table(qa_t5, tiny_t5, t
     """The comparison can fail: a random table in place of the trained one changes PEFT's answers. (The memorised
     answers survive a text without its sentinel, so the tokenisation counterpart is shown on the decoder-only
     path, tests/test_prompt_learning.py.)"""
-    from tests import peft_handoff as H
+    from tests.support import peft as H
 
     art = Path(qa_t5.model.artifact_path)
     bad = H.perturbed_copy(art / "export/peft/qa", tmp_path / "perturbed")

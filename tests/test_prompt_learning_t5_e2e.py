@@ -1,6 +1,6 @@
 """T5 and mT5 end to end through main.py, as a user runs it: data_preparation (the SQuAD fixture) -> prompt_learning
 (``t5/squad_tiny`` / ``mt5/squad_tiny``) -> evaluation (``t5/squad_tiny`` / ``mt5/squad_tiny``), on tiny
-RANDOMLY INITIALISED models built offline by ``stages.prompt_learning.tiny_models``. EM/F1 are meaningless here.
+RANDOMLY INITIALISED models built offline by ``tests.support.tiny_models``. EM/F1 are meaningless here.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.launcher_helpers import ROOT, run_main
+from tests.support.launcher import ROOT, run_main
 
 pytest.importorskip("torch")
 pytest.importorskip("sentencepiece")
@@ -22,7 +22,7 @@ ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """data_dir with both tiny model folders (where the squad_tiny configs look) and the prepared fixture data."""
-    from stages.prompt_learning.tiny_models import build
+    from tests.support.tiny_models import build
 
     root = tmp_path_factory.mktemp("t5_e2e")
     data, results = root / "data", root / "results"

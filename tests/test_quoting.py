@@ -18,9 +18,8 @@ from cluster.bcp import BCPExecutor
 from cluster.local import LocalExecutor
 from cluster.slurm import SlurmExecutor
 from stages.common.errors import UserError
-from tests.launcher_helpers import run_main
-from tests.test_bcp import FAKE_BIN
-from tests.test_slurm import fake_command, tiny_job, write_scripts
+from tests.support.cluster import FAKE_BIN, fake_command, tiny_job, write_scripts
+from tests.support.launcher import run_main
 
 SECRET = "sk-test-0123456789abcdef"
 FAKE_SRUN = 'while [[ $# -gt 0 && $1 == --* ]]; do shift; done\nexec "$@"\n'  # drop srun's options, run the task

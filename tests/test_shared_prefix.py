@@ -18,61 +18,10 @@ from stages.engine import dataset as DS  # noqa: E402
 from stages.engine import examples as D  # noqa: E402
 from stages.prompt_learning.batching import BucketBatchSampler  # noqa: E402
 from stages.engine.family import DecoderOnlyFamily  # noqa: E402
-from stages.engine.prompts import PromptStore  # noqa: E402
-from tests.test_prompt_learning import (SENT_T, SQUAD_T, make_cfg, make_tokenizer, tables, tiny, train,  # noqa: E402,F401
-                                        write_jsonl)
-
-WORDS = ["Paris", "water", "fox", "dog", "capital", "boils", "quick", "lazy", "brown", "France"]
-
-
-def paragraph_records(n_par: int, per: int, seed: int = 0) -> list[dict]:
-    """SQuAD-like records: ``per`` questions (of different lengths) for each of ``n_par`` contexts of different lengths."""
-    rng = random.Random(seed)
-    out = []
-    for p in range(n_par):
-        ctx = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) + "."
-        for q in range(per):
-            ans = rng.choice(WORDS)
-            question = "Which " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))) + f" {q}?"
-            out.append({"taskname": "squad", "context": ctx, "question": question, "answer": ans})
-    return out
-
-
-@pytest.fixture(scope="module")
-def info():
-    return D.TokenizerInfo(make_tokenizer())
-
-
-def load_model(path: str, attn: str = "sdpa"):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def make_store(tasks: dict[str, int], hidden: int, seed: int = 0) -> PromptStore:
-    store = PromptStore(list(tasks), hidden)
-    g = torch.Generator().manual_seed(seed)
-    for t, n in tasks.items():
-        store.add_table(t, torch.randn(n, hidden, generator=g))
-    return store
-
-
-def loss_and_grad(model, store, batch) -> tuple[float, int, dict[str, torch.Tensor]]:
-    store.zero_grad()
-    total, n = DecoderOnlyFamily().loss(model, store, batch)
-    total.backward()
-    return float(total.detach()), int(n), {k: v.grad.clone() for k, v in store.tables.items()}
-
-
-def assert_close_grads(a: dict, b: dict, rel: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        scale = float(a[k].abs().max())
-        assert scale > 0, f"no gradient for {k}"
-        assert float((a[k] - b[k]).abs().max()) <= rel * scale, k
+from tests.support.engine import assert_close_grads, load_model, loss_and_grad, make_store, prompted  # noqa: E402
+from tests.support.records import WORDS, paragraph_records, write_jsonl  # noqa: E402
+from tests.support.templates import SENT_T, SQUAD_T  # noqa: E402
+from tests.support.training import make_cfg, tables, train  # noqa: E402
 
 
 # ---- 1. answer-only logits -----------------------------------------------------------------------------
@@ -321,21 +270,6 @@ def test_launcher_checks_types_and_the_stage_falls_back_where_sharing_cannot_app
 
 
 # ---- 4. shared-context prefixes: generation ----------------------------------------------------------------
-
-def prompted(model_dir: str, templates: list[dict], seed: int = 0):
-    from stages.engine.prompted_model import PromptedModel
-    from stages.engine.base_model import load_model as load, load_tokenizer
-
-    model = load(model_dir)
-    tok = load_tokenizer(model_dir)
-    tpls = parse_templates(templates)
-    store = PromptStore(list(tpls), model.config.hidden_size)
-    g = torch.Generator().manual_seed(seed)
-    emb_std = float(model.get_input_embeddings().weight.std())
-    for t, tpl in tpls.items():
-        store.add_frozen(t, torch.randn(tpl.total_virtual_tokens, model.config.hidden_size, generator=g) * emb_std)
-    return PromptedModel(model, tok, tpls, store.eval(), {})
-
 
 def test_shared_prefill_logits_equal_plain(tiny):
     """The first decoding step sees the same logits (float rounding aside) with and without the shared prefill."""

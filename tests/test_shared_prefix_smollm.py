@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.templates import SQUAD_T  # noqa: E402
+from tests.support.templates import SQUAD_T  # noqa: E402
 
 TEMPLATE = {**SQUAD_T, "total_virtual_tokens": 20, "virtual_token_splits": [20]}   # as gpt/squad_cpu
 

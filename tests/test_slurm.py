@@ -2,58 +2,22 @@
 sbatch on PATH), its one-line errors, wait mode (stand-in squeue/sacct/scancel), and
 init_distributed_env agreeing with Lightning under srun.
 
-The same checks against a real Slurm are in test_slurm_real.py. ``tiny_job``/``write_scripts`` are
-shared with the BCP, quoting and real-Slurm tests.
+The same checks against a real Slurm are in tests/slurm/test_slurm_real.py. ``tiny_job``/``write_scripts``
+(tests/support/cluster.py) are shared with the BCP, quoting and real-Slurm tests.
 """
 from __future__ import annotations
 
 import os
-import stat
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cluster.slurm import SlurmExecutor, directive_value
-from stages.common import io
 from stages.common.errors import UserError
 from cluster.jobspec import JobSpec
 from stages.common.entry import init_distributed_env
-from tests.launcher_helpers import ROOT
-
-
-def tiny_job(tmp: Path, name: str, code: str, **fields: Any) -> JobSpec:
-    """A JobSpec whose program is ``code`` (a small Python file), independent of the ML stages."""
-    results = Path(fields.pop("results_dir", tmp / "results" / name))
-    results.mkdir(parents=True, exist_ok=True)
-    entry = Path(fields.pop("entry", tmp / f"{name}.py"))
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    entry.write_text(code)
-    config = results / f"{name}_hydra.yaml"
-    config.write_text("{}\n")
-    fields.setdefault("env", (("PYTHONPATH", str(ROOT)), ("PYTHONUNBUFFERED", "1")))
-    return JobSpec(stage=fields.pop("stage", name), name=name, results_dir=str(results),
-                   launcher_scripts_path=fields.pop("launcher_scripts_path", str(ROOT)),
-                   python=fields.pop("python", sys.executable), entry=str(entry), config_path=str(config),
-                   time_limit=fields.pop("time_limit", "00:05:00"), **fields)
-
-
-def write_scripts(executor: Any, jobs: list[JobSpec]) -> list[str]:
-    """What launcher.app does between render and launch: write each script, executable."""
-    paths = []
-    for job in jobs:
-        executor.check(job)
-        paths.append(str(io.write_text(job.script_path(executor.name), executor.render(job), mode=0o755)))
-    return paths
-
-
-def fake_command(bin_dir: Path, name: str, body: str) -> None:
-    """An executable bash script ``name`` in ``bin_dir`` (put it first on PATH)."""
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    path = bin_dir / name
-    path.write_text("#!/usr/bin/env bash\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+from tests.support.cluster import fake_command, tiny_job, write_scripts
 
 
 def _spec(**fields: Any) -> JobSpec:

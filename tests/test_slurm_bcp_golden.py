@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher_helpers import ROOT, run_main
+from tests.support.launcher import ROOT, run_main
 
 GOLDEN = ROOT / "tests" / "golden"
 FAMILIES = {  # family -> the config choices that select it (skipped while a config file is missing)

@@ -1,6 +1,6 @@
 """The whole pipeline on a real Slurm: three chained sbatch jobs, prompt learning as 2 srun tasks (DP=2 on gloo).
 
-A tiny randomly initialised Llama (stages/prompt_learning/tiny_llama.py) keeps it to a couple of minutes on CPU;
+A tiny randomly initialised Llama (``python3 -m tests.support.tiny_models llama``) keeps it to a couple of minutes on CPU;
 its EM/F1 are meaningless, the test checks that every stage ran where and how it should.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.launcher_helpers import ROOT, run_main
+from tests.support.launcher import ROOT, run_main
 
 FIXTURE = ROOT / "tests" / "fixtures" / "squad_tiny"
 
@@ -19,7 +19,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "squad_tiny"
 @pytest.mark.slurm
 def test_three_stage_pipeline_on_slurm_with_two_process_prompt_learning(slurm_cluster, tmp_path):
     llama = tmp_path / "llama"
-    subprocess.run([sys.executable, "-m", "stages.prompt_learning.tiny_llama", str(llama)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "tests.support.tiny_models", "llama", str(llama)], check=True, cwd=ROOT)
     results, data = tmp_path / "results", tmp_path / "data"
     proc = run_main([
         "cluster_type=slurm", "cluster.wait=true", "cluster.poll_seconds=1", "cluster.exclusive=false",

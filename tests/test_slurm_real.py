@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from cluster.slurm import SlurmExecutor, slurm_log
-from tests.launcher_helpers import ROOT, run_main
-from tests.test_slurm import tiny_job, write_scripts
+from tests.support.cluster import tiny_job, write_scripts
+from tests.support.launcher import ROOT, run_main
 
 pytestmark = pytest.mark.slurm
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.paths import ROOT
+
 sys.path.insert(0, str(ROOT / "tools"))
 
 import drift  # noqa: E402

@@ -11,3 +11,13 @@ SQUAD_T = {
     "answer_only_loss": True,
     "answer_field": "answer",
 }
+# a second task with two virtual-token markers (incremental tasks, mixed batches)
+SENT_T = {
+    "taskname": "sentiment",
+    "prompt_template": "<|VIRTUAL_PROMPT_0|>Review: {review}<|VIRTUAL_PROMPT_1|> Sentiment: {label}",
+    "total_virtual_tokens": 6,
+    "virtual_token_splits": [3, 3],
+    "truncate_field": "review",
+    "answer_only_loss": True,
+    "answer_field": "label",
+}

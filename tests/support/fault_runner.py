@@ -1,6 +1,6 @@
 """Run a stage entry file with faults injected at exact points, for the kill/resume and preemption tests.
 
-    python tests/fault_runner.py [--kill-after-step N] [--kill-mid-save N] [--kill-in-keep-previous N]
+    python tests/support/fault_runner.py [--kill-after-step N] [--kill-mid-save N] [--kill-in-keep-previous N]
                                  [--kill-in-artifact] [--usr1-after-step N] [--step-sleep S] [--] [-u] ENTRY ARGS...
 
 Counts are per process, 1-based. ``--kill-*`` sends SIGKILL to this very process (no cleanup, no atexit,
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _die() -> None:

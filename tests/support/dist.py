@@ -1,4 +1,5 @@
-"""Helpers for multi-process (gloo, CPU) tests: a process runner and the tiny seeded Llama fixtures.
+"""Helpers for multi-process (gloo, CPU) tests: a process runner, and the seeded batches, prompt and single-process
+reference of the parallel-engine tests (on ``tests.support.tiny_models.tiny_llama``).
 
 ``run_distributed(fn, world_size, *args)`` starts ``world_size`` processes (fork by default), initialises
 a gloo process group in each through a FileStore in a temp dir (no TCP port races), calls
@@ -19,6 +20,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests.support.tiny_models import tiny_llama
 
 # ----------------------------------------------------------------------------- spawn runner
 
@@ -90,7 +93,7 @@ def run_distributed(
         return [torch.load(os.path.join(tmp, f"result_{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
-# ----------------------------------------------------------------------------- tiny Llama fixtures
+# ----------------------------------------------------------------------------- batches, prompt and reference
 
 N_VIRTUAL = 4
 GBS = 8
@@ -98,39 +101,7 @@ MBS = 2
 SEQ = 12
 STEPS = 3
 LR = 0.05
-
-
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    kw = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-        pad_token_id=0,
-    )
-    kw.update(overrides)
-    return LlamaConfig(**kw)
-
-
-def tiny_llama(state_dict: dict | None = None, **overrides):
-    """A seeded random fp32 LlamaForCausalLM (or one loaded from ``state_dict``), eval mode, frozen."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(**overrides)).float().eval()
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def make_batch(seed: int, rows: int = GBS, seq: int = SEQ) -> dict[str, torch.Tensor]:
@@ -160,3 +131,29 @@ def make_batch(seed: int, rows: int = GBS, seq: int = SEQ) -> dict[str, torch.Te
 def prompt_init() -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     return torch.randn(N_VIRTUAL, 64, generator=g) * 0.5
+
+
+def step_batches():
+    # a different sequence length at every step: under pp one PipelineStage/schedule per shape
+    return [make_batch(s, seq=SEQ - s) for s in range(STEPS)], make_batch(99, seq=SEQ - STEPS)
+
+
+def reference(state_dict, batches=None):
+    """Single process, full batch, stock HF forward: losses per step, final table, eval losses."""
+    from stages.prompt_learning.parallel.model import SoftPrompt, reference_loss
+
+    model = tiny_llama(state_dict)
+    prompt = SoftPrompt(N_VIRTUAL, 64, prompt_init())
+    opt = torch.optim.AdamW(prompt.parameters(), lr=LR)
+    train, held_out = batches or step_batches()
+    losses, grads = [], []
+    for batch in train:
+        opt.zero_grad()
+        loss = reference_loss(model, prompt, batch)
+        loss.backward()
+        grads.append(prompt.weight.grad.clone())
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        eval_loss = reference_loss(model, prompt, held_out).item()
+    return {"losses": losses, "grads": grads, "table": prompt.weight.detach().clone(), "eval_loss": eval_loss}
