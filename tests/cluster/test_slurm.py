@@ -218,7 +218,7 @@ def test_existing_values_win():
     assert init_distributed_env({}) == {}
 
 
-# ---- wait mode against stand-ins for squeue/sacct/scancel (the real thing: test_slurm_real.py) ---
+# ---- wait mode against stand-ins for squeue/sacct/scancel (the real thing: tests/slurm/test_slurm_real.py) ---
 
 FAKE_SQUEUE = 'cat "$FAKE_DIR/squeue" 2>/dev/null; true\n'
 FAKE_SACCT = """\

@@ -2,7 +2,7 @@
 
 Paths are fixed (launcher_scripts_path=/opt/promptlaunch, base_results_dir=/mount/results,
 data_dir=/mount/data); results are written under a temporary folder that is then renamed to
-/mount/results in the text. Regenerate with ``UPDATE_GOLDEN=1 python3 -m pytest tests/test_slurm_bcp_golden.py``.
+/mount/results in the text. Regenerate with ``UPDATE_GOLDEN=1 python3 -m pytest tests/cluster/test_slurm_bcp_golden.py``.
 Adding a model family is one line in FAMILIES.
 """
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The bad-input suite: every case ends with ONE ``error:`` line that names the key, file or file:line at fault and
 says how to fix it, a non-zero exit code, no traceback, and no partial output.
 
-The suite = the 17 command-line cases of ``tests/test_launcher.py::BAD_INPUTS`` (run there, counted here, not
-repeated) + the pre-launch cases below, run through ``main.py`` like a user would (the launcher rejects them
-before anything is written or started) + the data/model/checkpoint cases below, which only the stage can see,
-run through the stage entry (``stages.common.entry.run_stage``, exactly what ``stages/<stage>/run.py`` calls).
+The suite = the 17 command-line cases of ``tests.support.launcher.BAD_INPUTS`` (run by
+``tests/launcher/test_launcher.py``, counted here, not repeated) + the pre-launch cases below, run through
+``main.py`` like a user would (the launcher rejects them before anything is written or started) + the
+data/model/checkpoint cases below, which only the stage can see, run through the stage entry
+(``stages.common.entry.run_stage``, exactly what ``stages/<stage>/run.py`` calls).
 """
 from __future__ import annotations
 
@@ -224,6 +225,6 @@ def test_evaluation_with_a_damaged_artifact(tmp_path, capsys):
 
 
 def test_the_suite_has_at_least_25_cases():
-    assert len(LAUNCHER_CASES) == 17   # run by tests/test_launcher.py::test_bad_inputs_give_one_line_and_write_nothing
+    assert len(LAUNCHER_CASES) == 17   # run by tests/launcher/test_launcher.py::test_bad_inputs_give_one_line_and_write_nothing
     total = len(LAUNCHER_CASES) + len(PRELAUNCH) + len(STAGE_CASES) + 1   # + the evaluation case
     assert total >= 25, total

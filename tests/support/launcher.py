@@ -34,8 +34,8 @@ def run_main(args: list[str], cwd: Path | None = None, env: dict[str, str] | Non
     )
 
 
-# main.py's command-line mistakes: (arguments, a piece of the one error line); run by test_launcher.py,
-# counted by test_bad_inputs.py
+# main.py's command-line mistakes: (arguments, a piece of the one error line); run by
+# tests/launcher/test_launcher.py, counted by tests/e2e/test_bad_inputs.py
 BAD_INPUTS = [
     (["stages=[data_preparation"], "command line:"),
     (["no_such_key=1"], "command line:"),

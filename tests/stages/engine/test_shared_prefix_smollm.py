@@ -3,7 +3,7 @@ prompt gradient equal the plain path, and greedy answers are identical with and 
 
 Marked ``slow`` (loads the real model; ~1 min on 2 CPU cores once the GGUF conversion is cached). Reads the
 data_preparation stage's ``squad_test_ground_truth.jsonl`` (fixture ``squad_v11_dir``: prepared once when missing).
-Run it with ``python3 -m pytest -m slow tests/test_shared_prefix_smollm.py``.
+Run it with ``python3 -m pytest -m slow tests/stages/engine/test_shared_prefix_smollm.py``.
 """
 from __future__ import annotations
 

