@@ -383,7 +383,7 @@ def batch_flops(config: Any, batch: dict[str, Any], logit_rows: int) -> float:
     feed nothing (only their keys/values do), so their last-layer query, attention, o_proj and MLP gradients are
     not computed; and the suffix embeddings carry no virtual token, so layer 0 computes no gradient into the
     suffix queries, keys and values. (In the plain layout the input embeddings require grad as a whole tensor,
-    so everything is computed.) Checked against FlopCounterMode in tests/test_bench.py."""
+    so everything is computed.) Checked against FlopCounterMode in tests/bench/test_bench.py."""
     b, ls = batch["input_ids"].shape
     if "prefix_input_ids" not in batch:
         return train_step_flops(config, b * ls, b * ls * ls, logit_rows)["total"]

@@ -7,7 +7,7 @@ answers, and aggregates are percentages. Per-example scores are in [0, 1].
 torchmetrics implements the SQuAD *v2.0* rule for empty answers: a prediction that normalises to
 nothing gets F1 = 1 against a gold answer that also normalises to nothing (e.g. gold "the"). In v1.1
 the F1 is then 0 (no shared token) while EM is 1. :func:`score` applies that one correction, so the
-numbers are exactly those of the official v1.1 script (checked in tests/test_evaluation_metrics.py).
+numbers are exactly those of the official v1.1 script (checked in tests/stages/evaluation/test_evaluation_metrics.py).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ dynamic shapes, so every layer and every padded length reuse one graph. Passes t
 prefix batches, generation) run the eager layer: the cache update makes dynamo specialise on the layer index, i.e.
 one compilation per layer (keeping the update out of the graph avoids that, but the shared step then measured
 0.97x, so it is not done). Results equal the eager ones up to float rounding (fused loops sum in another order);
-tests/test_layer_compile.py bounds the difference.
+tests/stages/prompt_learning/test_layer_compile.py bounds the difference.
 
 Inductor on CPU writes C++ and builds it with the system compiler, so a job that asks for it checks for one first.
 """

@@ -47,8 +47,8 @@ API (everything the engine needs)
 The prompt_learning stage's real integration is ``wiring.py`` with ``checks.py``, ``engines.py``, ``data.py``,
 ``strategy.py`` and ``lightning_module.py`` in this package (per-task prompt tables stacked into one table, the
 engine's data pipeline, checkpoints, artifact; tested through the stage entry in
-``tests/test_prompt_learning_parallel.py``). The minimal recipe (tested in
-``tests/test_parallel_lightning.py``)::
+``tests/stages/prompt_learning/test_prompt_learning_parallel.py``). The minimal recipe (tested in
+``tests/stages/prompt_learning/test_parallel_lightning.py``)::
 
     layout = layout_from_config(cfg.model, world_size=devices * num_nodes)      # before pl.Trainer
     check_model_for_layout(AutoConfig.from_pretrained(path), layout)

@@ -1,0 +1,164 @@
+"""The bench scripts' core functions on a tiny random Llama, one repeat each, so the benchmark code cannot rot:
+our training loss (plain and, when the engine has it, shared-prefix) equals PEFT's on the same batch, and our
+generated answers equal PEFT's. The figures themselves are not checked here (bench/README.md)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.paths import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common as C  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures" / "squad_tiny"
+
+
+def fixture_records(split: str) -> list[dict[str, Any]]:
+    """Records of the tiny SQuAD fixture, converted by the data_preparation stage's own code."""
+    from stages.data_preparation.squad import Origin, load_squad, questions, records
+
+    path = FIXTURES / f"{split}-v1.1.json"
+    src = Origin(path, "fix the fixture")
+    return list(records("squad", questions(load_squad(path, src), src), lambda q: q.answers[0]))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> C.Setup:
+    from tests.support.tiny_models import build
+
+    folder = build("llama", tmp_path_factory.mktemp("bench") / "llama_tiny_random")
+    return C.load_setup(str(folder), "eager")
+
+
+def test_paragraph_batches_keep_questions_of_a_context_together() -> None:
+    recs = fixture_records("train")
+    batches = C.paragraph_batches(recs, n_batches=2, batch_size=3, seed=0)
+    assert [len(b) for b in batches] == [3, 3]
+    flat = [r["id"] for b in batches for r in b]
+    assert len(set(flat)) == 6
+    for b in batches:   # whole paragraphs in a row: a context never reappears after another one
+        contexts = [r["context"] for r in b]
+        assert contexts == sorted(contexts, key=contexts.index)
+
+
+def test_train_bench_losses_agree(setup: C.Setup) -> None:
+    import train_vs_peft as T
+
+    batches = C.paragraph_batches(fixture_records("train"), n_batches=1, batch_size=4, seed=0)
+    table = C.prompt_table(setup, init="random", seed=0)
+    result = T.run(setup, batches, table, repeats=2, warmup=1, max_seq_length=512, peak_repeats=1)
+    assert result["agreement"]["ok"], result["agreement"]
+    assert len(result["matmul_peak"]["per_round_gflops"]) == 2     # a peak per round, between the passes
+    for name, row in result["rows"].items():
+        assert len(row["pct_of_peak_per_round"]) == 2 and row["pct_of_peak"] > 0 and row["pct_of_peak_best"] > 0, name
+    assert {"peft", "ours-plain"} <= set(result["rows"])
+    for name, row in result["rows"].items():
+        assert row["examples_per_s"] > 0 and row["counted_flops_batch0"] > 0, name
+        assert row["speedup_vs_peft_paired"] == pytest.approx(
+            C.median([a / b for a, b in zip(result["rows"]["peft"]["pass_seconds"], row["pass_seconds"])])), name
+    # the analytic count is what torch counts, for the plain and the shared-prefix layouts
+    for name, row in result["rows"].items():
+        assert row["analytic_flops_batch0"] == pytest.approx(row["counted_flops_batch0"], rel=0.005), name
+    assert "agreement OK" in T.report(result)
+
+
+def test_eval_bench_answers_identical(setup: C.Setup) -> None:
+    import eval_vs_peft as E
+
+    batches = C.paragraph_batches(fixture_records("dev"), n_batches=1, batch_size=5, seed=0)
+    table = C.prompt_table(setup, init="random", seed=0)
+    k, budget = E.default_lookup()
+    result = E.run(setup, batches, table, repeats=1, tokens_to_generate=6, peft_unbatched=True, lookup=k, pass_budget=budget)
+    assert result["identical"], result["mismatches"]
+    assert len(result["answers"]) == 5 and {"peft", "ours-plain", "ours-shared-lookup"} <= set(result["rows"])
+    assert result["rows"]["ours-shared-lookup"]["decoding_per_pass"]["forward_passes"] > 0
+    assert result["rows"]["ours-shared-lookup"]["speedup_vs_peft_paired"] > 0
+    assert k > 0 and budget == 32          # the GPT evaluation config drafts from the prompt, within a budget
+    assert "identical to PEFT" in E.report(result)
+
+
+def test_train_bench_refuses_a_ratio_when_the_losses_disagree(setup: C.Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    import train_vs_peft as T
+
+    real = T.peft_batch
+
+    def fewer_labels(examples, pad_id):   # PEFT scores two tokens fewer per row: another loss
+        batch = real(examples, pad_id)
+        batch["labels"][:, -2:] = -100
+        return batch
+
+    monkeypatch.setattr(T, "peft_batch", fewer_labels)
+    batches = C.paragraph_batches(fixture_records("train"), n_batches=1, batch_size=4, seed=0)
+    result = T.run(setup, batches, C.prompt_table(setup, init="random", seed=0), repeats=1, warmup=1,
+                   max_seq_length=512, measure_peak=False, compile_plain=False)
+    assert not result["agreement"]["ok"] and "no speed ratio" in result["ratio_refused"]
+    assert all(r["speedup_vs_peft"] is None and r["speedup_vs_peft_paired"] is None for r in result["rows"].values())
+    assert "NO RATIO: loss/gradient of ours-" in T.report(result)
+
+
+def test_eval_bench_refuses_a_ratio_when_the_answers_differ(setup: C.Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    import eval_vs_peft as E
+
+    real = E.peft_generate
+    monkeypatch.setattr(E, "peft_generate", lambda *a, **k: [ans + " garbage" for ans in real(*a, **k)])
+    batches = C.paragraph_batches(fixture_records("dev"), n_batches=1, batch_size=5, seed=0)
+    result = E.run(setup, batches, C.prompt_table(setup, init="random", seed=0), repeats=1, tokens_to_generate=4,
+                   engine_batching=False, lookup=0)
+    assert not result["identical"] and "10 answer(s) of ours differ" in result["ratio_refused"]   # 5 x (plain, shared)
+    assert all(r["speedup_vs_peft"] is None and r["speedup_vs_peft_paired"] is None for r in result["rows"].values())
+    assert "NO RATIO:" in E.report(result)
+
+
+def test_host_memory_bench_runs_both_settings_in_children(setup: C.Setup, tmp_path: Path) -> None:
+    import json
+
+    import host_memory as H
+
+    squad = tmp_path / "data" / "prompt_data" / "v1.1"
+    squad.mkdir(parents=True)
+    (squad / C.SQUAD_FILES["train"]).write_text("".join(json.dumps(r) + "\n" for r in fixture_records("train")))
+    out = tmp_path / "hm.json"
+    assert H.main(["--model", setup.model_path, "--data-dir", str(tmp_path / "data"), "--batches", "1", "--batch-size", "3",
+                   "--repeats", "2", "--init", "random", "--max-seq-length", "512", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [sorted(r) for r in doc["rounds"]] == [["default", "reuse"]] * 2
+    for r in doc["rounds"]:
+        assert r["default"]["setting"] == "default" and r["reuse"]["setting"] == "reuse"
+        for s in ("default", "reuse"):
+            assert set(r[s]["passes"]) == set(H.KINDS) and r[s]["peak_rss_mb"] > 0
+    for kind, row in doc["rows"].items():
+        assert row["speedup_paired"] == pytest.approx(
+            C.median([a / b for a, b in zip(row["seconds"]["default"], row["seconds"]["reuse"])])), kind
+    assert "x paired" in H.report(doc)
+
+
+def test_launcher_overhead_measures_the_dry_run() -> None:
+    import launcher_overhead as L
+
+    result = L.measure(1)
+    assert set(result["median_seconds"]) == {"python -c pass", L.FLOOR, L.DRY_RUN}
+    assert result["median_seconds"][L.DRY_RUN] > result["median_seconds"]["python -c pass"]
+
+
+def test_paired_speedup_pairs_passes_of_the_same_round() -> None:
+    # round 2 ran on a machine twice as slow for both sides: paired ratios stay 2, the ratio of medians does not
+    ref, side = [4.0, 8.0, 4.2], [2.0, 4.0, 2.1]
+    assert C.paired_speedup(ref, side) == pytest.approx(2.0)
+    assert C.paired_speedup([10.0, 2.0, 9.0], [1.0, 2.0, 3.0]) == pytest.approx(3.0)
+
+
+def test_result_file_records_machine_and_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = C.write_result(tmp_path / "r.json", {"bench": "x", "rows": {}})
+    import json
+
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["cpu_count"] and doc["command"] and doc["bench"] == "x"
+    flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()) if Path("/proc/cpuinfo").is_file() else set()
+    assert set(doc["machine"].get("cpu_matmul_flags", [])) == flags & C.CPU_MATMUL_FLAGS
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"machine: {doc['machine'].get('cpu_model', '?')}, ")
