@@ -150,7 +150,7 @@ def _stage_case(case: str, tmp: Path, tiny: str):
                        train=_jsonl(f, [{**r, "taskname": "sent"} for r in RECS]))
         OmegaConf.update(cfg, "model.existing_tasks", ["squad"], merge=False)
         OmegaConf.update(cfg, "model.restore_path", str(art), merge=False)
-        return cfg, f"artifact {art} was trained on base model /models/other (fingerprint 0123456789abcdef, hidden 48)"
+        return cfg, f"artifact {art} was trained on base model /models/other (fingerprint 0123456789abcdef/-, hidden 48)"
     if case == "corrupt_checkpoint":
         cfg = make_cfg(tmp, tiny)
         ck = Path(cfg.exp_manager.explicit_log_dir) / "checkpoints"
@@ -170,8 +170,12 @@ def _stage_case(case: str, tmp: Path, tiny: str):
         for name in ("prompt_learning_summary.json", "loss_curve.png"):
             (Path(cfg.exp_manager.explicit_log_dir) / name).unlink()
         ck = Path(cfg.exp_manager.explicit_log_dir) / "checkpoints"
-        return cfg, (f"{ck / 'last.ckpt'}: checkpoint was written with train_examples=24, this config gives 30, so the "
-                     f"resumed run would not see the same batches; delete {ck} to start over")
+        return cfg, (f"{ck / 'last.ckpt'}: checkpoint was written by a run with other settings "
+                     f"(prompt_learning.model.data.train_ds (content), prompt_learning.train_examples (derived)); choose a "
+                     f"new prompt_learning.run.name (a new folder), start over with "
+                     f"prompt_learning.exp_manager.resume_if_exists=false (the previous outputs are moved aside), or "
+                     f"continue it anyway with prompt_learning.exp_manager.resume_ignore_changes=[model.data.train_ds,"
+                     f"train_examples]")
     raise AssertionError(case)
 
 

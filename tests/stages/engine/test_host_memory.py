@@ -96,7 +96,8 @@ def test_training_stage_rejects_a_non_boolean_before_any_work(tmp_path, monkeypa
 
 def test_training_stage_applies_the_knob(tmp_path, monkeypatch):
     from stages.prompt_learning import train as T
-    from tests.test_prompt_learning import make_cfg, make_model_dir
+    from tests.support.tiny_models import make_model_dir
+    from tests.support.training import make_cfg
 
     called = []
     monkeypatch.setattr(T, "reuse_host_memory", lambda *a: called.append(a[0]))
