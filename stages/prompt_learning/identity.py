@@ -3,7 +3,7 @@
 A resume continues only when the identity of the checkpoint equals this run's, so a sweep, a second launch or a
 changed override can never continue another run's training under its own name. The identity is the stage config
 minus what does not change the result (where things are written, how often to log or validate, the step limits
--- "train longer" stays one override --, speed knobs), with content in place of paths: the base model's
+-- "train longer" stays one override --, speed knobs, how the work is split over processes), with content in place of paths: the base model's
 fingerprint instead of ``language_model_path``, each data file's size and sha256 instead of its name. Derived facts
 that decide the batches (the example count, the batching actually used) are in it too.
 """
@@ -23,7 +23,10 @@ IGNORE_KEY = f"{STAGE}.exp_manager.resume_ignore_changes"
 # config keys (relative to the stage) that do not change the result, or stand in by their content
 EXCLUDED = ("run", "exp_manager", "model.artifact_path", "model.language_model_path", "model.restore_path",
             "model.data.train_ds", "model.data.validation_ds", "model.data.num_workers", "model.attn_implementation",
-            "model.validate_before_training", "trainer")
+            "model.validate_before_training", "trainer",
+            # how the work is split, not what is computed: a checkpoint resumes across layouts (same global batch)
+            "model.tensor_model_parallel_size", "model.pipeline_model_parallel_size", "model.pipeline_schedule",
+            "model.micro_batch_size", "model.sequence_parallel")
 TRAINER_KEYS = ("precision", "gradient_clip_val", "gradient_clip_algorithm")   # the trainer keys that do count
 _CHUNK = 1 << 20
 

@@ -1,7 +1,7 @@
 """Run a stage entry file with faults injected at exact points, for the kill/resume and preemption tests.
 
     python tests/support/fault_runner.py [--kill-after-step N] [--kill-mid-save N] [--kill-in-keep-previous N]
-                                 [--kill-in-artifact] [--usr1-after-step N] [--step-sleep S] [--] [-u] ENTRY ARGS...
+                                 [--kill-in-artifact] [--usr1-after-step N] [--signal-after-step NAME:N] [--step-sleep S] [--] [-u] ENTRY ARGS...
 
 Counts are per process, 1-based. ``--kill-*`` sends SIGKILL to this very process (no cleanup, no atexit,
 exactly what ``kill -9`` or the OOM killer does):
@@ -10,6 +10,7 @@ exactly what ``kill -9`` or the OOM killer does):
   --kill-in-keep-previous N   in the N-th last.ckpt -> last.prev.ckpt hand-over (half copied, not renamed)
   --kill-in-artifact          after the artifact's prompt table is written, before the artifact folder is renamed
 ``--usr1-after-step N`` sends SIGUSR1 to this process after the N-th optimizer step (a Slurm preemption notice);
+``--signal-after-step NAME:N`` sends signal NAME (TERM, INT, ...) after the N-th optimizer step;
 ``--step-sleep S`` sleeps S seconds after every optimizer step (slow training down for a test that must catch it).
 The rest of the command line (``-u`` is accepted and ignored) is the entry file and its arguments, so a
 one-line wrapper script can stand in for ``python`` in a job script.
@@ -41,6 +42,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--kill-in-keep-previous", type=int)
     p.add_argument("--kill-in-artifact", action="store_true")
     p.add_argument("--usr1-after-step", type=int)
+    p.add_argument("--signal-after-step", default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
     opts, rest = p.parse_known_args(argv)
     rest = [a for a in rest if a not in ("--", "-u")]
@@ -67,6 +69,8 @@ def main(argv: list[str]) -> None:
                 _die()
             if opts.usr1_after_step == steps["n"]:
                 os.kill(os.getpid(), signal.SIGUSR1)
+            if opts.signal_after_step and int(opts.signal_after_step.split(":")[1]) == steps["n"]:
+                os.kill(os.getpid(), signal.Signals["SIG" + opts.signal_after_step.split(":")[0]])
             if opts.step_sleep:
                 time.sleep(opts.step_sleep)
             return out

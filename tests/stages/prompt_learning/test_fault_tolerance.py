@@ -140,3 +140,23 @@ def test_preemption_signal_checkpoints_after_the_due_validation_then_resumes(tmp
     assert torch.equal(tables(reference.model.artifact_path)["prompt_table.squad"],
                        tables(cfg.model.artifact_path)["prompt_table.squad"])
     assert history(cfg) == history(reference)
+
+
+@pytest.mark.parametrize("name", ["TERM", "INT"])
+def test_sigterm_and_sigint_checkpoint_and_stop_without_a_requeue(tmp_path, tiny, reference, name):
+    """A closed terminal, Ctrl-C or the launcher passing a stop on: checkpoint at the step boundary, exit 3, no
+    requeue marker even inside a Slurm job script; the rerun reaches the uninterrupted prompt."""
+    cfg, path = fault_cfg(tmp_path, tiny, f"sig{name}")
+    marker = tmp_path / "requeue-me"
+    env = {**ENV, "PROMPTLAUNCH_REQUEUE_FILE": str(marker)}
+    out = subprocess.run([sys.executable, str(RUNNER), "--signal-after-step", f"{name}:3", str(ENTRY), "--config",
+                          str(path)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert f"received SIG{name}; checkpointing at the next step boundary" in out.stderr
+    assert f"SIG{name}: checkpoint saved at step 3 to {ckpt_dir(cfg) / 'last.ckpt'}; rerun the same command to resume" \
+        in out.stdout
+    assert not marker.exists() and not Path(cfg.model.artifact_path).exists()
+    out = run_stage(path)
+    assert out.returncode == 0 and "(step 3)" in out.stdout, out.stderr[-3000:]
+    assert torch.equal(tables(reference.model.artifact_path)["prompt_table.squad"],
+                       tables(cfg.model.artifact_path)["prompt_table.squad"])
