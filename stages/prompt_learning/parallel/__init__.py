@@ -20,10 +20,10 @@ API (everything the engine needs)
 ``check_model_for_layout(hf_config, layout)``
     TP must divide num_attention_heads, num_key_value_heads and intermediate_size; PP <= layers;
     Llama architecture only (GPT-2 Conv1D -> UserError). Call it with ``AutoConfig`` before loading
-    weights; the trainer calls it again.
+    weights; ShardedPromptModel calls it again.
 ``init_distributed()`` / ``build_mesh(tp, pp, dp)``
     Only needed outside Lightning (a Lightning strategy initialises the process group).
-``ParallelPromptTrainer(model, prompt, layout, device=..., pad_to=None)``
+``ShardedPromptModel(model, prompt, layout, device=..., pad_to=None)``
     ``model``: the frozen ``LlamaForCausalLM`` with the same weights on every rank;
     ``prompt``: ``SoftPrompt(n_rows, hidden, init)`` or any module whose ``forward()`` returns the
     [n_rows, hidden] table (P-tuning encoder; must be deterministic -- no dropout -- since TP
@@ -69,7 +69,7 @@ engine's data pipeline, checkpoints, artifact; tested through the stage entry in
                                                              # enter state_dict()/checkpoints
         def configure_model(self):                           # process group exists here
             if self.engine is None:
-                self.engine = ParallelPromptTrainer(load_frozen_llama(), self.prompt, layout,
+                self.engine = ShardedPromptModel(load_frozen_llama(), self.prompt, layout,
                                                     device=self.device, pad_to=max_seq_length)
         def train_dataloader(self):
             sampler = DistributedSampler(ds, num_replicas=self.engine.data_parallel_size,
@@ -88,7 +88,7 @@ engine's data pipeline, checkpoints, artifact; tested through the stage entry in
         # save the artifact from rank 0: self.engine.prompt_state_dict()
 
 With TP = PP = 1 the engine can keep its ordinary automatic-optimisation + DDP path; using
-``ParallelPromptTrainer`` there too gives the exact global-token-mean reduction (plain DDP averages
+``ShardedPromptModel`` there too gives the exact global-token-mean reduction (plain DDP averages
 per-rank means).
 """
 from __future__ import annotations
@@ -107,8 +107,8 @@ _EXPORTS = {
     "init_distributed": "mesh",
     "SoftPrompt": "model",
     "mark_virtual_tokens": "model",
-    "ParallelPromptTrainer": "trainer",
-    "check_prompt_in_sync": "trainer",
+    "ShardedPromptModel": "sharded_model",
+    "check_prompt_in_sync": "sharded_model",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -125,4 +125,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .layout import ParallelLayout, check_model_for_layout, layout_from_config, make_layout
     from .mesh import build_mesh, init_distributed
     from .model import SoftPrompt, mark_virtual_tokens
-    from .trainer import ParallelPromptTrainer, check_prompt_in_sync
+    from .sharded_model import ShardedPromptModel, check_prompt_in_sync

@@ -28,7 +28,7 @@ def check_parallel_config(layout: ParallelLayout, model_config: Any) -> None:
             f"{STAGE}.trainer.devices x {STAGE}.trainer.num_nodes = {layout.world_size} but {env_world} processes "
             f"were started; start the stage through the launcher (it runs devices x num_nodes processes)"
         )
-    if layout.is_model_parallel and model_config is not None:   # else ParallelPromptTrainer checks the loaded model
+    if layout.is_model_parallel and model_config is not None:   # else ShardedPromptModel checks the loaded model
         check_model_for_layout(model_config, layout, prefix=f"{STAGE}.")
 
 

@@ -58,26 +58,26 @@ class ModelParallelEngine:
 
     def __init__(self, model: Any, store: PromptStore, layout: ParallelLayout, device: torch.device,
                  pad_to: int | None) -> None:
-        from .trainer import ParallelPromptTrainer
+        from .sharded_model import ShardedPromptModel
 
         self.table = StoreTable(store)
-        self.trainer = ParallelPromptTrainer(model, self.table, layout, device=device, pad_to=pad_to, prefix="")
+        self.sharded = ShardedPromptModel(model, self.table, layout, device=device, pad_to=pad_to, prefix="")
         self.layout = layout
-        mesh = self.trainer.mesh
+        mesh = self.sharded.mesh
         self._dp_group = mesh["dp"].get_group() if (mesh is not None and layout.dp > 1) else None
 
     @property
     def data_parallel_rank(self) -> int:
-        return self.trainer.data_parallel_rank
+        return self.sharded.data_parallel_rank
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.trainer.train_step(self.table.library_batch(batch))
+        return self.sharded.train_step(self.table.library_batch(batch))
 
     def eval_sums(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """(sum of token CE, token count) over the global batch; same on every rank."""
         b = self.table.library_batch(batch)
-        loss = self.trainer.eval_step(b)
-        n = _count(b["labels"]).to(self.trainer.device)
+        loss = self.sharded.eval_step(b)
+        n = _count(b["labels"]).to(self.sharded.device)
         if self._dp_group is not None:
             dist.all_reduce(n, group=self._dp_group)
         return float(loss) * int(n), int(n)

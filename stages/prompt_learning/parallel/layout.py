@@ -49,7 +49,7 @@ class ParallelLayout:
 
     @property
     def is_model_parallel(self) -> bool:
-        """True when the engine must use the manual path of :class:`ParallelPromptTrainer`."""
+        """True when the engine must use the manual path of :class:`ShardedPromptModel`."""
         return self.tp > 1 or self.pp > 1
 
 
@@ -121,7 +121,7 @@ def layout_from_config(model_cfg: Mapping[str, Any], world_size: int, prefix: st
 def check_model_for_layout(config: Any, layout: ParallelLayout, prefix: str = "prompt_learning.") -> None:
     """Check a Hugging Face ``PretrainedConfig`` against the layout; raises a one-line UserError.
 
-    Called before the weights are loaded (a config is enough) and again by the trainer.
+    Called before the weights are loaded (a config is enough) and again by ShardedPromptModel.
     """
     m = f"{prefix}model."
     model_type = getattr(config, "model_type", None)

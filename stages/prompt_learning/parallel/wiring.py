@@ -24,7 +24,7 @@ What is different (and why):
   batch / their number), whatever TP, PP, DP and the micro batch size. The single-process engine computes the
   same quantity when ``micro_batch_size == global_batch_size`` (with Lightning gradient accumulation it averages
   micro-batch means instead), so that is the run the parallel layouts reproduce exactly.
-* **TP x PP > 1** (Llama architecture only): :class:`stages.prompt_learning.parallel.ParallelPromptTrainer`
+* **TP x PP > 1** (Llama architecture only): :class:`stages.prompt_learning.parallel.ShardedPromptModel`
   shards/splits the frozen model on a (pp, dp, tp) ``DeviceMesh``. The engine's batch format is mapped to the
   library's: virtual row ``k`` of task ``t`` becomes id ``-(offset_t + k + 1)`` of ONE table that is the
   concatenation of every task's table (:class:`StoreTable`), so several tasks, restored frozen tasks and P-tuning

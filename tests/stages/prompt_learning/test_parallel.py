@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from stages.common.errors import UserError
 from stages.prompt_learning.parallel import (
-    ParallelPromptTrainer,
+    ShardedPromptModel,
     SoftPrompt,
     check_model_for_layout,
     layout_from_config,
@@ -98,10 +98,10 @@ def test_gpt2_is_rejected_with_a_clear_error():
 
 
 def test_trainer_rejects_impossible_layout_before_any_process_group_work():
-    # TP=3 does not divide 4 heads: the trainer raises before it looks for a process group
+    # TP=3 does not divide 4 heads: ShardedPromptModel raises before it looks for a process group
     lay = make_layout(world_size=3, tensor_model_parallel_size=3, global_batch_size=3, micro_batch_size=1)
     with pytest.raises(UserError) as ei:
-        ParallelPromptTrainer(tiny_llama(), SoftPrompt(N_VIRTUAL, 64), lay, device="cpu")
+        ShardedPromptModel(tiny_llama(), SoftPrompt(N_VIRTUAL, 64), lay, device="cpu")
     _one_line_user_error(ei, "model.tensor_model_parallel_size=3")
     assert not dist.is_initialized()
 
@@ -144,11 +144,11 @@ def test_single_process_trainer_equals_reference(micro_batch_size, pad_to):
     ref = reference_loss(model, ref_prompt, b)
     ref.backward()
     lay = make_layout(world_size=1, global_batch_size=8, micro_batch_size=micro_batch_size)
-    trainer = ParallelPromptTrainer(tiny_llama(), SoftPrompt(N_VIRTUAL, 64, prompt_init()), lay, device="cpu", pad_to=pad_to)
-    loss = trainer.train_step(b)
+    sharded = ShardedPromptModel(tiny_llama(), SoftPrompt(N_VIRTUAL, 64, prompt_init()), lay, device="cpu", pad_to=pad_to)
+    loss = sharded.train_step(b)
     torch.testing.assert_close(loss, ref.detach(), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(trainer.prompt.weight.grad, ref_prompt.weight.grad, atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(trainer.eval_step(b), ref.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sharded.prompt.weight.grad, ref_prompt.weight.grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(sharded.eval_step(b), ref.detach(), atol=1e-6, rtol=1e-6)
     # a mean of per-micro-batch means would differ: the rows have different numbers of labels
     per_mb = [lm_loss_sum(*_logits_labels(model, ref_prompt, b, i)) / count_labelled(b["labels"][i : i + 1]) for i in range(8)]
     assert abs(torch.stack(per_mb).mean().item() - ref.item()) > 1e-3
@@ -164,7 +164,7 @@ def _logits_labels(model, prompt, b, i):
 
 def test_trainer_checks_batch_rows():
     lay = make_layout(world_size=1, global_batch_size=8, micro_batch_size=2)
-    trainer = ParallelPromptTrainer(tiny_llama(), SoftPrompt(N_VIRTUAL, 64, prompt_init()), lay, device="cpu")
+    sharded = ShardedPromptModel(tiny_llama(), SoftPrompt(N_VIRTUAL, 64, prompt_init()), lay, device="cpu")
     b = {k: v[:4] for k, v in make_batch(0).items()}
     with pytest.raises(ValueError, match="global_batch_size / dp = 8"):
-        trainer.train_step(b)
+        sharded.train_step(b)

@@ -41,44 +41,44 @@ def _ref_eval(state_dict, table):
 def _worker(rank: int, world: int, state_dict, ref_table, layouts=LAYOUTS):
     """Runs in each rank: every layout, N AdamW steps; with 2 ranks also eval, artifact round trip
     and gradient accumulation."""
-    from stages.prompt_learning.parallel import ParallelPromptTrainer, SoftPrompt, check_prompt_in_sync, make_layout
+    from stages.prompt_learning.parallel import ShardedPromptModel, SoftPrompt, check_prompt_in_sync, make_layout
 
     train, held_out = step_batches()
     out = {}
     for name, sizes in layouts.items():
         t0 = time.perf_counter()
         layout = make_layout(world_size=world, global_batch_size=GBS, micro_batch_size=MBS, **sizes)
-        trainer = ParallelPromptTrainer(tiny_llama(state_dict), SoftPrompt(N_VIRTUAL, 64, prompt_init()), layout, device="cpu")
-        opt = torch.optim.AdamW(trainer.parameters(), lr=LR)
+        sharded = ShardedPromptModel(tiny_llama(state_dict), SoftPrompt(N_VIRTUAL, 64, prompt_init()), layout, device="cpu")
+        opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
         losses, grads = [], []
         for batch in train:
             rows = layout.rows_per_dp_rank
-            shard = {k: v[trainer.data_parallel_rank * rows : (trainer.data_parallel_rank + 1) * rows] for k, v in batch.items()}
+            shard = {k: v[sharded.data_parallel_rank * rows : (sharded.data_parallel_rank + 1) * rows] for k, v in batch.items()}
             opt.zero_grad(set_to_none=True)
-            losses.append(trainer.train_step(shard).item())
-            grads.append(trainer.prompt.weight.grad.clone())
+            losses.append(sharded.train_step(shard).item())
+            grads.append(sharded.prompt.weight.grad.clone())
             opt.step()
-        sync = check_prompt_in_sync(trainer)
+        sync = check_prompt_in_sync(sharded)
         rows = layout.rows_per_dp_rank
-        shard = {k: v[trainer.data_parallel_rank * rows : (trainer.data_parallel_rank + 1) * rows] for k, v in held_out.items()}
-        artifact = trainer.prompt_state_dict()
+        shard = {k: v[sharded.data_parallel_rank * rows : (sharded.data_parallel_rank + 1) * rows] for k, v in held_out.items()}
+        artifact = sharded.prompt_state_dict()
         eval_loss = eval_ref_table = accum = None
         if world == 2:  # the extra checks run on the 2-process layouts only (time budget)
-            eval_loss = trainer.eval_step(shard).item()
+            eval_loss = sharded.eval_step(shard).item()
             # reverse direction: a table trained on 1 process, evaluated under this layout
-            trainer.load_prompt_state_dict({"weight": ref_table})
-            eval_ref_table = trainer.eval_step(shard).item()
+            sharded.load_prompt_state_dict({"weight": ref_table})
+            eval_ref_table = sharded.eval_step(shard).item()
             # gradient accumulation over two train_step calls without zero_grad == twice the gradient
-            trainer.prompt.weight.grad = None
-            trainer.train_step(shard)
-            g1 = trainer.prompt.weight.grad.clone()
-            trainer.train_step(shard)
-            accum = (trainer.prompt.weight.grad - 2 * g1).abs().max().item()
-        frozen_grads = sum(p.grad is not None for p in trainer.stage.parameters() if p is not trainer.prompt.weight)
+            sharded.prompt.weight.grad = None
+            sharded.train_step(shard)
+            g1 = sharded.prompt.weight.grad.clone()
+            sharded.train_step(shard)
+            accum = (sharded.prompt.weight.grad - 2 * g1).abs().max().item()
+        frozen_grads = sum(p.grad is not None for p in sharded.stage.parameters() if p is not sharded.prompt.weight)
         out[name] = dict(
             losses=losses, grads=grads, artifact=artifact, eval_loss=eval_loss, eval_ref_table=eval_ref_table,
             sync=sync, accum=accum, frozen_grads=frozen_grads, seconds=time.perf_counter() - t0,
-            dtensor=any(type(p).__name__ == "DTensor" for p in trainer.stage.parameters()),
+            dtensor=any(type(p).__name__ == "DTensor" for p in sharded.stage.parameters()),
         )
     return out
 
@@ -87,7 +87,7 @@ _REF: dict = {}
 
 
 def _state_and_ref():
-    import stages.prompt_learning.parallel.trainer  # noqa: F401 - imported once here, inherited by the forked ranks
+    import stages.prompt_learning.parallel.sharded_model  # noqa: F401 - imported once here, inherited by the forked ranks
 
     if not _REF:
         state_dict = {k: v.clone() for k, v in tiny_llama().state_dict().items()}

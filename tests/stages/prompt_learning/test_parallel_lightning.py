@@ -1,4 +1,4 @@
-"""The engine-facing recipe: ParallelPromptTrainer inside a LightningModule (manual optimisation,
+"""The engine-facing recipe: ShardedPromptModel inside a LightningModule (manual optimisation,
 ``ModelParallelStrategy`` only for process-group setup and rank-0 checkpointing) on 2 gloo
 processes gives the single-process losses and prompt table, and a checkpoint holding only the
 plain prompt tensor."""
@@ -17,14 +17,14 @@ def _module_class():
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from stages.prompt_learning.parallel import ParallelPromptTrainer, SoftPrompt, make_layout
+    from stages.prompt_learning.parallel import ShardedPromptModel, SoftPrompt, make_layout
 
     class PromptModule(pl.LightningModule):
         """What the engine's LightningModule does on the TP/PP > 1 path."""
 
         def __init__(self, state_dict, sizes: dict, rows: list):
             super().__init__()
-            self.automatic_optimization = False  # ParallelPromptTrainer runs forward+backward itself
+            self.automatic_optimization = False  # ShardedPromptModel runs forward+backward itself
             self.prompt = SoftPrompt(N_VIRTUAL, 64, prompt_init())  # the only registered module
             self.engine = None  # plain attribute, so the frozen shards stay out of state_dict()
             self._state_dict, self._sizes, self._rows = state_dict, sizes, rows
@@ -32,7 +32,7 @@ def _module_class():
         def configure_model(self):  # the process group exists here
             if self.engine is None:
                 layout = make_layout(world_size=self.trainer.world_size, global_batch_size=GBS, micro_batch_size=MBS, **self._sizes)
-                self.engine = ParallelPromptTrainer(tiny_llama(self._state_dict), self.prompt, layout, device=self.device)
+                self.engine = ShardedPromptModel(tiny_llama(self._state_dict), self.prompt, layout, device=self.device)
 
         def train_dataloader(self):
             sampler = DistributedSampler(
@@ -84,7 +84,7 @@ def _lightning_worker(rank, world, state_dict, tmp):
 @pytest.mark.dist
 def test_lightning_manual_optimisation_recipe(tmp_path):
     import pytorch_lightning  # noqa: F401 - imported before the fork
-    import stages.prompt_learning.parallel.trainer  # noqa: F401
+    import stages.prompt_learning.parallel.sharded_model  # noqa: F401
 
     state_dict = {k: v.clone() for k, v in tiny_llama().state_dict().items()}
     ref = reference(state_dict, ([make_batch(s) for s in range(STEPS)], make_batch(99)))

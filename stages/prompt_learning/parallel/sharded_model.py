@@ -1,4 +1,4 @@
-"""``ParallelPromptTrainer``: one object per process that owns this rank's piece of the frozen model
+"""``ShardedPromptModel``: one object per process that owns this rank's piece of the frozen model
 and runs forward + backward + gradient reduction of the soft prompt for one optimiser step.
 """
 from __future__ import annotations
@@ -27,12 +27,12 @@ from .pipeline_parallel import PipelineRunner
 from .tensor_parallel import apply_tensor_parallel
 
 
-class ParallelPromptTrainer:
+class ShardedPromptModel:
     """Soft prompt + frozen Llama over a (pp, dp, tp) mesh.
 
     Args:
         model: a frozen-to-be ``LlamaForCausalLM`` with the SAME weights on every rank (CPU is fine;
-            only this rank's stage is moved to ``device``). The trainer takes ownership: the decoder
+            only this rank's stage is moved to ``device``). It takes ownership: the decoder
             layers of other pipeline stages are replaced by ``nn.Identity`` to free memory, and this
             stage's linears become DTensor shards when tp > 1.
         prompt: the trainable module whose ``forward()`` returns the [n_rows, hidden] prompt table
@@ -267,9 +267,9 @@ class ParallelPromptTrainer:
         return self.prompt().detach().float().cpu()
 
 
-def check_prompt_in_sync(trainer: ParallelPromptTrainer, atol: float = 0.0) -> float:
+def check_prompt_in_sync(model: ShardedPromptModel, atol: float = 0.0) -> float:
     """Max difference of the prompt parameters between this rank and global rank 0 (debug helper)."""
-    flat = torch.cat([p.detach().reshape(-1).float() for p in trainer.prompt.parameters()])
+    flat = torch.cat([p.detach().reshape(-1).float() for p in model.prompt.parameters()])
     ref = flat.clone()
     if dist.is_initialized():
         dist.broadcast(ref, src=0)
