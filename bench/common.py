@@ -212,15 +212,14 @@ def load_setup(model_path: str = DEFAULT_MODEL, attn: str | None = "eager", conf
     from stages.engine.template import parse_templates
     from stages.engine import examples as D
     from stages.engine.family import family_for
-    from stages.engine.base_model import load_tokenizer, resolve
-    from stages.prompt_learning.train import load_base_model
+    from stages.engine.base_model import load_model, load_tokenizer, resolve
 
     task_templates, init_text, lr = default_task(config)
     parsed = parse_templates(templates or task_templates, "task_templates")
     template = next(iter(parsed.values()))
     resolved = resolve(model_path, "--model")
     tokenizer = load_tokenizer(resolved.location, "--model")
-    model = load_base_model(resolved.location, attn)
+    model = load_model(resolved.location, attn_implementation=attn)
     family = family_for(model.config, tokenizer)
     if family.name != "gpt":
         raise SystemExit(f"--model {model_path}: the benches compare decoder-only prompt tuning with PEFT; got family {family.name}")

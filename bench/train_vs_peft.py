@@ -13,7 +13,7 @@ questions per context), same prompt table, same tokens and labels (answer only),
                 torch.compile, dynamic shapes); the first step, in the agreement check, pays the compilation (reported
                 as ``first_step_seconds``); --no-compile leaves this side out
   ours-shared-bucketed  the same questions, batched by the engine's training sampler with length bucketing and
-                whole paragraphs (batching.BucketBatchSampler), collate_shared: what the CPU config now trains
+                whole paragraphs (engine/samplers.BucketBatchSampler), collate_shared: what the CPU config now trains
                 with; its batches differ, so its loss is not part of the agreement check (same code as ours-shared)
 
 First the loss and the prompt gradient of every side on the same batch from the same table (must agree to
@@ -57,8 +57,8 @@ def peft_batch(examples: Sequence[Any], pad_id: int) -> dict[str, Any]:
 
 def bucketed_batches(examples: list[Any], batch_size: int, seed: int = 0) -> list[list[Any]]:
     """The same examples batched as the engine's training sampler does with ``length_bucketing`` and
-    ``share_prefix`` (``batching.BucketBatchSampler``: whole paragraphs, similar lengths together)."""
-    from stages.prompt_learning.batching import BucketBatchSampler
+    ``share_prefix`` (``engine/samplers.BucketBatchSampler``: whole paragraphs, similar lengths together)."""
+    from stages.engine.samplers import BucketBatchSampler
     from stages.engine.collate import prefix_groups
 
     sampler = BucketBatchSampler(len(examples), batch_size, shuffle=True, seed=seed, epoch_fn=lambda: 0,
@@ -125,7 +125,7 @@ def compiled_side(setup: C.Setup, name: str, batches: list[dict[str, Any]], tabl
     """``ours_side`` whose forward passes run the decoder layers compiled (``trainer.compile``); switched on only
     while its loss is built, so the other sides keep the eager layers of the same model object (the backward of a
     compiled forward is compiled too)."""
-    from stages.prompt_learning.layer_compile import LayerCompiler
+    from stages.engine.layer_compile import LayerCompiler
 
     side = ours_side(setup, name, batches, table)
     compiler, eager_loss = LayerCompiler(setup.model), side.loss_fn
@@ -161,7 +161,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
 
     sides["ours-plain"] = ours_side(setup, "ours-plain", plain, table)
     if compile_plain:
-        from stages.prompt_learning.layer_compile import check_compiler
+        from stages.engine.layer_compile import check_compiler
 
         check_compiler("ours-plain-compiled", fix="run the bench with --no-compile")
         sides["ours-plain-compiled"] = compiled_side(setup, "ours-plain-compiled", plain, table)

@@ -235,15 +235,21 @@ def auto_class_for(location: str, key: str = "model.language_model_path") -> str
     return "AutoModelForSeq2SeqLM" if getattr(config, "is_encoder_decoder", False) else "AutoModelForCausalLM"
 
 
-def load_model(location: str, auto_class: str | None = None, key: str = "model.language_model_path") -> Any:
-    """Load fp32, eval mode, every parameter frozen. ``auto_class=None``: chosen from the config (``auto_class_for``)."""
+def load_model(location: str, auto_class: str | None = None, key: str = "model.language_model_path",
+               attn_implementation: str | None = None, attn_key: str = "model.attn_implementation") -> Any:
+    """Load fp32, eval mode, every parameter frozen. ``auto_class=None``: chosen from the config (``auto_class_for``);
+    ``attn_implementation``: eager, sdpa, ... (None: the transformers default)."""
     import torch
     import transformers
 
     cls = getattr(transformers, auto_class or auto_class_for(location, key))
     try:
-        model = cls.from_pretrained(location, dtype=torch.float32)
+        extra = {"attn_implementation": str(attn_implementation)} if attn_implementation else {}
+        model = cls.from_pretrained(location, dtype=torch.float32, **extra)
     except Exception as exc:
+        if attn_implementation:
+            raise UserError(f"{attn_key}={attn_implementation}: cannot load the model with it ({str(exc)[:160]}); "
+                            "use eager or sdpa") from None
         raise UserError(
             f"{key}={location}: cannot load the model ({type(exc).__name__}: {str(exc)[:200]}); "
             "check the folder/hub id (hub ids need network access or a warm Hugging Face cache)"

@@ -18,7 +18,7 @@ from stages.common.errors import UserError
 from stages.engine.base_model import architecture, check_reference
 from stages.engine.template import TaskTemplate, parse_templates
 from stages.prompt_learning.identity import ignored_keys
-from stages.prompt_learning.layer_compile import check_compiler
+from stages.engine.layer_compile import check_compiler
 from stages.prompt_learning.parallel.layout import ParallelLayout, check_model_for_layout, layout_from_config
 
 STAGE = "prompt_learning"

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import Sampler
+from stages.engine.samplers import ResumableBatchSampler
 
 
 from stages.engine.family import DecoderOnlyFamily
@@ -16,40 +16,6 @@ from stages.engine.prompts import PromptStore
 
 BASE_PREFIX = "base_model."
 log = logging.getLogger("promptlaunch.prompt_learning")
-
-
-class ResumableBatchSampler(Sampler[list[int]]):
-    """Seeded per-epoch shuffle, sharded by rank; after a resume it skips the batches already consumed in the
-    interrupted epoch, so a resumed run sees exactly the batches an uninterrupted run would."""
-
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, epoch_fn: Callable[[], int],
-                 rank: int = 0, world: int = 1) -> None:
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.epoch_fn, self.rank, self.world = epoch_fn, rank, world
-        self.skip = 0
-        self.skip_epoch = -1
-
-    def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + 1000003 * int(self.epoch_fn()))
-            idx = torch.randperm(self.n, generator=g).tolist()
-        else:
-            idx = list(range(self.n))
-        return idx[self.rank :: self.world]
-
-    def batches(self) -> list[list[int]]:
-        """This epoch's batches, a pure function of (seed, epoch): what makes skipping on resume exact."""
-        idx = self._indices()
-        return [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
-
-    def __iter__(self):
-        batches = self.batches()
-        skip = self.skip if int(self.epoch_fn()) == self.skip_epoch else 0
-        self.skip, self.skip_epoch = 0, -1
-        yield from batches[skip:]
-
-    def __len__(self) -> int:
-        return math.ceil(len(self._indices()) / self.batch_size)
 
 
 def lr_lambda(name: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -87,7 +53,7 @@ class PromptLearningModule(pl.LightningModule):
         self._val_sum = 0.0
         self._val_n = 0
         self._acc: list[float] = []
-        self.sampler: ResumableBatchSampler | None = None
+        self.sampler: ResumableBatchSampler | None = None   # set by the recipe (stages/engine/samplers.py)
         self._t_last = 0.0
         self._step_last = 0
 

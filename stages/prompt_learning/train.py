@@ -20,7 +20,7 @@ from stages.common.io import write_json
 from stages.engine.host_memory import reuse_host_memory
 from stages.engine.prompts import table_digest
 from stages.prompt_learning.config import STAGE, check_config
-from stages.prompt_learning.layer_compile import compile_layers
+from stages.engine.layer_compile import compile_layers
 
 from .trainer_args import plain, trainer_kwargs
 
@@ -30,7 +30,7 @@ EXPECTED_WARNINGS = (
     r".*module\(s\) in eval mode.*",   # the frozen base model, on purpose
     r".*srun. command is available.*",
     r".*LeafSpec.*",
-    # the batch sampler skips the batches already consumed (fault/, module.ResumableBatchSampler)
+    # the batch sampler skips the batches already consumed (fault/, engine/samplers.ResumableBatchSampler)
     r".*resuming from a checkpoint that ended before the epoch ended.*",
     r".*Checkpoint directory .* exists and is not empty.*",   # resuming
 )
@@ -111,7 +111,7 @@ class PromptLearningRecipe:
         import pytorch_lightning as pl
 
         from stages.engine.artifact import base_info
-        from stages.engine.base_model import fingerprint, load_tokenizer, resolve
+        from stages.engine.base_model import fingerprint, load_model, load_tokenizer, resolve
         from stages.engine.examples import TokenizerInfo
         from stages.engine.family import family_for
 
@@ -124,7 +124,9 @@ class PromptLearningRecipe:
         self.parallel = use_parallel_path(self.layout)
         if self.parallel:
             precheck(self.layout, self.resolved.location)
-        self.model = model = load_base_model(self.resolved.location, m.get("attn_implementation"))
+        self.model = model = load_model(self.resolved.location, key=f"{STAGE}.model.language_model_path",
+                                        attn_implementation=m.get("attn_implementation"),
+                                        attn_key=f"{STAGE}.model.attn_implementation")
         self.family = family_for(model.config, self.tokenizer)   # "gpt" (causal LM) or "t5" (encoder-decoder)
         if self.compile_on and self.family.name != "gpt":
             raise UserError(f"{STAGE}.trainer.compile: supported for decoder-only models; {type(model).__name__} is an "
@@ -272,7 +274,7 @@ class PromptLearningRecipe:
 
     def setup_dataloaders(self) -> None:
         """Samplers and DataLoaders. After the trainer: a sampler shards by the trainer's rank, reshuffles by its
-        epoch and, on resume, skips the batches already consumed (``module.ResumableBatchSampler``)."""
+        epoch and, on resume, skips the batches already consumed (``engine/samplers.ResumableBatchSampler``)."""
         import torch
         from torch.utils.data import DataLoader
 
@@ -286,13 +288,13 @@ class PromptLearningRecipe:
                                                               val_ex=val_ex, collate=self.collate, shuffle=shuffle,
                                                               seed=seed, num_workers=nw)
             return
-        from .module import ResumableBatchSampler
+        from stages.engine.samplers import ResumableBatchSampler
 
         rank, world = trainer.global_rank, trainer.world_size
         if self.share or self.bucket:
             from stages.engine.collate import prefix_groups
 
-            from .batching import BucketBatchSampler
+            from stages.engine.samplers import BucketBatchSampler
 
             groups = prefix_groups(train_ex) if self.share else None
             sampler = BucketBatchSampler(len(train_ex), mbs, shuffle=shuffle, seed=seed,
@@ -393,21 +395,3 @@ def _files(x: Any) -> list[str]:
     if x is None:
         return []
     return [str(x)] if isinstance(x, str) else [str(v) for v in x]
-
-
-def load_base_model(location: str, attn_implementation: str | None) -> Any:
-    """The frozen fp32 base model as this stage loads it (also used by bench/ so both compare the same model)."""
-    import torch
-    import transformers
-
-    from stages.engine.base_model import auto_class_for, freeze, load_model
-
-    auto_class = auto_class_for(location)   # AutoModelForCausalLM, or AutoModelForSeq2SeqLM for T5/mT5
-    if not attn_implementation:
-        return load_model(location, auto_class)
-    try:
-        model = getattr(transformers, auto_class).from_pretrained(location, dtype=torch.float32,
-                                                                  attn_implementation=str(attn_implementation))
-    except Exception as exc:
-        raise UserError(f"prompt_learning.model.attn_implementation={attn_implementation}: cannot load the model with it ({str(exc)[:160]}); use eager or sdpa") from None
-    return freeze(model)

@@ -10,7 +10,7 @@ import torch
 
 from stages.engine.examples import IGNORE
 
-from ..module import ResumableBatchSampler
+from stages.engine.samplers import ResumableBatchSampler
 
 REAL_ROWS = "row_is_real"   # batch key added by PadCollate: False for the filler rows
 

@@ -16,7 +16,7 @@ from stages.engine.template import parse_template, parse_templates  # noqa: E402
 from stages.engine import collate as C  # noqa: E402
 from stages.engine import dataset as DS  # noqa: E402
 from stages.engine import examples as D  # noqa: E402
-from stages.prompt_learning.batching import BucketBatchSampler  # noqa: E402
+from stages.engine.samplers import BucketBatchSampler  # noqa: E402
 from stages.engine.family import DecoderOnlyFamily  # noqa: E402
 from tests.support.engine import assert_close_grads, load_model, loss_and_grad, make_store, prompted  # noqa: E402
 from tests.support.records import WORDS, paragraph_records, write_jsonl  # noqa: E402
@@ -59,7 +59,7 @@ def test_length_bucketing_same_examples_less_padding_resumable():
     def make(**kw):
         return BucketBatchSampler(len(lengths), 8, shuffle=True, seed=3, epoch_fn=lambda: epoch["e"], chunk_batches=5, **kw)
 
-    from stages.prompt_learning.module import ResumableBatchSampler
+    from stages.engine.samplers import ResumableBatchSampler
 
     plain = ResumableBatchSampler(len(lengths), 8, shuffle=True, seed=3, epoch_fn=lambda: epoch["e"])
     bucket = make(lengths=lengths)

@@ -1,4 +1,4 @@
-"""trainer.compile (stages/prompt_learning/layer_compile.py) on the tiny random Llama: compiled decoder layers give
+"""trainer.compile (stages/engine/layer_compile.py) on the tiny random Llama: compiled decoder layers give
 the eager loss and prompt gradient, one graph serves every layer and every padded length, passes with a KV cache
 stay eager, a training run ends with the eager run's prompt, and bad settings fail in one line before any work."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from stages.common.errors import UserError  # noqa: E402
 from stages.engine.template import parse_template  # noqa: E402
 from stages.engine import collate as C  # noqa: E402
 from stages.engine import examples as D  # noqa: E402
-from stages.prompt_learning import layer_compile as LC  # noqa: E402
+from stages.engine import layer_compile as LC  # noqa: E402
 from tests.support.engine import assert_close_grads, load_model, loss_and_grad, make_store  # noqa: E402
 from tests.support.records import paragraph_records  # noqa: E402
 from tests.support.templates import SQUAD_T  # noqa: E402
