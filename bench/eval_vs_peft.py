@@ -35,6 +35,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 import common as C
+import measure as M  # noqa: E402
 
 STOP_STRINGS = ("\n",)   # conf/evaluation/gpt/squad.yaml inference.stop_strings
 EVAL_CONFIG = C.ROOT / "conf" / "evaluation" / "gpt" / "squad.yaml"
@@ -153,7 +154,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         fn(batch_records[0])
     for counts in decoding.values():
         counts.clear()
-    times = C.interleaved_timing(sides, repeats)
+    times = M.interleaved_timing(sides, repeats)
 
     # ---- identical answers ----------------------------------------------------------------------------
     reference = list(preds["ours-plain"])
@@ -174,14 +175,14 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
                                    "answer": ans, "peft_exact": want})
     rows: dict[str, Any] = {}
     for name in sides:
-        sec = C.median(times[name])
+        sec = M.median(times[name])
         rows[name] = {"median_pass_seconds": sec, "pass_seconds": times[name], "questions_per_s": len(flat) / sec}
     refused = None
     if mismatches:
         refused = (f"{len(mismatches)} answer(s) of ours differ from PEFT's exact answers (e.g. "
                    f"{mismatches[0]['answer']!r} against PEFT {mismatches[0]['peft_exact']!r}): one side decodes wrong, "
                    "so no speed ratio is reported")
-    C.add_speedups(rows, "peft", refused)
+    M.add_speedups(rows, "peft", refused)
     for name, r in rows.items():
         if decoding.get(name):   # summed over the timed passes: per pass
             r["decoding_per_pass"] = {k: v // repeats for k, v in decoding[name].items()}
@@ -199,7 +200,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
 
 
 def report(result: dict[str, Any]) -> str:
-    lines = [C.table(["side", "questions/s", "x PEFT", "x PEFT paired", "median pass s"],
+    lines = [M.table(["side", "questions/s", "x PEFT", "x PEFT paired", "median pass s"],
                      [[n, r["questions_per_s"], r["speedup_vs_peft"], r["speedup_vs_peft_paired"], r["median_pass_seconds"]]
                       for n, r in result["rows"].items()])]
     lines.append(f"{result['batches']} batches x {result['batch_size']} questions (contexts per batch {result['contexts_per_batch']}), "
@@ -216,7 +217,7 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"PEFT's left-padded batches changed {len(dev)} answer(s) (PEFT ignores position_ids, so padding shifts "
                      "positions); compared against PEFT's answer for the question alone:")
         lines += [f"  #{d['index']}: batched {d['peft_batched']!r} alone {d['peft_alone']!r} ours {d['ours']!r}" for d in dev]
-    lines += C.refusal_line(result.get("ratio_refused"))
+    lines += M.refusal_line(result.get("ratio_refused"))
     if result["identical"]:
         lines.append(f"answers: every row of ours identical to PEFT's exact answer on all {result['questions_per_pass']} "
                      f"questions (e.g. {[a['answer'] for a in result['answers'][:3]]})")
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                  pass_budget=default_budget if args.prompt_lookup_pass_budget is None else (args.prompt_lookup_pass_budget or None))
     result["prompt_table"] = args.artifact or f"init={args.init} seed={args.seed}"
     print(report(result))
-    C.write_result(args.out, {"bench": "eval_vs_peft", **result})
+    M.write_result(args.out, {"bench": "eval_vs_peft", **result})
     print(f"written: {args.out}")
     return 0 if result["identical"] else 1
 

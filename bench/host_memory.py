@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import common as C
+import measure as M  # noqa: E402
 
 SETTINGS = ("default", "reuse")
 KINDS = ("ours-plain", "ours-shared")
@@ -55,7 +56,7 @@ def child(args: Any) -> dict[str, Any]:
         out["passes"][name] = {"seconds": time.perf_counter() - t0,
                                "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out["matmul_peak_gflops"] = C.matmul_peak([(2048, 2048, 2048)], repeats=3)["peak_gflops"]
+    out["matmul_peak_gflops"] = M.matmul_peak([(2048, 2048, 2048)], repeats=3)["peak_gflops"]
     return out
 
 
@@ -75,9 +76,9 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     for kind in KINDS:
         sec = {s: [r[s]["passes"][kind]["seconds"] for r in rounds] for s in SETTINGS}
         rows[kind] = {
-            **{f"{s}_median_s": C.median(sec[s]) for s in SETTINGS},
-            **{f"{s}_minor_faults": C.median([r[s]["passes"][kind]["minor_faults"] for r in rounds]) for s in SETTINGS},
-            "speedup_paired": C.paired_speedup(sec["default"], sec["reuse"]),
+            **{f"{s}_median_s": M.median(sec[s]) for s in SETTINGS},
+            **{f"{s}_minor_faults": M.median([r[s]["passes"][kind]["minor_faults"] for r in rounds]) for s in SETTINGS},
+            "speedup_paired": M.paired_speedup(sec["default"], sec["reuse"]),
             "seconds": sec,
         }
     rss = {s: max(r[s]["peak_rss_mb"] for r in rounds) for s in SETTINGS}
@@ -86,7 +87,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> str:
     rows = result["rows"]
-    lines = [C.table(
+    lines = [M.table(
         ["step", "default s", "reuse s", "x paired", "faults default", "faults reuse"],
         [[k, r["default_median_s"], r["reuse_median_s"], r["speedup_paired"], r["default_minor_faults"], r["reuse_minor_faults"]]
          for k, r in rows.items()])]
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"repeats": args.repeats, "batches": args.batches, "batch_size": args.batch_size,
               "model": args.model, **summarize(rounds), "rounds": rounds}
     print(report(result))
-    C.write_result(args.out, {"bench": "host_memory", **result})
+    M.write_result(args.out, {"bench": "host_memory", **result})
     print(f"written: {args.out}")
     return 0
 

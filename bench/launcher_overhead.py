@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import common as C  # torch-free: nothing heavy is imported while timing
+import measure as M  # noqa: E402
 
 FLOOR = "import hydra, omegaconf"
 DRY_RUN = "main.py dry_run (3 stages)"
@@ -53,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(C.RESULTS_DIR / "launcher_overhead.json"))
     args = ap.parse_args(argv)
     result = measure(args.repeats)
-    print(C.table(["command", "median s", "x hydra import"],
+    print(M.table(["command", "median s", "x hydra import"],
                   [[name, sec, result["ratio_to_hydra_import"][name]] for name, sec in result["median_seconds"].items()]))
     print(f"launcher's own cost above the Hydra import: {result['launcher_own_seconds']:.3f} s (median of {args.repeats})")
-    C.write_result(args.out, {"bench": "launcher_overhead", **result})
+    M.write_result(args.out, {"bench": "launcher_overhead", **result})
     print(f"written: {args.out}")
     return 0
 

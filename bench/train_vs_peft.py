@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import common as C
+import measure as M  # noqa: E402
 
 
 PEAK = "matmul-peak"   # the pseudo-side timed between the passes
@@ -189,7 +190,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     # (every batch shape once before timing: the first step of a new shape pays for allocations, which made the
     # first timed round the slowest of every side)
     # (the compiled side executes ours-plain's matmuls; FlopCounterMode does not see into compiled graphs)
-    counted0 = {name: C.counted_flops(lambda side=side: side.step(0)) for name, side in sides.items() if name != "ours-plain-compiled"}
+    counted0 = {name: M.counted_flops(lambda side=side: side.step(0)) for name, side in sides.items() if name != "ours-plain-compiled"}
     if "ours-plain-compiled" in sides:
         sides["ours-plain-compiled"].step(0)
         counted0["ours-plain-compiled"] = counted0["ours-plain"]
@@ -203,8 +204,8 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         h, ffn = setup.model.config.hidden_size, setup.model.config.intermediate_size
         t = int(plain[0]["input_ids"].numel())
         shapes = [(t, h, ffn), (t, ffn, h), (t, h, h), (2048, 2048, 2048)]
-        timed[PEAK] = lambda: peaks.append(C.matmul_peak(shapes, repeats=peak_repeats))
-    times = C.interleaved_timing(timed, repeats)
+        timed[PEAK] = lambda: peaks.append(M.matmul_peak(shapes, repeats=peak_repeats))
+    times = M.interleaved_timing(timed, repeats)
     times.pop(PEAK, None)
 
     n_examples = sum(len(exs) for exs in examples)
@@ -212,13 +213,13 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     cfg = setup.model.config
 
     def ours_flops(b: dict[str, Any]) -> float:   # the engine computes logits on label positions only
-        return C.batch_flops(cfg, b, int((b["labels"][:, 1:] != D.IGNORE).sum()))
+        return M.batch_flops(cfg, b, int((b["labels"][:, 1:] != D.IGNORE).sum()))
 
     rows: dict[str, Any] = {}
     for name, side in sides.items():
-        sec = C.median(times[name])
+        sec = M.median(times[name])
         if name == "peft":   # PEFT runs our plain layout (its virtual tokens prepended) and logits on every position
-            per_batch = [C.batch_flops(cfg, b, int(b["input_ids"].numel())) for b in plain]
+            per_batch = [M.batch_flops(cfg, b, int(b["input_ids"].numel())) for b in plain]
         else:
             per_batch = [ours_flops(b) for b in side.batches]
         rows[name] = {"median_pass_seconds": sec, "pass_seconds": times[name], "examples_per_s": n_examples / sec,
@@ -234,7 +235,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         refused = (f"loss/gradient of {worst} differ from PEFT's on the same batch (loss rel diff "
                    f"{agreement[worst]['loss_rel_diff']:.1e}, grad {agreement[worst]['grad_rel_diff']:.1e}; tol {tol:g}): "
                    "the sides compute different things, so no speed ratio is reported")
-    C.add_speedups(rows, "peft", refused)
+    M.add_speedups(rows, "peft", refused)
     result: dict[str, Any] = {
         "model": setup.model_path, "attn_implementation": getattr(setup.model.config, "_attn_implementation", None),
         "template": tpl.prompt_template, "virtual_tokens": tpl.total_virtual_tokens,
@@ -250,7 +251,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         for r in rows.values():
             paired = [100.0 * g / p["peak_gflops"] for g, p in zip(r["pass_gflops_per_s"], peaks)]
             r["pct_of_peak_per_round"] = paired
-            r["pct_of_peak"] = C.median(paired)                       # each pass against the peak of its own round
+            r["pct_of_peak"] = M.median(paired)                       # each pass against the peak of its own round
             r["pct_of_peak_best"] = 100.0 * max(r["pass_gflops_per_s"]) / best["peak_gflops"]   # best vs best
     return result
 
@@ -259,7 +260,7 @@ def report(result: dict[str, Any]) -> str:
     """The printed table: throughput, ratio to PEFT, efficiency, loss agreement."""
     rows = result["rows"]
     agree = result["agreement"]["per_side"]
-    lines = [C.table(
+    lines = [M.table(
         ["side", "examples/s", "tokens/s", "x PEFT", "x PEFT paired", "GFLOP/s", "% peak", "% peak best", "loss", "rel diff"],
         [[n, r["examples_per_s"], r["template_tokens_per_s"], r["speedup_vs_peft"], r["speedup_vs_peft_paired"], r["gflops_per_s"],
           r.get("pct_of_peak"), r.get("pct_of_peak_best"), agree[n]["loss"] if n in agree else "(other batches)",
@@ -278,7 +279,7 @@ def report(result: dict[str, Any]) -> str:
     lines.append(f"{result['batches']} batches x {result['batch_size']} questions (contexts per batch {result['contexts_per_batch']}, "
                  f"padded {result['padded_shapes']}), median of {result['repeats']} passes; loss agreement "
                  f"{'OK' if result['agreement']['ok'] else 'FAILED'} (tol {result['agreement']['tol']:g})")
-    lines += C.refusal_line(result.get("ratio_refused"))
+    lines += M.refusal_line(result.get("ratio_refused"))
     return "\n".join(lines)
 
 
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(setup, batches, table, repeats=args.repeats, warmup=max(1, args.warmup),
                  max_seq_length=args.max_seq_length, tol=args.tol, compile_plain=not args.no_compile)
     print(report(result))
-    C.write_result(args.out, {"bench": "train_vs_peft", **result})
+    M.write_result(args.out, {"bench": "train_vs_peft", **result})
     print(f"written: {args.out}")
     return 0 if result["agreement"]["ok"] else 1
 

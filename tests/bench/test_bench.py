@@ -14,6 +14,7 @@ from tests.support.paths import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 
 import common as C  # noqa: E402
+import measure as M  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "squad_tiny"
 
@@ -60,7 +61,7 @@ def test_train_bench_losses_agree(setup: C.Setup) -> None:
     for name, row in result["rows"].items():
         assert row["examples_per_s"] > 0 and row["counted_flops_batch0"] > 0, name
         assert row["speedup_vs_peft_paired"] == pytest.approx(
-            C.median([a / b for a, b in zip(result["rows"]["peft"]["pass_seconds"], row["pass_seconds"])])), name
+            M.median([a / b for a, b in zip(result["rows"]["peft"]["pass_seconds"], row["pass_seconds"])])), name
     # the analytic count is what torch counts, for the plain and the shared-prefix layouts
     for name, row in result["rows"].items():
         assert row["analytic_flops_batch0"] == pytest.approx(row["counted_flops_batch0"], rel=0.005), name
@@ -133,7 +134,7 @@ def test_host_memory_bench_runs_both_settings_in_children(setup: C.Setup, tmp_pa
             assert set(r[s]["passes"]) == set(H.KINDS) and r[s]["peak_rss_mb"] > 0
     for kind, row in doc["rows"].items():
         assert row["speedup_paired"] == pytest.approx(
-            C.median([a / b for a, b in zip(row["seconds"]["default"], row["seconds"]["reuse"])])), kind
+            M.median([a / b for a, b in zip(row["seconds"]["default"], row["seconds"]["reuse"])])), kind
     assert "x paired" in H.report(doc)
 
 
@@ -148,17 +149,17 @@ def test_launcher_overhead_measures_the_dry_run() -> None:
 def test_paired_speedup_pairs_passes_of_the_same_round() -> None:
     # round 2 ran on a machine twice as slow for both sides: paired ratios stay 2, the ratio of medians does not
     ref, side = [4.0, 8.0, 4.2], [2.0, 4.0, 2.1]
-    assert C.paired_speedup(ref, side) == pytest.approx(2.0)
-    assert C.paired_speedup([10.0, 2.0, 9.0], [1.0, 2.0, 3.0]) == pytest.approx(3.0)
+    assert M.paired_speedup(ref, side) == pytest.approx(2.0)
+    assert M.paired_speedup([10.0, 2.0, 9.0], [1.0, 2.0, 3.0]) == pytest.approx(3.0)
 
 
 def test_result_file_records_machine_and_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = C.write_result(tmp_path / "r.json", {"bench": "x", "rows": {}})
+    out = M.write_result(tmp_path / "r.json", {"bench": "x", "rows": {}})
     import json
 
     doc = json.loads(out.read_text())
     assert doc["machine"]["cpu_count"] and doc["command"] and doc["bench"] == "x"
     flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()) if Path("/proc/cpuinfo").is_file() else set()
-    assert set(doc["machine"].get("cpu_matmul_flags", [])) == flags & C.CPU_MATMUL_FLAGS
+    assert set(doc["machine"].get("cpu_matmul_flags", [])) == flags & M.CPU_MATMUL_FLAGS
     printed = capsys.readouterr().out
     assert printed.startswith(f"machine: {doc['machine'].get('cpu_model', '?')}, ")
