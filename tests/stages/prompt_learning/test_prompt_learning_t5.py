@@ -1,7 +1,10 @@
 """Encoder-decoder prompt learning (family "t5") on tiny RANDOMLY INITIALISED T5 / mT5 models with real tokenizers.
 
 The model folders come from ``tests.support.tiny_models`` (SentencePiece trained offline on a built-in
-corpus, random weights d_model 64), built once per session.
+corpus, random weights d_model 64), built once per session. One module over 400 lines, on purpose: it follows the
+encoder-decoder family's whole path (encoder input and labels, training, artifact, generation, the PEFT hand-off)
+on one trained model and its fixtures, the way the decoder-only path is split over ``tests/stages/engine`` and
+``test_prompt_learning.py``.
 """
 from __future__ import annotations
 
