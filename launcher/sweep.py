@@ -245,7 +245,7 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> Path | None:
     fig.suptitle(path.parent.name, fontsize=9)
     fig.tight_layout()
     with io.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -271,7 +271,12 @@ class SummaryCallback(Callback):
         root = Path(str(config.hydra.sweep.dir))
         if not any(root.glob(f"*/{RECORD}")):
             return
-        md = finish(root)
+        try:
+            md = finish(root)
+        except Exception as exc:   # Hydra would swallow it silently
+            print(f"warning: sweep summary not written: {type(exc).__name__}: {' '.join(str(exc).split())}; "
+                  f"retry with: python3 -m launcher.sweep {root}", file=sys.stderr, flush=True)
+            return
         print(f"sweep summary: {md} (refresh: python3 -m launcher.sweep {root})", flush=True)
 
 
