@@ -32,13 +32,15 @@ class Executor(Protocol):
 class Stopped(Exception):
     """SIGTERM/SIGINT reached the launcher while it ran stages here; raised once the running stage has exited."""
 
-    def __init__(self, signum: int, stage: str, code: int, checkpoint: str | None) -> None:
+    def __init__(self, signum: int, stage: str, code: int | None, checkpoint: str | None) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum, self.stage, self.code, self.checkpoint = signum, stage, code, checkpoint
 
     def line(self) -> str:
         """The one line the user sees, after the lock is released."""
         name = signal.Signals(self.signum).name
+        if self.code is None:
+            return f"stopped by {name} before {self.stage} started; rerun the same command to continue"
         if self.checkpoint:
             return (f"stopped by {name}: {self.stage} saved its checkpoint {self.checkpoint}; "
                     f"rerun the same command to resume")
@@ -132,7 +134,7 @@ def run_in_order(jobs: Sequence[JobSpec], executor: str, run_one: Callable[[JobS
     with StopSignals() as stop:
         for i, job in enumerate(jobs, 1):
             if stop.signum:
-                raise Stopped(stop.signum, job.stage, 0, None)
+                raise Stopped(stop.signum, job.stage, None, None)
             print(f"[{i}/{len(jobs)}] {job.stage}: {job.script_path(executor)} (log: {job.log_path})", flush=True)
             rc, saved = run_one(job, stop)
             if stop.signum:

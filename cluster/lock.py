@@ -133,6 +133,11 @@ def holder(folder: str | os.PathLike[str]) -> Owner | None:
     return owner if owner is not None and owner.alive() is not False else None
 
 
+def _refuse_if_held(folder: Path, owner: Owner | None) -> None:
+    if owner is not None:
+        raise UserError(f"{folder} is in use by another launch ({owner.describe()}); {owner.fix(folder / NAME)}")
+
+
 class LaunchLock:
     """The locks of one launch: ``acquire`` all folders or none, ``record_jobs`` on Slurm, ``release`` at the end."""
 
@@ -148,19 +153,16 @@ class LaunchLock:
         """Take every folder's lock; on a live owner release what was taken and raise the one-line refusal (a first
         pass without taking anything, so a plain refusal creates no folder)."""
         for folder in self.folders:
-            owner = holder(folder)
-            if owner is not None:
-                raise UserError(f"{folder} is in use by another launch ({owner.describe()}); {owner.fix(folder / NAME)}")
+            _refuse_if_held(folder, holder(folder))
         for folder in self.folders:
             folder.mkdir(parents=True, exist_ok=True)
             with _guard(folder):
                 owner = Owner.read(folder / NAME)
-                alive = owner.alive() if owner is not None else False
-                if alive is not False:
+                try:
+                    _refuse_if_held(folder, owner if owner is not None and owner.alive() is not False else None)
+                except UserError:
                     self.release()
-                    assert owner is not None
-                    raise UserError(f"{folder} is in use by another launch ({owner.describe()}); "
-                                    f"{owner.fix(folder / NAME)}")
+                    raise
                 if owner is not None and not owner.slurm_jobs:   # a chain that ended is the normal end, not news
                     print(f"note: {folder / NAME}: taking over the stale lock of {owner.describe()} (no longer running)",
                           file=sys.stderr, flush=True)

@@ -8,8 +8,8 @@ folder becomes ``base_results_dir``.
 """
 from __future__ import annotations
 
-import sys
 import os
+import sys
 from typing import Sequence
 
 from omegaconf import DictConfig

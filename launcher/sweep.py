@@ -30,6 +30,7 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.registry import STAGE_NAMES
 from stages.common import io
 
 RECORD = "sweep.json"
@@ -112,11 +113,13 @@ class Sweep:
 def register_resolvers() -> None:
     """``${promptlaunch_sweep:}`` and ``${promptlaunch_sweep_job:${hydra.overrides.task}}`` for conf/config.yaml's
     ``hydra.sweep``: the names above, from the command line Hydra was given (main.py rewrites aliases first)."""
+    def job_folder(task: Sequence[str]) -> str:
+        sweep = Sweep.from_argv(sys.argv[1:])
+        return sweep.folders[sweep.job_of(list(task))]
+
     if not OmegaConf.has_resolver("promptlaunch_sweep"):
         OmegaConf.register_new_resolver("promptlaunch_sweep", lambda: Sweep.from_argv(sys.argv[1:]).name)
-        OmegaConf.register_new_resolver(
-            "promptlaunch_sweep_job",
-            lambda task: (lambda s: s.folders[s.job_of(list(task))])(Sweep.from_argv(sys.argv[1:])))
+        OmegaConf.register_new_resolver("promptlaunch_sweep_job", job_folder)
 
 
 @dataclass
@@ -188,8 +191,9 @@ def _states(record: dict[str, Any]) -> str:
     from cluster.slurm import query_states
 
     ids = {}
-    for stage, folder in record.get("stages", {}).items():
-        path = Path(folder) / "job_id"
+    stages = record.get("stages", {})
+    for stage in [s for s in STAGE_NAMES if s in stages]:       # pipeline order (the JSON keys are sorted)
+        path = Path(stages[stage]) / "job_id"
         if path.is_file():
             ids[stage] = path.read_text().strip()
     try:
