@@ -94,11 +94,13 @@ class Sweep:
         name = "+".join(f"{n}={'~'.join(_safe(v) for v in vs)}" for n, vs in zip(names, values)) or "sweep"
         name = _bounded(f"{name}-{_digest(raw)}" if lossy else name, raw)
         folders: list[str] = []
-        seen: dict[str, int] = {}
         for combo in itertools.product(*values):      # BasicSweeper's order, so job i is hydra.job.num i
             base = _bounded("+".join(f"{n}={_safe(v)}" for n, v in zip(names, combo)) or "job", json.dumps(combo))
-            seen[base] = seen.get(base, 0) + 1        # two values that read the same once made safe: -2, -3, ...
-            folders.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+            folder, n = base, 1
+            while folder in folders:                  # two values that read the same once made safe: -2, -3, ...
+                n += 1
+                folder = f"{base}-{n}"
+            folders.append(folder)
         return cls(keys, names, values, name, tuple(folders))
 
     def job_of(self, task_overrides: Sequence[str]) -> int:

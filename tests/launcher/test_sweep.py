@@ -27,9 +27,9 @@ def test_names_come_from_the_swept_keys(argv, name, folders):
 
 
 def test_unsafe_values_are_made_safe_without_collisions():
-    sweep = Sweep.from_argv(["-m", "k='a/b','a b',a-b"])
-    assert list(sweep.folders) == ["k=a-b", "k=a-b-2", "k=a-b-3"]
-    assert sweep.name.startswith("k=a-b~a-b~a-b-") and len(sweep.name) == len("k=a-b~a-b~a-b-") + 8
+    sweep = Sweep.from_argv(["-m", "k='a/b','a b',a-b,a-b-2"])
+    assert list(sweep.folders) == ["k=a-b", "k=a-b-2", "k=a-b-3", "k=a-b-2-2"]
+    assert sweep.name.startswith("k=a-b~a-b~a-b~a-b-2-") and len(sweep.name) == len("k=a-b~a-b~a-b~a-b-2-") + 8
     long = Sweep.from_argv(["-m", "key=" + ",".join(str(10 ** 12 + i) for i in range(20))])
     assert len(long.name) <= 80 and len(set(long.folders)) == 20
     assert sweep.job_of(["x=1", "k='a b'"]) == 1
