@@ -5,6 +5,9 @@ Composes ``conf/config.yaml`` with Hydra (once) and hands it to ``launcher.app.r
 command line (``cluster_type=bcm``, ``prompt_learning=gpt3/squad``, ...) are first rewritten through the alias
 table in ``launcher/aliases.py``. Mistakes in the command line or the config come back as one ``error:`` line and
 exit code 2, before anything runs.
+
+Under ``-m`` (a Hydra sweep) each job runs the launcher in its own folder (launcher/sweep.py); a failed job does
+not stop the sweep (main.py exits with the worst code at the end), a stop signal does.
 """
 from __future__ import annotations
 
@@ -15,17 +18,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from launcher import aliases
+from launcher import aliases, sweep
 from launcher.app import fail, run
+from cluster.render import join
 from stages.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parent
 ARGV = sys.argv[1:]                              # as typed: recorded in each stage's launcher_cmd.log
 USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR")
 _composed = False                                # set once Hydra hands over a composed config
+_sweep_codes: list[int] = []                     # exit codes of the jobs of a -m sweep
 
 if not OmegaConf.has_resolver("launcher_root"):
     OmegaConf.register_new_resolver("launcher_root", lambda: str(ROOT))
+sweep.register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
@@ -36,11 +42,14 @@ def main(cfg: DictConfig) -> None:
         os.environ.pop("HYDRA_FULL_ERROR", None)
     else:
         os.environ["HYDRA_FULL_ERROR"] = USER_FULL_ERROR
+    job = sweep.current_job(sys.argv[1:], join(["python3", "main.py", *ARGV]))
     try:
-        code = run(cfg, ARGV)
+        code = run(cfg, ARGV, sweep=job)
     except UserError as exc:
         code = fail(exc)
-    if code:
+    if job is not None and code < 128:          # 128 + signal: stopped, the sweep stops too
+        _sweep_codes.append(code)
+    elif code:
         sys.exit(code)
 
 
@@ -56,3 +65,4 @@ if __name__ == "__main__":
         if _composed:
             raise
         sys.exit(fail(UserError("command line: " + " ".join(str(exc).split()))))
+    sys.exit(max(_sweep_codes, default=0))

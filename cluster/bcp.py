@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from typing import Sequence
 
-from cluster.base import run_in_order
+from cluster.base import run_in_order, stream
 from cluster.jobspec import JobSpec
 from cluster.render import check_env_names, comment, env_lines, env_names, header, join, q
 from stages.common.errors import UserError
@@ -58,4 +57,4 @@ class BCPExecutor:
             if size and size.isdigit() and job.nodes > int(size):
                 raise UserError(f"{job.stage}: needs {job.nodes} nodes but this BCP job has NGC_ARRAY_SIZE={size}; "
                                 f"lower {job.stage}.trainer.num_nodes or submit the BCP job with more replicas")
-        return run_in_order(jobs, self.name, lambda job: subprocess.run(["bash", job.script_path(self.name)]).returncode)
+        return run_in_order(jobs, self.name, lambda job, stop: stream(["bash", job.script_path(self.name)], None, stop=stop))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from stages.common.errors import UserError
-from cluster.base import run_in_order, stream
+from cluster.base import StopSignals, run_in_order, stream
 from cluster.jobspec import JobSpec
 from cluster.render import env_lines, header, join, q
 
@@ -35,12 +35,12 @@ class LocalExecutor:
         lines = header(job, self.name, f"bash {q(script)}")
         lines += ["set -euo pipefail", f"cd {q(job.launcher_scripts_path)}"]
         lines += env_lines(job)
-        lines += [join(cmd), ""]
+        lines += ["exec " + join(cmd), ""]   # the stage replaces bash: a stop signal reaches it, its exit code is the script's
         return "\n".join(lines)
 
     def launch(self, jobs: Sequence[JobSpec]) -> int:
-        def run_one(job: JobSpec) -> int:
+        def run_one(job: JobSpec, stop: StopSignals) -> tuple[int, str | None]:
             with open(job.log_path, "ab") as log:
-                return stream(["bash", job.script_path(self.name)], log)
+                return stream(["bash", job.script_path(self.name)], log, stop=stop)
 
         return run_in_order(jobs, self.name, run_one)

@@ -97,6 +97,7 @@ class SlurmExecutor:
 
     def __init__(self, cluster_cfg: Any = None) -> None:
         self.cfg = SlurmConfig.from_cfg(cluster_cfg)
+        self.on_submit: Callable[[list[str]], None] | None = None   # told the chain's job ids after each sbatch
 
     # ---- pure part -------------------------------------------------------------------------
     def check(self, job: JobSpec) -> None:
@@ -231,6 +232,8 @@ class SlurmExecutor:
                 raise UserError(f"{job.stage}: {exc}" + (f"; already submitted: {done} (scancel them if unwanted)" if done else ""))
             io.write_text(Path(job.results_dir) / "job_id", job_id + "\n")
             submitted.append((job, job_id))
+            if self.on_submit is not None:
+                self.on_submit([i for _, i in submitted])
         _print_table(["stage", "job id", "script", "log"],
                      [[j.stage, i, j.script_path(self.name), slurm_log(j.results_dir, j.name, "out", i)] for j, i in submitted])
         if not self.cfg.wait:

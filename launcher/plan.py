@@ -1,10 +1,13 @@
 """Planning: a validated config becomes one JobSpec per stage, plus the stage's resolved YAML.
 
 Pure: reads only the config and the stages' own checks (resources, whether a stage takes the preemption
-signal), so the same config always plans the same jobs.
+signal), so the same config always plans the same jobs. The YAML's file name carries a digest of its text
+(``<name>_hydra-<digest>.yaml``), so a job reads the snapshot of its own launch: another launch with other settings
+writes another file, and one with the same settings the same bytes.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -34,6 +37,7 @@ def plan(cfg: DictConfig, checks: dict[str, StageCheck]) -> list[PlannedJob]:
         resources = checked.resources
         results_dir = os.path.abspath(str(sc.run.results_dir))
         name = str(sc.run.name)
+        text = OmegaConf.to_yaml(sc, resolve=True)
         spec = JobSpec(
             stage=stage,
             name=name,
@@ -43,7 +47,7 @@ def plan(cfg: DictConfig, checks: dict[str, StageCheck]) -> list[PlannedJob]:
             base_results_dir=os.path.abspath(str(cfg.base_results_dir)),
             python=str(cfg.python),
             entry=os.path.join(root, "stages", stage, "run.py"),
-            config_path=os.path.join(results_dir, f"{name}_hydra.yaml"),
+            config_path=os.path.join(results_dir, config_name(name, text)),
             nodes=resources.nodes,
             tasks_per_node=resources.tasks_per_node,
             gpus_per_node=resources.gpus_per_node,
@@ -56,5 +60,10 @@ def plan(cfg: DictConfig, checks: dict[str, StageCheck]) -> list[PlannedJob]:
             # only a stage that checkpoints acts on the preemption signal (its default action would kill the others)
             signal=str(signal) if signal and checked.takes_signal else None,
         )
-        jobs.append(PlannedJob(spec, OmegaConf.to_yaml(sc, resolve=True)))
+        jobs.append(PlannedJob(spec, text))
     return jobs
+
+
+def config_name(name: str, text: str) -> str:
+    """``<name>_hydra-<first 10 hex digits of the text's SHA-256>.yaml``."""
+    return f"{name}_hydra-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.launcher import ROOT, run_main
+from tests.support.launcher import ROOT, run_main, undigest
 
 GOLDEN = ROOT / "tests" / "golden"
 FAMILIES = {  # family -> the config choices that select it (skipped while a config file is missing)
@@ -33,7 +33,7 @@ def dry_run(tmp_path: Path, cluster_type: str, *overrides: str) -> dict[str, str
     assert f"dry run ({cluster_type})" in proc.stdout
     scripts = {}
     for path in results.rglob(f"*_{cluster_type}.sh"):
-        text = path.read_text().replace(str(results), "/mount/results")
+        text = undigest(path.read_text().replace(str(results), "/mount/results"))
         stage = text.splitlines()[1].split("'")[1]  # "# promptlaunch stage '<stage>', ..."
         scripts[stage] = text
     return scripts
@@ -63,7 +63,7 @@ def test_seed_command_line_bcp(tmp_path):
     assert "cd /opt/launcher" in script
     assert "bcprun --nnodes 1 --npernode 8 -no_redirect --workdir /opt/launcher \\" in script
     assert ("--cmd 'python3 -u /opt/launcher/stages/prompt_learning/run.py --config "
-            "/mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_hydra.yaml'") in script
+            "/mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_hydra-<digest>.yaml'") in script
     assert "2>&1 | tee -a /mount/results/gpt3_5b/prompt_learning_squad/log-squad_gpt3_5b.out" in script
 
 
@@ -74,4 +74,4 @@ def test_seed_command_line_slurm(tmp_path):
                  "#SBATCH --output=/mount/results/gpt3_5b/prompt_learning_squad/log-squad_gpt3_5b_%j.out"):
         assert line in script.splitlines()
     assert ("srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=8 python3 -u /opt/launcher/stages/prompt_learning/run.py "
-            "--config /mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_hydra.yaml") in script
+            "--config /mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_hydra-<digest>.yaml") in script

@@ -94,12 +94,12 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same_prom
     assert not list(stage_dir.glob(".requeue-*"))
 
     # the same stage config, uninterrupted, here: the same prompt, bit for bit
-    cfg = OmegaConf.load(next(stage_dir.glob("*_hydra.yaml")))
+    cfg = OmegaConf.load(next(stage_dir.glob("*_hydra-*.yaml")))
     ref_dir = tmp_path / "reference"
     OmegaConf.update(cfg, "run.results_dir", str(ref_dir), merge=False)
     OmegaConf.update(cfg, "exp_manager.explicit_log_dir", str(ref_dir / "results"), merge=False)
     OmegaConf.update(cfg, "model.artifact_path", str(ref_dir / "artifact"), merge=False)
     train_single_thread(cfg)
     a = tables(cfg.model.artifact_path)["prompt_table.squad"]
-    b = tables(OmegaConf.load(next(stage_dir.glob("*_hydra.yaml"))).model.artifact_path)["prompt_table.squad"]
+    b = tables(OmegaConf.load(next(stage_dir.glob("*_hydra-*.yaml"))).model.artifact_path)["prompt_table.squad"]
     assert torch.equal(a, b), f"requeued run differs from the uninterrupted one by {(a - b).abs().max().item()}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,12 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
     """Compose conf/config.yaml with overrides, as main.py does."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return compose(config_name="config", overrides=overrides)
+
+
+def undigest(text: str) -> str:
+    """``<name>_hydra-<digest>.yaml`` with the digest spelled ``<digest>``: it hashes the config, whose paths differ
+    from run to run (tests/launcher/test_sweep.py checks the digest itself)."""
+    return re.sub(r"_hydra-[0-9a-f]{10}\.yaml", "_hydra-<digest>.yaml", text)
 
 
 def run_main(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

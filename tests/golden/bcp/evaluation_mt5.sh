@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # promptlaunch stage 'evaluation', job 'eval_prompt_squad_mt5_390m', executor 'bcp'.
-# Config: /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_hydra.yaml
+# Config: /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_hydra-<digest>.yaml
 # Rerun by hand: bash /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_bcp.sh (inside the BCP job)
 set -euo pipefail
 cd /opt/promptlaunch
@@ -10,5 +10,5 @@ bcprun --nnodes 1 --npernode 1 -no_redirect --workdir /opt/promptlaunch \
   --env "PYTHONUNBUFFERED=${PYTHONUNBUFFERED}" \
   --env "TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM}" \
   --env LOCAL_WORLD_SIZE=1 \
-  --cmd 'python3 -u /opt/promptlaunch/stages/evaluation/run.py --config /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_hydra.yaml' \
+  --cmd 'python3 -u /opt/promptlaunch/stages/evaluation/run.py --config /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_hydra-<digest>.yaml' \
   2>&1 | tee -a /mount/results/mt5_390m/evaluation_squad/log-eval_prompt_squad_mt5_390m.out

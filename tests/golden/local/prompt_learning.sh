@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # promptlaunch stage 'prompt_learning', job 'squad_smollm2_135m', executor 'local'.
-# Config: /TMP/results/smollm2_135m/prompt_learning_squad/squad_smollm2_135m_hydra.yaml
+# Config: /TMP/results/smollm2_135m/prompt_learning_squad/squad_smollm2_135m_hydra-<digest>.yaml
 # Rerun by hand: bash /TMP/results/smollm2_135m/prompt_learning_squad/squad_smollm2_135m_local.sh
 set -euo pipefail
 cd /opt/promptlaunch
 export HF_HUB_OFFLINE=1
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
-python3 -u /opt/promptlaunch/stages/prompt_learning/run.py --config /TMP/results/smollm2_135m/prompt_learning_squad/squad_smollm2_135m_hydra.yaml
+exec python3 -u /opt/promptlaunch/stages/prompt_learning/run.py --config /TMP/results/smollm2_135m/prompt_learning_squad/squad_smollm2_135m_hydra-<digest>.yaml

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # promptlaunch stage 'data_preparation', job 'download_squad', executor 'slurm'.
-# Config: /mount/results/data_preparation/download_squad_hydra.yaml
+# Config: /mount/results/data_preparation/download_squad_hydra-<digest>.yaml
 # Rerun by hand: sbatch /mount/results/data_preparation/download_squad_slurm.sh
 # The launcher adds --dependency=afterok:<previous stage's job id>,singleton when it submits the chain.
 #SBATCH --error=/mount/results/data_preparation/log-download_squad_%j.err
@@ -21,4 +21,4 @@ export TOKENIZERS_PARALLELISM=false
 # the rendezvous address and port are the ones Lightning's SLURMEnvironment derives.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000))
-srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=1 python3 -u /opt/promptlaunch/stages/data_preparation/run.py --config /mount/results/data_preparation/download_squad_hydra.yaml
+srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=1 python3 -u /opt/promptlaunch/stages/data_preparation/run.py --config /mount/results/data_preparation/download_squad_hydra-<digest>.yaml

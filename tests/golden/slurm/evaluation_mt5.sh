@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # promptlaunch stage 'evaluation', job 'eval_prompt_squad_mt5_390m', executor 'slurm'.
-# Config: /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_hydra.yaml
+# Config: /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_hydra-<digest>.yaml
 # Rerun by hand: sbatch /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_slurm.sh
 # The launcher adds --dependency=afterok:<previous stage's job id>,singleton when it submits the chain.
 #SBATCH --error=/mount/results/mt5_390m/evaluation_squad/log-eval_prompt_squad_mt5_390m_%j.err
@@ -22,4 +22,4 @@ export TOKENIZERS_PARALLELISM=false
 # the rendezvous address and port are the ones Lightning's SLURMEnvironment derives.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000))
-srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=1 python3 -u /opt/promptlaunch/stages/evaluation/run.py --config /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_hydra.yaml
+srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=1 python3 -u /opt/promptlaunch/stages/evaluation/run.py --config /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_hydra-<digest>.yaml

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # promptlaunch stage 'prompt_learning', job 'squad_gpt3_5b', executor 'slurm'.
-# Config: /mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_hydra.yaml
+# Config: /mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_hydra-<digest>.yaml
 # Rerun by hand: sbatch /mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_slurm.sh
 # The launcher adds --dependency=afterok:<previous stage's job id>,singleton when it submits the chain.
 #SBATCH --error=/mount/results/gpt3_5b/prompt_learning_squad/log-squad_gpt3_5b_%j.err
@@ -29,7 +29,7 @@ export PROMPTLAUNCH_REQUEUE_FILE=/mount/results/gpt3_5b/prompt_learning_squad/.r
 rm -f "$PROMPTLAUNCH_REQUEUE_FILE"
 echo "promptlaunch: job $SLURM_JOB_ID starts (restart ${SLURM_RESTART_COUNT:-0})"
 rc=0
-srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=8 python3 -u /opt/promptlaunch/stages/prompt_learning/run.py --config /mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_hydra.yaml || rc=$?
+srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=8 python3 -u /opt/promptlaunch/stages/prompt_learning/run.py --config /mount/results/gpt3_5b/prompt_learning_squad/squad_gpt3_5b_hydra-<digest>.yaml || rc=$?
 if [[ -e $PROMPTLAUNCH_REQUEUE_FILE ]]; then
     rm -f "$PROMPTLAUNCH_REQUEUE_FILE"
     echo "promptlaunch: requeueing job $SLURM_JOB_ID; it resumes from its checkpoint"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # promptlaunch stage 'prompt_learning', job 'squad_mt5_390m', executor 'slurm'.
-# Config: /mount/results/mt5_390m/prompt_learning_squad/squad_mt5_390m_hydra.yaml
+# Config: /mount/results/mt5_390m/prompt_learning_squad/squad_mt5_390m_hydra-<digest>.yaml
 # Rerun by hand: sbatch /mount/results/mt5_390m/prompt_learning_squad/squad_mt5_390m_slurm.sh
 # The launcher adds --dependency=afterok:<previous stage's job id>,singleton when it submits the chain.
 #SBATCH --error=/mount/results/mt5_390m/prompt_learning_squad/log-squad_mt5_390m_%j.err
@@ -29,7 +29,7 @@ export PROMPTLAUNCH_REQUEUE_FILE=/mount/results/mt5_390m/prompt_learning_squad/.
 rm -f "$PROMPTLAUNCH_REQUEUE_FILE"
 echo "promptlaunch: job $SLURM_JOB_ID starts (restart ${SLURM_RESTART_COUNT:-0})"
 rc=0
-srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=8 python3 -u /opt/promptlaunch/stages/prompt_learning/run.py --config /mount/results/mt5_390m/prompt_learning_squad/squad_mt5_390m_hydra.yaml || rc=$?
+srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=8 python3 -u /opt/promptlaunch/stages/prompt_learning/run.py --config /mount/results/mt5_390m/prompt_learning_squad/squad_mt5_390m_hydra-<digest>.yaml || rc=$?
 if [[ -e $PROMPTLAUNCH_REQUEUE_FILE ]]; then
     rm -f "$PROMPTLAUNCH_REQUEUE_FILE"
     echo "promptlaunch: requeueing job $SLURM_JOB_ID; it resumes from its checkpoint"
