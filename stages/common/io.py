@@ -144,3 +144,16 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict[str, Any]])
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def text_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file; a line that is not UTF-8 is a UserError naming ``file:line``."""
+    from stages.common.errors import UserError
+
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start} of the line: {exc.reason}); "
+                                f"re-save the file as UTF-8") from None

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from stages.common.checks import Need
 from stages.common.errors import UserError
 
 
@@ -120,8 +121,9 @@ def _list_get(values: Any, i: int, key: str, n_new: int) -> Any:
 
 def load_init_file(path: str, n: int, hidden: int, key: str, task: str) -> torch.Tensor:
     p = Path(str(path)).expanduser()
-    if not p.is_file():
-        raise UserError(f"{key}: '{p}' does not exist; give a .npy or .safetensors file of shape [{n}, {hidden}]")
+    problem = Need.problem(str(p), key, f"give a .npy or .safetensors file of shape [{n}, {hidden}]")
+    if problem:
+        raise UserError(problem)
     if p.suffix == ".npy":
         import numpy as np
 

@@ -13,11 +13,13 @@ from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
 
-from stages.common.checks import Need, StageCheck, Trainer, boolean, check_trainer, positive_int, require_gpu
+from stages.common.checks import (Need, StageCheck, Trainer, boolean, check_keys, check_trainer, positive_int, require_gpu,
+                                  stage_keys)
 from stages.common.errors import UserError
 from stages.engine.base_model import architecture, check_reference
 from stages.engine.template import TaskTemplate, parse_templates
 from stages.prompt_learning.identity import ignored_keys
+from stages.prompt_learning.keys import OPTIONAL
 from stages.prompt_learning.layer_compile import check_compiler
 from stages.prompt_learning.parallel.layout import ParallelLayout, check_model_for_layout, layout_from_config
 
@@ -133,8 +135,14 @@ def check(sc: Any) -> StageCheck:
     return check_config(sc).stage
 
 
+def known_keys() -> frozenset[str]:
+    """The keys a ``prompt_learning`` config may have (the registry's entry for the strict-key check)."""
+    return stage_keys(STAGE, OPTIONAL)
+
+
 def check_config(sc: Any) -> Checked:
     """Every rule of the ``prompt_learning`` config that needs neither the data nor the loaded model."""
+    check_keys(sc, known_keys(), STAGE)
     trainer = check_trainer(sc, STAGE)
     t, m = sc.trainer, sc.get("model")
     if m is None:
@@ -163,7 +171,7 @@ def check_config(sc: Any) -> Checked:
     check_p_tuning_dropout(m, tasks.style, layout.is_model_parallel)
     if tasks.existing:
         result.reads.append(Need(str(m.get("restore_path")), f"{KEY}.restore_path",
-                                 "point it at a prompt artifact written by an earlier run"))
+                                 "point it at a prompt artifact written by an earlier run", folder=True))
     result.reads += _check_data(m)
     share_prefix, length_bucketing = check_batching_flags(m)
     _check_optim(m)
