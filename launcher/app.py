@@ -5,7 +5,9 @@ rejected config leaves nothing behind and a written script is always complete.
 """
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig
@@ -27,6 +29,25 @@ def _write(job: PlannedJob, executor_name: str, script: str, command_line: str) 
     io.write_text(f"{spec.results_dir}/launcher_cmd.log", command_line + "\n")
 
 
+def _write_all(jobs: list[PlannedJob], executor_name: str, scripts: list[str], command_line: str) -> None:
+    """Every job's files, or none: a failure (a full disk) removes the folders this call created, so a rerun never
+    finds the scripts of a run that was not launched."""
+    fresh = []
+    for job in jobs:
+        folder = Path(job.spec.results_dir)
+        while not folder.parent.exists():
+            folder = folder.parent
+        if not folder.exists():
+            fresh.append(folder)
+    try:
+        for job, script in zip(jobs, scripts):
+            _write(job, executor_name, script, command_line)
+    except BaseException:
+        for folder in fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def run(cfg: DictConfig, argv: Sequence[str]) -> int:
     """Run the launcher on a composed config; ``argv`` is the command line, recorded next to each job."""
     resolve_all(cfg)
@@ -40,8 +61,7 @@ def run(cfg: DictConfig, argv: Sequence[str]) -> int:
     for w in checked.warnings:
         print(f"warning: {w}", file=sys.stderr)
     command_line = join(["python3", "main.py", *argv])
-    for job, script in zip(jobs, scripts):
-        _write(job, executor.name, script, command_line)
+    _write_all(jobs, executor.name, scripts, command_line)
     if cfg.dry_run:
         print(f"dry run ({executor.name}): {len(jobs)} stage(s) written, nothing run")
         for job in jobs:

@@ -82,6 +82,18 @@ def positive_int(value: Any, key: str) -> int:
     return value
 
 
+def number(value: Any, key: str, low: float, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> float:
+    """A number (not a boolean) in a range: ``>= low`` (``> low`` with ``low_open``), and up to ``high`` if given."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > low if low_open else value >= low)
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        span = (f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}" if high is not None
+                else f"{'>' if low_open else '>='} {low}")
+        raise UserError(f"{key}: must be a number {span}, got {value!r}")
+    return float(value)
+
+
 def boolean(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise UserError(f"{key}: must be true or false, got {value!r}")
@@ -119,6 +131,9 @@ class Trainer:
         return Resources(self.num_nodes, self.devices, self.devices if self.accelerator == "gpu" else 0)
 
 
+PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16", "16-true", "bf16", "bf16-true", "64", "64-true")   # Lightning's
+
+
 def check_trainer(sc: Any, stage: str) -> Trainer:
     """``<stage>.trainer``: devices, nodes, accelerator, precision and host-memory reuse."""
     t = sc.get("trainer")
@@ -130,6 +145,9 @@ def check_trainer(sc: Any, stage: str) -> Trainer:
     if accel not in ("cpu", "gpu"):
         raise UserError(f"{stage}.trainer.accelerator: '{accel}' is not one of cpu, gpu")
     precision = str(t.get("precision", "32"))
+    if precision not in PRECISIONS:
+        raise UserError(f"{stage}.trainer.precision: '{precision}' is not one of {', '.join(PRECISIONS)}; "
+                        f"set e.g. {stage}.trainer.precision=32")
     if accel == "cpu" and precision.startswith("bf16"):
         raise UserError(f"{stage}.trainer.precision: {precision} on CPU is emulated and ~300x slower; set {stage}.trainer.precision=32")
     if accel == "cpu" and precision.startswith("16"):

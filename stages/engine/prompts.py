@@ -119,6 +119,14 @@ def _list_get(values: Any, i: int, key: str, n_new: int) -> Any:
     return values[i]
 
 
+def _unreadable_as_error(load: Any, p: Path, key: str) -> Any:
+    try:
+        return load()
+    except Exception as exc:   # numpy and safetensors raise their own types for a truncated or foreign file
+        raise UserError(f"{key}: {p} is truncated or not a {p.suffix} file ({type(exc).__name__}: {str(exc)[:80]}); "
+                        f"write it again") from None
+
+
 def load_init_file(path: str, n: int, hidden: int, key: str, task: str) -> torch.Tensor:
     p = Path(str(path)).expanduser()
     problem = Need.problem(str(p), key, f"give a .npy or .safetensors file of shape [{n}, {hidden}]")
@@ -127,11 +135,11 @@ def load_init_file(path: str, n: int, hidden: int, key: str, task: str) -> torch
     if p.suffix == ".npy":
         import numpy as np
 
-        arr = torch.from_numpy(np.load(p)).to(torch.float32)
+        arr = torch.from_numpy(_unreadable_as_error(lambda: np.load(p), p, key)).to(torch.float32)
     elif p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        tensors = load_file(str(p))
+        tensors = _unreadable_as_error(lambda: load_file(str(p)), p, key)
         for name in (f"prompt_table.{task}", "prompt_embeddings", "prompt_table"):
             if name in tensors:
                 arr = tensors[name]
