@@ -80,13 +80,13 @@ class _Inputs:
         self.warnings: list[str] = []
 
     def need(self, need: Need) -> None:
-        norm = os.path.normpath(os.path.expanduser(need.path))
-        if norm in self.produced or not need.problem(need.path, need.key, need.fix, need.folder):
+        fault = need.fault()
+        if fault is None or os.path.normpath(os.path.expanduser(need.path)) in self.produced:
             return
         if self.dry_run:
-            self.warnings.append(need.missing())
+            self.warnings.append(fault)
         else:
-            raise UserError(need.missing())
+            raise UserError(fault)
 
 
 _SIGNAL = re.compile(r"^(?:SIG)?(USR1|USR2)@(\d+)$")

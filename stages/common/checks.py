@@ -38,9 +38,9 @@ class Need:
     fix: str
     folder: bool = False
 
-    def missing(self) -> str:
-        """The one line that says the file is not there, or is a folder where a file is expected."""
-        return Need.problem(self.path, self.key, self.fix, self.folder) or f"{self.key}: '{self.path}' does not exist; {self.fix}"
+    def fault(self) -> str | None:
+        """None when the input is there, else the one line that says what is wrong (:meth:`problem`)."""
+        return Need.problem(self.path, self.key, self.fix, self.folder)
 
     @staticmethod
     def problem(path: str, key: str, fix: str, folder: bool = False) -> str | None:
@@ -71,8 +71,9 @@ class StageCheck:
     def check_reads_exist(self) -> None:
         """Inside the job every input must be there now (the launcher allowed ones an earlier stage writes)."""
         for need in self.reads:
-            if need.problem(need.path, need.key, need.fix, need.folder):
-                raise UserError(need.missing())
+            fault = need.fault()
+            if fault:
+                raise UserError(fault)
 
 
 def positive_int(value: Any, key: str) -> int:

@@ -215,7 +215,7 @@ def _check_data(m: Any, tasks: Tasks) -> list[Need]:
             raise UserError(f"{KEY}.data.{key}: empty; list one or more JSONL files")
         reads += [Need(str(f), f"{KEY}.data.{key}", "run the data_preparation stage first or fix the path") for f in files]
     longest = positive_int(data.get("max_seq_length", 1), f"{KEY}.data.max_seq_length")
-    shortest = positive_int(data.get("min_seq_length", 1), f"{KEY}.data.min_seq_length")
+    shortest = positive_int(data.get("min_seq_length") or 1, f"{KEY}.data.min_seq_length")   # null: 1
     if shortest > longest:
         raise UserError(f"{KEY}.data.min_seq_length: {shortest} is above {KEY}.data.max_seq_length={longest}, so every "
                         f"example would be dropped; lower it")
