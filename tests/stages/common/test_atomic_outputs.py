@@ -181,11 +181,11 @@ def test_rendered_script_interrupted_is_not_left_half_written(tmp_path, monkeypa
     calls = {"n": 0}
     real_atomic = io.atomic_path
 
-    def flaky_atomic(path, suffix=""):
+    def flaky_atomic(path, suffix="", size=None):
         calls["n"] += 1
         if str(path).endswith("_local.sh"):
             raise Boom("killed while writing the script")
-        return real_atomic(path, suffix)
+        return real_atomic(path, suffix, size)
 
     monkeypatch.setattr(io, "atomic_path", flaky_atomic)
     from tests.support.launcher import compose_cfg
