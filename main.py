@@ -12,6 +12,7 @@ not stop the sweep (main.py exits with the worst code at the end), a stop signal
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from launcher import aliases, sweep
 from launcher.app import fail, run
 from cluster.render import join
+from launcher.validate import check_key_path
 from stages.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parent
@@ -64,5 +66,11 @@ if __name__ == "__main__":
     except Exception as exc:
         if _composed:
             raise
-        sys.exit(fail(UserError("command line: " + " ".join(str(exc).split()))))
+        try:   # Hydra's advice for an unknown key is to add it with +, which the launcher then refuses: say what it is
+            override = re.match(r"Could not override '([^']+)'", str(exc))
+            if override:
+                check_key_path(override.group(1))
+            raise UserError(" ".join(str(exc).split()))
+        except UserError as err:
+            sys.exit(fail(UserError(f"command line: {err}")))
     sys.exit(max(_sweep_codes, default=0))

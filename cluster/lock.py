@@ -180,6 +180,8 @@ class LaunchLock:
     def release(self) -> None:
         """Remove the lock files that are still ours."""
         for folder in reversed(self.held):
+            if not folder.is_dir():   # removed with the rest of a launch that failed to write its files
+                continue
             with _guard(folder):
                 owner = Owner.read(folder / NAME)
                 if owner is not None and owner.token == self.me.token:

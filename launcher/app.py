@@ -9,7 +9,9 @@ folder becomes ``base_results_dir``.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig
@@ -32,6 +34,31 @@ def _write(job: PlannedJob, executor_name: str, script: str, command_line: str) 
     io.write_text(spec.config_path, job.config_yaml)
     io.write_text(spec.script_path(executor_name), script, mode=0o755)
     io.write_text(f"{spec.results_dir}/launcher_cmd.log", command_line + "\n")
+
+
+def _new_folders(jobs: list[PlannedJob]) -> list[Path]:
+    """The top-most folders of the jobs' results folders that do not exist yet (what this launch creates)."""
+    fresh = []
+    for job in jobs:
+        folder = Path(job.spec.results_dir)
+        while not folder.parent.exists():
+            folder = folder.parent
+        if not folder.exists() and folder not in fresh:
+            fresh.append(folder)
+    return fresh
+
+
+def _write_all(jobs: list[PlannedJob], executor_name: str, scripts: list[str], command_line: str,
+               fresh: list[Path]) -> None:
+    """Every job's files, or none: a failure (a full disk) removes the folders this launch created (``fresh``,
+    found before the lock made them), so a rerun never finds the scripts of a run that was not launched."""
+    try:
+        for job, script in zip(jobs, scripts):
+            _write(job, executor_name, script, command_line)
+    except BaseException:
+        for folder in fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _into_sweep_job(cfg: DictConfig, job: SweepJob) -> None:
@@ -74,10 +101,10 @@ def run(cfg: DictConfig, argv: Sequence[str], sweep: SweepJob | None = None) -> 
         checked.warnings.extend(warn_if_held(folders))
     for w in checked.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    fresh = _new_folders(jobs)
     lock = None if cfg.dry_run else LaunchLock(folders, command_line, executor.name).acquire()
     try:
-        for job, script in zip(jobs, scripts):
-            _write(job, executor.name, script, command_line)
+        _write_all(jobs, executor.name, scripts, command_line, fresh)
         if sweep is not None:
             sweep.write(cluster_type=executor.name, dry_run=bool(cfg.dry_run), wait=wait,
                         poll_seconds=float((cfg.get("cluster") or {}).get("poll_seconds") or 10),

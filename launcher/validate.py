@@ -12,17 +12,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from cluster import CLUSTER_TYPES
 from cluster.render import check_env_names
 from cluster.slurm import SlurmConfig
-from launcher.registry import STAGE_NAMES, check_stage
+from launcher.registry import STAGE_NAMES, check_stage, known_keys
 from launcher.schema import GlobalSchema, RunSchema
-from stages.common.checks import Need, StageCheck, check_writable, positive_int
+from stages.common.checks import RUN_KEYS, Need, StageCheck, check_keys, check_writable, positive_int
 from stages.common.errors import UserError
 from stages.common.typed import typed
 
+TOP_KEYS = frozenset({*GlobalSchema.__dataclass_fields__, "cluster", *STAGE_NAMES})   # the stages' and cluster's: their owners'
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
 
 
@@ -54,6 +55,22 @@ def normalize_stages(raw: Any) -> list[str]:
     return items
 
 
+def check_key_path(path: str) -> None:
+    """Refuse one dotted key path (``prompt_learning.trainer.max_step``) if no config has it, with the line the
+    composed config would get: Hydra refuses such an override itself, advising ``+key``, which would only move the
+    mistake; main.py calls this to say the nearest known key instead."""
+    head, *rest = path.split(".")
+    node: Any = None
+    for part in reversed(rest):
+        node = {part: node}
+    if head in STAGE_NAMES and node is not None:
+        check_keys(node, known_keys(head), head)
+    elif head == "cluster" and node is not None:
+        check_keys(node, SlurmConfig.__dataclass_fields__, "cluster")
+    else:
+        check_keys({head: node}, TOP_KEYS, "")
+
+
 class _Inputs:
     """Existence checks for input files, aware of what earlier stages will produce."""
 
@@ -63,13 +80,13 @@ class _Inputs:
         self.warnings: list[str] = []
 
     def need(self, need: Need) -> None:
-        norm = os.path.normpath(os.path.expanduser(need.path))
-        if norm in self.produced or os.path.exists(norm):
+        fault = need.fault()
+        if fault is None or os.path.normpath(os.path.expanduser(need.path)) in self.produced:
             return
         if self.dry_run:
-            self.warnings.append(need.missing())
+            self.warnings.append(fault)
         else:
-            raise UserError(need.missing())
+            raise UserError(fault)
 
 
 _SIGNAL = re.compile(r"^(?:SIG)?(USR1|USR2)@(\d+)$")
@@ -102,7 +119,7 @@ def _check_run(stage: str, sc: Any) -> RunSchema:
         raise UserError(f"{stage}: listed in stages but no config is selected; add e.g. {stage}=<option> (see conf/{stage}/)")
     if "run" not in sc:
         raise UserError(f"{stage}.run: missing; every stage config needs a run block (name, results_dir, time_limit)")
-    run: RunSchema = typed(RunSchema, sc.run, f"{stage}.run")
+    run: RunSchema = typed(RunSchema, {k: v for k, v in sc.run.items() if k in RUN_KEYS}, f"{stage}.run")  # the rest: the stage's
     if not _TIME.match(run.time_limit):
         raise UserError(f"{stage}.run.time_limit: '{run.time_limit}' is not HH:MM:SS or D-HH:MM:SS")
     positive_int(run.nodes, f"{stage}.run.nodes")
@@ -117,7 +134,12 @@ def validate(cfg: DictConfig) -> Checked:
     stages = normalize_stages(cfg.get("stages"))
     if cfg.get("cluster_type") not in CLUSTER_TYPES:
         raise UserError(f"cluster_type: '{cfg.get('cluster_type')}' is not one of {', '.join(CLUSTER_TYPES)}")
-    g: GlobalSchema = typed(GlobalSchema, OmegaConf.merge(cfg, {"stages": stages}), "config")
+    check_keys(cfg, TOP_KEYS, "")
+    for name in STAGE_NAMES:   # the stages not run too: a key nothing reads is a mistake wherever it is
+        if isinstance(cfg.get(name), DictConfig):
+            check_keys(cfg[name], known_keys(name), name)
+    g: GlobalSchema = typed(GlobalSchema, {k: v for k, v in cfg.items() if k != "cluster" and k not in STAGE_NAMES}
+                            | {"stages": stages}, "config")
     typed(SlurmConfig, cfg.get("cluster") or {}, "cluster")
     signal_lead = _check_signal((cfg.get("cluster") or {}).get("signal")) if g.cluster_type == "slurm" else None
     bad_env = check_env_names(g.env_vars)
@@ -125,8 +147,10 @@ def validate(cfg: DictConfig) -> Checked:
         raise UserError(f"env_vars.{bad_env[0]}: not a valid environment variable name; use letters, digits and _")
     check_writable(g.base_results_dir, "base_results_dir")
     runs_here = g.cluster_type == "local" and not g.dry_run
-    if g.wandb_api_key_file and g.cluster_type == "local" and not os.path.isfile(g.wandb_api_key_file):
-        raise UserError(f"wandb_api_key_file: '{g.wandb_api_key_file}' does not exist; create it or set wandb_api_key_file=null")
+    if g.wandb_api_key_file and g.cluster_type == "local":
+        problem = Need.problem(g.wandb_api_key_file, "wandb_api_key_file", "create it or set wandb_api_key_file=null")
+        if problem:
+            raise UserError(problem)
     inputs = _Inputs(g.dry_run)
     checked = Checked(stages=stages, warnings=inputs.warnings)
     for stage in stages:

@@ -9,10 +9,12 @@ name the full key path (``<stage>.trainer.devices``).
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 from stages.common.errors import UserError
 
@@ -28,15 +30,30 @@ class Resources:
 
 @dataclass(frozen=True)
 class Need:
-    """An input file the stage reads: ``key`` names the config key, ``fix`` what to do when it is missing."""
+    """An input the stage reads: ``key`` names the config key, ``fix`` what to do when it is missing; a file unless
+    ``folder``."""
 
     path: str
     key: str
     fix: str
+    folder: bool = False
 
-    def missing(self) -> str:
-        """The one line that says the file is not there."""
-        return f"{self.key}: '{self.path}' does not exist; {self.fix}"
+    def fault(self) -> str | None:
+        """None when the input is there, else the one line that says what is wrong (:meth:`problem`)."""
+        return Need.problem(self.path, self.key, self.fix, self.folder)
+
+    @staticmethod
+    def problem(path: str, key: str, fix: str, folder: bool = False) -> str | None:
+        """None when ``path`` is there as the kind of entry expected (a file, or a folder with ``folder=True``); else
+        the one line: it does not exist, or it is a folder where a file is expected (or the other way round)."""
+        p = os.path.expanduser(path)
+        if not os.path.exists(p):
+            return f"{key}: '{path}' does not exist; {fix}"
+        if os.path.isdir(p) and not folder:
+            return f"{key}: '{path}' is a folder, not a file; name the file itself"
+        if folder and not os.path.isdir(p):
+            return f"{key}: '{path}' is a file, not a folder; name the folder"
+        return None
 
 
 @dataclass
@@ -54,8 +71,9 @@ class StageCheck:
     def check_reads_exist(self) -> None:
         """Inside the job every input must be there now (the launcher allowed ones an earlier stage writes)."""
         for need in self.reads:
-            if not os.path.exists(os.path.expanduser(need.path)):
-                raise UserError(need.missing())
+            fault = need.fault()
+            if fault:
+                raise UserError(fault)
 
 
 def positive_int(value: Any, key: str) -> int:
@@ -63,6 +81,18 @@ def positive_int(value: Any, key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise UserError(f"{key}: must be a positive integer, got {value!r}")
     return value
+
+
+def number(value: Any, key: str, low: float, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> float:
+    """A number (not a boolean) in a range: ``>= low`` (``> low`` with ``low_open``), and up to ``high`` if given."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > low if low_open else value >= low)
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        span = (f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}" if high is not None
+                else f"{'>' if low_open else '>='} {low}")
+        raise UserError(f"{key}: must be a number {span}, got {value!r}")
+    return float(value)
 
 
 def boolean(value: Any, key: str) -> bool:
@@ -102,6 +132,9 @@ class Trainer:
         return Resources(self.num_nodes, self.devices, self.devices if self.accelerator == "gpu" else 0)
 
 
+PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16", "16-true", "bf16", "bf16-true", "64", "64-true")   # Lightning's
+
+
 def check_trainer(sc: Any, stage: str) -> Trainer:
     """``<stage>.trainer``: devices, nodes, accelerator, precision and host-memory reuse."""
     t = sc.get("trainer")
@@ -113,6 +146,9 @@ def check_trainer(sc: Any, stage: str) -> Trainer:
     if accel not in ("cpu", "gpu"):
         raise UserError(f"{stage}.trainer.accelerator: '{accel}' is not one of cpu, gpu")
     precision = str(t.get("precision", "32"))
+    if precision not in PRECISIONS:
+        raise UserError(f"{stage}.trainer.precision: '{precision}' is not one of {', '.join(PRECISIONS)}; "
+                        f"set e.g. {stage}.trainer.precision=32")
     if accel == "cpu" and precision.startswith("bf16"):
         raise UserError(f"{stage}.trainer.precision: {precision} on CPU is emulated and ~300x slower; set {stage}.trainer.precision=32")
     if accel == "cpu" and precision.startswith("16"):
@@ -127,3 +163,84 @@ def require_gpu(key: str) -> None:
 
     if not torch.cuda.is_available():
         raise UserError(f"{key}: gpu, but no CUDA device is visible; set {key}=cpu")
+
+
+# ---- strict keys: a key nothing reads is a mistake (a typo is otherwise silently ignored) ----------------------
+CONF = Path(__file__).resolve().parents[2] / "conf"
+FREE = "*"   # ``a.b.*`` in a known-key set: the keys under ``a.b`` are free (e.g. logger keyword arguments)
+RUN_KEYS = ("name", "results_dir", "time_limit", "dependency", "nodes")   # what the launcher reads of every run block
+
+
+def key_paths(node: Any, base: str = "") -> set[str]:
+    """Every dotted key path of a mapping, the inner ones too (``a``, ``a.b``); lists are values, not looked into."""
+    paths: set[str] = set()
+    for k, v in _mapping(node).items():
+        path = f"{base}.{k}" if base else str(k)
+        paths.add(path)
+        if isinstance(v, Mapping):
+            paths |= key_paths(v, path)
+    return paths
+
+
+def _mapping(node: Any) -> Mapping[str, Any]:
+    """A config node's keys and values as plain containers, interpolations unresolved (only keys matter here)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=False)
+    return node if isinstance(node, Mapping) else {}
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_keys(group: str) -> frozenset[str]:
+    """The key paths of every shipped config of ``conf/<group>/`` (read, not composed: each file's own keys; a file
+    that builds on another through ``defaults`` adds to the union), without ``defaults``."""
+    import yaml
+
+    keys: set[str] = set()
+    for path in sorted((CONF / group).rglob("*.yaml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        keys |= key_paths({k: v for k, v in data.items() if k != "defaults"})
+    return frozenset(keys)
+
+
+def stage_keys(stage: str, optional: Iterable[str]) -> frozenset[str]:
+    """A stage's known keys: its shipped configs' (``conf/<stage>/``), the ``run`` keys the launcher reads and the
+    optional keys the stage reads with a default (listed in ``stages/<stage>/keys.py``)."""
+    return shipped_keys(stage) | {"run", *(f"run.{k}" for k in RUN_KEYS)} | set(optional)
+
+
+def check_keys(node: Any, known: Iterable[str], prefix: str) -> None:
+    """Refuse the first key of ``node`` that is not in ``known`` (dotted paths relative to ``node``), with the one
+    line that names its full path (``prefix.path``) and the nearest known key. Only mappings whose keys ``known``
+    lists are looked into: a known key with no known keys under it (or with ``<key>.*``) takes any value."""
+    known = frozenset(known)
+    parents = {k.rpartition(".")[0] for k in known}
+
+    def walk(n: Any, base: str) -> None:
+        for k, v in _mapping(n).items():
+            path = f"{base}.{k}" if base else str(k)
+            if path not in known:
+                raise unknown_key(path, known, prefix)
+            if path in parents and f"{path}.{FREE}" not in known:
+                walk(v, path)
+
+    walk(node, "")
+
+
+def unknown_key(path: str, known: Iterable[str], prefix: str = "") -> UserError:
+    """The one wording of "unknown key": the full path, then the nearest known key (difflib) or the known keys there."""
+    known = sorted(k for k in known if not k.endswith(f".{FREE}"))
+    full = (lambda p: f"{prefix}.{p}" if prefix else p)
+    parent, _, leaf = path.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+    near = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+    if near:
+        best = f"{parent}.{near[0]}" if parent else near[0]
+    else:   # the right name at the wrong level, or a close full path
+        best = next((k for k in known if k.rpartition(".")[2] == leaf), None) or \
+            next(iter(difflib.get_close_matches(path, known, n=1, cutoff=0.8)), None)
+    if best:
+        return UserError(f"{full(path)}: unknown key (nothing reads it); did you mean {full(best)}?")
+    where = f"under {full(parent)}" if parent else (f"in {prefix}" if prefix else "at the top level")
+    return UserError(f"{full(path)}: unknown key (nothing reads it); remove it (known keys {where}: {', '.join(siblings)})")

@@ -9,13 +9,16 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from stages.common.checks import check_keys
 from stages.common.errors import UserError
 
 
 def typed(schema: type, cfg: Any, key: str) -> Any:
-    """Merge ``cfg`` (only the keys ``schema`` declares) into ``schema``; a type error names ``key.sub``."""
+    """Merge ``cfg`` into ``schema``; a key ``schema`` does not declare is refused (``checks.check_keys``, with the
+    nearest field), a type error names ``key.sub``."""
     fields = schema.__dataclass_fields__  # type: ignore[attr-defined]
-    data = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k in fields}  # type: ignore[union-attr]
+    data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    check_keys(data, fields, key)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
         obj = OmegaConf.to_object(merged)

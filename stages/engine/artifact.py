@@ -82,7 +82,11 @@ def load_artifact(path: str | Path, key: str = "model.artifact_path") -> tuple[d
         raise UserError(f"{key}={path}: {META} is not valid JSON ({exc.msg}); re-run prompt_learning to rewrite it") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{key}={path}: artifact format version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-    raw = load_file(str(p / TABLES))
+    try:
+        raw = load_file(str(p / TABLES))
+    except Exception as exc:   # safetensors raises its own error types for a truncated or foreign file
+        raise UserError(f"{key}={path}: {p / TABLES} is truncated or not a safetensors file ({type(exc).__name__}: "
+                        f"{str(exc)[:80]}); copy the artifact again or re-run prompt_learning") from None
     templates = parse_templates([t["template"] for t in meta["tasks"].values()], f"{key}/{META}:tasks")
     tables = {}
     for task in meta["tasks"]:

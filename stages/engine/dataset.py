@@ -8,7 +8,9 @@ import random
 from pathlib import Path
 from typing import Any, Iterable
 
+from stages.common.checks import Need
 from stages.common.errors import UserError
+from stages.common.io import text_lines
 from stages.engine.examples import BuildStats, Example, TokenizerInfo, build_example, prefix_fields
 from stages.engine.template import TaskTemplate
 
@@ -22,32 +24,32 @@ def read_jsonl(paths: Iterable[str], templates: dict[str, TaskTemplate], key: st
         paths = [paths]
     for path in paths:
         p = Path(str(path))
-        if not p.is_file():
-            raise UserError(f"{key}: '{p}' does not exist; run the data_preparation stage first or fix the path")
+        problem = Need.problem(str(p), key, "run the data_preparation stage first or fix the path")
+        if problem:
+            raise UserError(problem)
         n_file = 0
-        with open(p, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{p}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{where}: not valid JSON ({exc.msg}); fix or remove the line") from None
-                if not isinstance(rec, dict):
-                    raise UserError(f"{where}: expected a JSON object per line")
-                task = rec.get("taskname")
-                if task not in templates:
-                    raise UserError(
-                        f"{where}: taskname {task!r} is not one of the tasks being trained ({sorted(templates)}); "
-                        "add it to model.new_tasks and model.task_templates or remove the record"
-                    )
-                for name in templates[task].fields:
-                    if name not in rec or rec[name] is None:
-                        raise UserError(f"{where}: record has no field '{name}' required by the template of task '{task}'; add it or fix the template")
-                    check_field_value(rec[name], name, templates[task], where)
-                out.append((rec, where))
-                n_file += 1
+        for lineno, line in text_lines(p):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where}: not valid JSON ({exc.msg}); fix or remove the line") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{where}: expected a JSON object per line")
+            task = rec.get("taskname")
+            if task not in templates:
+                raise UserError(
+                    f"{where}: taskname {task!r} is not one of the tasks being trained ({sorted(templates)}); "
+                    "add it to model.new_tasks and model.task_templates or remove the record"
+                )
+            for name in templates[task].fields:
+                if name not in rec or rec[name] is None:
+                    raise UserError(f"{where}: record has no field '{name}' required by the template of task '{task}'; add it or fix the template")
+                check_field_value(rec[name], name, templates[task], where)
+            out.append((rec, where))
+            n_file += 1
         if n_file == 0:
             raise UserError(f"{key}: {p} has no records; run the data_preparation stage again or fix the path")
     return out

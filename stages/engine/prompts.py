@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from stages.common.checks import Need
 from stages.common.errors import UserError
 
 
@@ -118,18 +119,27 @@ def _list_get(values: Any, i: int, key: str, n_new: int) -> Any:
     return values[i]
 
 
+def _unreadable_as_error(load: Any, p: Path, key: str) -> Any:
+    try:
+        return load()
+    except Exception as exc:   # numpy and safetensors raise their own types for a truncated or foreign file
+        raise UserError(f"{key}: {p} is truncated or not a {p.suffix} file ({type(exc).__name__}: {str(exc)[:80]}); "
+                        f"write it again") from None
+
+
 def load_init_file(path: str, n: int, hidden: int, key: str, task: str) -> torch.Tensor:
     p = Path(str(path)).expanduser()
-    if not p.is_file():
-        raise UserError(f"{key}: '{p}' does not exist; give a .npy or .safetensors file of shape [{n}, {hidden}]")
+    problem = Need.problem(str(p), key, f"give a .npy or .safetensors file of shape [{n}, {hidden}]")
+    if problem:
+        raise UserError(problem)
     if p.suffix == ".npy":
         import numpy as np
 
-        arr = torch.from_numpy(np.load(p)).to(torch.float32)
+        arr = torch.from_numpy(_unreadable_as_error(lambda: np.load(p), p, key)).to(torch.float32)
     elif p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        tensors = load_file(str(p))
+        tensors = _unreadable_as_error(lambda: load_file(str(p)), p, key)
         for name in (f"prompt_table.{task}", "prompt_embeddings", "prompt_table"):
             if name in tensors:
                 arr = tensors[name]
@@ -185,19 +195,20 @@ def init_table(method: str, n: int, embeddings: torch.Tensor, tokenizer: Any, *,
 
 
 def build_new(store: PromptStore, new_tasks: Sequence[str], counts: dict[str, int], style: str, model_cfg: Any,
-              embeddings: torch.Tensor, tokenizer: Any, seed: int) -> None:
-    """Create the trainable state for each new task from ``model.prompt_tuning`` / ``model.p_tuning``."""
+              embeddings: torch.Tensor, tokenizer: Any, seed: int, key: str = "prompt_learning.model") -> None:
+    """Create the trainable state for each new task from ``model.prompt_tuning`` / ``model.p_tuning``; messages name
+    ``<key>.prompt_tuning...``."""
     hidden = embeddings.shape[1]
     for i, task in enumerate(new_tasks):
         n = counts[task]
         if style == "prompt-tuning":
             pt = model_cfg.get("prompt_tuning") or {}
             n_new = len(new_tasks)
-            method = _list_get(pt.get("new_prompt_init_methods"), i, "model.prompt_tuning.new_prompt_init_methods", n_new) or "random"
-            text = _list_get(pt.get("new_prompt_init_text"), i, "model.prompt_tuning.new_prompt_init_text", n_new)
-            file = _list_get(pt.get("new_prompt_init_file"), i, "model.prompt_tuning.new_prompt_init_file", n_new)
+            method = _list_get(pt.get("new_prompt_init_methods"), i, f"{key}.prompt_tuning.new_prompt_init_methods", n_new) or "random"
+            text = _list_get(pt.get("new_prompt_init_text"), i, f"{key}.prompt_tuning.new_prompt_init_text", n_new)
+            file = _list_get(pt.get("new_prompt_init_file"), i, f"{key}.prompt_tuning.new_prompt_init_file", n_new)
             table = init_table(method, n, embeddings, tokenizer, seed=seed + i, task=task, text=text, file=file,
-                               std=pt.get("init_std"))
+                               std=pt.get("init_std"), key=f"{key}.prompt_tuning")
             store.add_table(task, table)
         elif style == "p-tuning":
             pc = model_cfg.get("p_tuning") or {}
@@ -206,7 +217,7 @@ def build_new(store: PromptStore, new_tasks: Sequence[str], counts: dict[str, in
                                                   int(pc.get("encoder_hidden", 2048)), float(pc.get("dropout", 0.0)),
                                                   float(pc.get("init_std", 0.023))))
         else:
-            raise UserError(f"model.virtual_prompt_style: '{style}' is not one of prompt-tuning, p-tuning")
+            raise UserError(f"{key}.virtual_prompt_style: '{style}' is not one of prompt-tuning, p-tuning")
 
 
 def embed_inputs(model: Any, store: PromptStore | None, input_ids: torch.Tensor, virtual_index: torch.Tensor,

@@ -10,10 +10,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
+from stages.common.checks import check_keys
 from stages.common.errors import UserError
 
 MARKER_RE = re.compile(r"<\|VIRTUAL_PROMPT_(\d+)\|>")
 FIELD_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+KEYS = ("taskname", "prompt_template", "total_virtual_tokens", "virtual_token_splits", "truncate_field",
+        "answer_only_loss", "answer_field")   # the keys of a task_templates entry (TaskTemplate.to_dict)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ def _split(template: str) -> list[Piece]:
 
 def parse_template(spec: Mapping[str, Any], key: str = "model.task_templates") -> TaskTemplate:
     """Validate one ``task_templates`` entry; every problem is a one-line UserError naming ``key``."""
+    check_keys(spec, KEYS, key)
     name = spec.get("taskname")
     if not name or not isinstance(name, str):
         raise UserError(f"{key}.taskname: missing or not a string; give each template a taskname")

@@ -12,10 +12,11 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from stages.common.checks import Need, StageCheck, Trainer, boolean, check_trainer, require_gpu
+from stages.common.checks import Need, StageCheck, Trainer, boolean, check_keys, check_trainer, require_gpu, stage_keys
 from stages.common.errors import UserError
 from stages.engine.base_model import check_reference
 from stages.engine.template import parse_templates
+from stages.evaluation.keys import OPTIONAL
 
 PREFIX = "evaluation"
 ARTIFACT_FILE = "artifact.json"
@@ -58,6 +59,7 @@ class Settings:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, *, in_job: bool = True) -> "Settings":
+        check_keys(cfg, known_keys(), PREFIX)
         run = cfg.get("run") or {}
         if in_job and not run.get("results_dir"):
             raise UserError(f"{PREFIX}.run.results_dir: missing; the launcher sets it, pass the <name>_hydra.yaml it wrote")
@@ -145,6 +147,11 @@ class Settings:
         )
 
 
+def known_keys() -> frozenset[str]:
+    """The keys an ``evaluation`` config may have (the registry's entry for the strict-key check)."""
+    return stage_keys(PREFIX, OPTIONAL)
+
+
 def check(cfg: DictConfig) -> StageCheck:
     """The registry's entry: the keys (:meth:`Settings.from_cfg` before submission) and the files across the run."""
     settings = Settings.from_cfg(cfg, in_job=False)
@@ -153,7 +160,7 @@ def check(cfg: DictConfig) -> StageCheck:
         result.here.append(lambda: require_gpu(f"{PREFIX}.trainer.accelerator"))
     if settings.artifact_path is not None:
         result.reads.append(Need(str(settings.artifact_path), f"{PREFIX}.model.artifact_path",
-                                 "run the prompt_learning stage first or point it at a prompt artifact"))
+                                 "run the prompt_learning stage first or point it at a prompt artifact", folder=True))
     if settings.language_model_path is not None:
         need = check_reference(settings.language_model_path, f"{PREFIX}.model.language_model_path")
         result.reads += [need] if need else []

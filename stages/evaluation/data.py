@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from stages.common.checks import Need
 from stages.common.errors import UserError
+from stages.common.io import text_lines
 from stages.engine.template import TaskTemplate
 
 from .config import PREFIX
@@ -59,32 +61,27 @@ class Example:
 def read_slice(path: Path, offset: int, max_examples: int | None) -> TestSlice:
     """Parse every line of ``path`` (a malformed line anywhere is an error); keep the requested slice."""
     key = f"{PREFIX}.data.test_ds"
-    if not path.exists():
-        raise UserError(f"{key}: '{path}' does not exist; run the data_preparation stage first or fix the path")
-    if not path.is_file():
-        raise UserError(f"{key}: '{path}' is not a file; give the test JSONL (e.g. squad_test_ground_truth.jsonl)")
+    problem = Need.problem(str(path), key, "run the data_preparation stage first or fix the path")
+    if problem:
+        raise UserError(problem)
     end = None if max_examples is None else offset + max_examples
     kept: list[Line] = []
     n = 0
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, text in enumerate(fh, 1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise UserError(
-                        f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno}); fix or delete that line "
-                        "(one JSON object per line)"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}; fix that line")
-                if n >= offset and (end is None or n < end):
-                    kept.append(Line(n, lineno, record))
-                n += 1
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); re-save the file as UTF-8") from None
+    for lineno, text in text_lines(path):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno}); fix or delete that line "
+                "(one JSON object per line)"
+            ) from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}; fix that line")
+        if n >= offset and (end is None or n < end):
+            kept.append(Line(n, lineno, record))
+        n += 1
     if n == 0:
         raise UserError(f"{key}: '{path}' has no records; run the data_preparation stage again or fix the path")
     if not kept:

@@ -13,12 +13,14 @@ from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
 
-from stages.common.checks import Need, StageCheck, Trainer, boolean, check_trainer, positive_int, require_gpu
+from stages.common.checks import (Need, StageCheck, Trainer, boolean, check_keys, check_trainer, number, positive_int,
+                                  require_gpu, stage_keys)
 from stages.common.errors import UserError
 from stages.engine.base_model import architecture, check_reference
 from stages.engine.template import TaskTemplate, parse_templates
 from stages.prompt_learning.identity import ignored_keys
 from stages.engine.layer_compile import check_compiler
+from stages.prompt_learning.keys import OPTIONAL
 from stages.prompt_learning.parallel.layout import ParallelLayout, check_model_for_layout, layout_from_config
 
 STAGE = "prompt_learning"
@@ -104,11 +106,11 @@ def check_batching_flags(m: Any) -> tuple[bool, bool]:
 
 
 def check_p_tuning_dropout(m: Any, style: str, model_parallel: bool) -> None:
-    """P-tuning under tensor/pipeline parallelism needs dropout 0: every tensor-parallel rank recomputes the prompt
-    encoder, and the results must agree."""
+    """``model.p_tuning.dropout`` in [0, 1); 0 under tensor/pipeline parallelism with P-tuning: every tensor-parallel
+    rank recomputes the prompt encoder, and the results must agree."""
+    dropout = number((m.get("p_tuning") or {}).get("dropout", 0.0) or 0.0, f"{KEY}.p_tuning.dropout", 0, 1, high_open=True)
     if style != "p-tuning" or not model_parallel:
         return
-    dropout = float((m.get("p_tuning") or {}).get("dropout", 0.0) or 0.0)
     if dropout > 0:
         raise UserError(f"{KEY}.p_tuning.dropout={dropout}: P-tuning with tensor/pipeline parallelism needs dropout 0 "
                         "(every tensor-parallel rank recomputes the prompt encoder and the results must agree); set "
@@ -133,8 +135,14 @@ def check(sc: Any) -> StageCheck:
     return check_config(sc).stage
 
 
+def known_keys() -> frozenset[str]:
+    """The keys a ``prompt_learning`` config may have (the registry's entry for the strict-key check)."""
+    return stage_keys(STAGE, OPTIONAL)
+
+
 def check_config(sc: Any) -> Checked:
     """Every rule of the ``prompt_learning`` config that needs neither the data nor the loaded model."""
+    check_keys(sc, known_keys(), STAGE)
     trainer = check_trainer(sc, STAGE)
     t, m = sc.trainer, sc.get("model")
     if m is None:
@@ -163,8 +171,8 @@ def check_config(sc: Any) -> Checked:
     check_p_tuning_dropout(m, tasks.style, layout.is_model_parallel)
     if tasks.existing:
         result.reads.append(Need(str(m.get("restore_path")), f"{KEY}.restore_path",
-                                 "point it at a prompt artifact written by an earlier run"))
-    result.reads += _check_data(m)
+                                 "point it at a prompt artifact written by an earlier run", folder=True))
+    result.reads += _check_data(m, tasks)
     share_prefix, length_bucketing = check_batching_flags(m)
     _check_optim(m)
     _check_limits(t)
@@ -192,8 +200,9 @@ def _check_model_layout(path: Any, layout: ParallelLayout) -> None:
         raise
 
 
-def _check_data(m: Any) -> list[Need]:
-    """``model.data``: the train and validation files, the sequence length and the example limits."""
+def _check_data(m: Any, tasks: Tasks) -> list[Need]:
+    """``model.data``: the train and validation files, the sequence lengths (room for text after every template's
+    virtual tokens), the example limits and the loader workers."""
     data = m.get("data")
     if data is None:
         raise UserError(f"{KEY}.data: missing; give train_ds and validation_ds")
@@ -205,38 +214,63 @@ def _check_data(m: Any) -> list[Need]:
         if not files:
             raise UserError(f"{KEY}.data.{key}: empty; list one or more JSONL files")
         reads += [Need(str(f), f"{KEY}.data.{key}", "run the data_preparation stage first or fix the path") for f in files]
-    positive_int(data.get("max_seq_length", 1), f"{KEY}.data.max_seq_length")
+    longest = positive_int(data.get("max_seq_length", 1), f"{KEY}.data.max_seq_length")
+    shortest = positive_int(data.get("min_seq_length") or 1, f"{KEY}.data.min_seq_length")   # null: 1
+    if shortest > longest:
+        raise UserError(f"{KEY}.data.min_seq_length: {shortest} is above {KEY}.data.max_seq_length={longest}, so every "
+                        f"example would be dropped; lower it")
+    for name in tasks.new + tasks.existing:
+        virtual = tasks.templates[name].total_virtual_tokens
+        if virtual >= longest:
+            raise UserError(f"{KEY}.data.max_seq_length: {longest} leaves no room for text after the {virtual} virtual "
+                            f"tokens of task '{name}'; raise it well above {virtual}")
     for key in ("max_train_examples", "max_val_examples"):
         if data.get(key) is not None:
             positive_int(data.get(key), f"{KEY}.data.{key}")
+    workers = data.get("num_workers", 0)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise UserError(f"{KEY}.data.num_workers: must be an integer >= 0 (0 = load in the main process), got {workers!r}")
     return reads
 
 
 def _check_optim(m: Any) -> None:
-    """Optimizer and schedule: caught here instead of minutes into the job."""
+    """Optimizer, its hyper-parameters and the schedule: caught here instead of minutes into the job."""
     optim = m.get("optim") or {}
     name = str(optim.get("name", "adamw")).lower()
     if name not in OPTIMIZERS:
         raise UserError(f"{KEY}.optim.name: '{optim.get('name')}' is not one of {', '.join(OPTIMIZERS)}")
-    lr = optim.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise UserError(f"{KEY}.optim.lr: must be a number > 0, got {lr!r}")
+    number(optim.get("lr"), f"{KEY}.optim.lr", 0, low_open=True)
+    number(optim.get("weight_decay", 0.0), f"{KEY}.optim.weight_decay", 0)
+    betas = optim.get("betas", [0.9, 0.999])
+    if not isinstance(betas, (list, ListConfig)) or len(betas) != 2:
+        raise UserError(f"{KEY}.optim.betas: must be two numbers in [0, 1) such as [0.9, 0.98], got {betas!r}")
+    for i, beta in enumerate(betas):
+        number(beta, f"{KEY}.optim.betas[{i}]", 0, 1, high_open=True)
     sched = optim.get("sched") or {}
     if str(sched.get("name", "constant")) not in SCHEDULES:
         raise UserError(f"{KEY}.optim.sched.name: '{sched.get('name')}' is not one of {', '.join(SCHEDULES)}")
     warmup = sched.get("warmup_steps", 0)
     if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
         raise UserError(f"{KEY}.optim.sched.warmup_steps: must be an integer >= 0, got {warmup!r}")
+    number(sched.get("min_lr", 0.0), f"{KEY}.optim.sched.min_lr", 0)
 
 
 def _check_limits(t: Any) -> None:
-    """``trainer.max_steps`` / ``max_epochs``: positive or -1, and not both unlimited."""
+    """``trainer.max_steps`` / ``max_epochs`` (positive or -1, not both unlimited), ``val_check_interval``,
+    ``log_every_n_steps`` and ``gradient_clip_val``."""
     steps, epochs = t.get("max_steps", -1), t.get("max_epochs", -1)
     for key, value in (("max_steps", steps), ("max_epochs", epochs)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1):
             raise UserError(f"{STAGE}.trainer.{key}: must be a positive integer or -1 (no limit), got {value!r}")
     if (steps is None or steps == -1) and (epochs is None or epochs == -1):
         raise UserError(f"{STAGE}.trainer.max_steps: -1 together with max_epochs=-1 would train forever; set one of them")
+    every = t.get("val_check_interval", 1.0)
+    if isinstance(every, bool) or not (isinstance(every, int) and every >= 1 or isinstance(every, float) and 0 < every <= 1):
+        raise UserError(f"{STAGE}.trainer.val_check_interval: must be an integer >= 1 (train batches between "
+                        f"validations) or a fraction in (0, 1] of an epoch, got {every!r}")
+    positive_int(t.get("log_every_n_steps", 10), f"{STAGE}.trainer.log_every_n_steps")
+    if t.get("gradient_clip_val") is not None:
+        number(t.gradient_clip_val, f"{STAGE}.trainer.gradient_clip_val", 0)
 
 
 def _check_exp_manager(sc: Any) -> str | None:

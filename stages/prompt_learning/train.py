@@ -198,6 +198,11 @@ class PromptLearningRecipe:
             _files(d.get("train_ds")), self.templates, self.info, key="prompt_learning.model.data.train_ds",
             max_examples=d.get("max_train_examples"), records=self.train_records, builder=builder, group_sample=share,
             **common)
+        for name in self.tasks.new:   # a new task with no examples would have no gradient at all
+            if not self.train_stats.per_task.get(name):
+                raise UserError(f"prompt_learning.model.data.train_ds: no training examples of the new task '{name}' "
+                                f"(examples per task: {dict(self.train_stats.per_task)}); add records with taskname "
+                                f"'{name}' or remove it from prompt_learning.model.new_tasks")
         self.val_ex, self.val_stats = ([], None)
         if self.val_files:
             self.val_ex, self.val_stats = build_dataset(

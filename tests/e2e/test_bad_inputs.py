@@ -10,6 +10,7 @@ data/model/checkpoint cases below, which only the stage can see, run through the
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,67 @@ PRELAUNCH = [
     (["cluster_type=slurm", "cluster.signal=B:USR1@120"], "cluster.signal: 'B:USR1@120' would signal only the batch shell"),
     (["cluster_type=slurm", "cluster.signal=USR1@7200"],
      "cluster.signal: USR1@7200 asks for the signal 7200 s before the time limit, but prompt_learning.run.time_limit is 01:00:00"),
+    # strict keys: a key nothing reads is refused with the nearest known one
+    (["+prompt_learning.trainer.max_step=5"],
+     "prompt_learning.trainer.max_step: unknown key (nothing reads it); did you mean prompt_learning.trainer.max_steps?"),
+    (["prompt_learning.trainer.max_step=5"],
+     "command line: prompt_learning.trainer.max_step: unknown key (nothing reads it); did you mean prompt_learning.trainer.max_steps?"),
+    (["+prompt_learning.max_steps=5"],
+     "prompt_learning.max_steps: unknown key (nothing reads it); did you mean prompt_learning.trainer.max_steps?"),
+    (["stages=[data_preparation]", "+evaluation.data.max_example=5"],   # a stage that is not run is checked too
+     "evaluation.data.max_example: unknown key (nothing reads it); did you mean evaluation.data.max_examples?"),
+    (["+data_preparation.forced=true"], "data_preparation.forced: unknown key (nothing reads it); did you mean data_preparation.force?"),
+    (["+prompt_learning.model.task_templates.0.answer_feld=x"],
+     "prompt_learning.model.task_templates[0].answer_feld: unknown key (nothing reads it); did you mean "
+     "prompt_learning.model.task_templates[0].answer_field?"),
+    (["+cluster.partitio=batch"], "cluster.partitio: unknown key (nothing reads it); did you mean cluster.partition?"),
+    (["+dryrun=true"], "dryrun: unknown key (nothing reads it); did you mean dry_run?"),
+    (["+prompt_learning.run.foo=1"], "prompt_learning.run.foo: unknown key (nothing reads it); remove it (known keys under "
+     "prompt_learning.run: dependency, model_train_name, name, nodes, results_dir, task_name, time_limit)"),
+    (["--config-dir", "{tmp}/my_conf", "prompt_learning=typo"],   # a user's own config is held to the same keys
+     "prompt_learning.model.optim.sched.warmup: unknown key (nothing reads it); did you mean "
+     "prompt_learning.model.optim.sched.warmup_steps?"),
+    # values caught before submission instead of in the job
+    (["prompt_learning.trainer.precision=fp8"],
+     "prompt_learning.trainer.precision: 'fp8' is not one of 32, 32-true, 16-mixed, bf16-mixed, 16, 16-true, bf16, bf16-true, "
+     "64, 64-true; set e.g. prompt_learning.trainer.precision=32"),
+    (["evaluation.trainer.precision=8"], "evaluation.trainer.precision: '8' is not one of 32, 32-true"),
+    (["prompt_learning.trainer.val_check_interval=0"],
+     "prompt_learning.trainer.val_check_interval: must be an integer >= 1 (train batches between validations) or a fraction "
+     "in (0, 1] of an epoch, got 0"),
+    (["prompt_learning.trainer.val_check_interval=1.5"], "prompt_learning.trainer.val_check_interval: must be an integer >= 1"),
+    (["prompt_learning.trainer.log_every_n_steps=0"], "prompt_learning.trainer.log_every_n_steps: must be a positive integer, got 0"),
+    (["prompt_learning.trainer.gradient_clip_val=-1"], "prompt_learning.trainer.gradient_clip_val: must be a number >= 0, got -1"),
+    (["prompt_learning.model.optim.lr=0"], "prompt_learning.model.optim.lr: must be a number > 0, got 0"),
+    (["prompt_learning.model.optim.sched.min_lr=-1e-5"], "prompt_learning.model.optim.sched.min_lr: must be a number >= 0, got -1e-05"),
+    (["prompt_learning.model.optim.weight_decay=-0.1"], "prompt_learning.model.optim.weight_decay: must be a number >= 0, got -0.1"),
+    (["prompt_learning.model.optim.betas=[0.9,1.2]"], "prompt_learning.model.optim.betas[1]: must be a number in [0, 1), got 1.2"),
+    (["prompt_learning.model.optim.betas=[0.9]"],
+     "prompt_learning.model.optim.betas: must be two numbers in [0, 1) such as [0.9, 0.98], got [0.9]"),
+    (["prompt_learning.model.p_tuning.dropout=1.5"], "prompt_learning.model.p_tuning.dropout: must be a number in [0, 1), got 1.5"),
+    (["prompt_learning.model.global_batch_size=4"],
+     "prompt_learning.model.global_batch_size: 4 is smaller than prompt_learning.model.micro_batch_size x data-parallel size = "
+     "8x1; raise it or lower the micro batch size"),
+    (["prompt_learning.model.data.max_seq_length=16"],
+     "prompt_learning.model.data.max_seq_length: 16 leaves no room for text after the 20 virtual tokens of task 'squad'; "
+     "raise it well above 20"),
+    (["prompt_learning.model.data.min_seq_length=500"],
+     "prompt_learning.model.data.min_seq_length: 500 is above prompt_learning.model.data.max_seq_length=192, so every example "
+     "would be dropped; lower it"),
+    (["prompt_learning.model.data.num_workers=-1"],
+     "prompt_learning.model.data.num_workers: must be an integer >= 0 (0 = load in the main process), got -1"),
+    (["evaluation.inference.tokens_to_generate=0"], "evaluation.inference.tokens_to_generate: must be an integer >= 1, got 0"),
+    (["evaluation.data.batch_size=0"], "evaluation.data.batch_size: must be an integer >= 1, got 0"),
+    # a folder where a file is expected, a file where a folder is
+    (["prompt_learning.model.data.train_ds=[{tmp}/not_a_model]"],
+     "prompt_learning.model.data.train_ds: '{tmp}/not_a_model' is a folder, not a file; name the file itself"),
+    (["evaluation.data.test_ds={tmp}/not_a_model"],
+     "evaluation.data.test_ds: '{tmp}/not_a_model' is a folder, not a file; name the file itself"),
+    (["wandb_api_key_file={tmp}/not_a_model"], "wandb_api_key_file: '{tmp}/not_a_model' is a folder, not a file; name the file itself"),
+    (["evaluation.model.artifact_path={tmp}/not_a_model/weights.bin"],
+     "evaluation.model.artifact_path: '{tmp}/not_a_model/weights.bin' is a file, not a folder; name the folder"),
+    (["prompt_learning.model.language_model_path={tmp}/not_a_model/weights.bin"],
+     "prompt_learning.model.language_model_path={tmp}/not_a_model/weights.bin: is a file but not a .gguf"),
 ]
 
 
@@ -52,11 +114,16 @@ PRELAUNCH = [
 def test_prelaunch_bad_input(tmp_path, args, needle):
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "weights.bin").write_bytes(b"x")
+    (tmp_path / "my_conf" / "prompt_learning").mkdir(parents=True)
+    (tmp_path / "my_conf" / "prompt_learning" / "typo.yaml").write_text(
+        "defaults:\n  - /prompt_learning/gpt/squad_cpu@_here_\n  - _self_\nmodel:\n  optim:\n    sched:\n      warmup: 5\n")
     results = tmp_path / "results"
-    out = run_main([f"base_results_dir={results}", f"data_dir={tmp_path}/data", *(a.format(tmp=tmp_path) for a in args)])
+    args = [a.format(tmp=tmp_path) for a in args]
+    flags = args[:2] if args[0] == "--config-dir" else []   # Hydra takes its flags before the overrides
+    out = run_main([*flags, f"base_results_dir={results}", f"data_dir={tmp_path}/data", *args[len(flags):]])
     assert out.returncode == 2, (out.stdout, out.stderr)
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle.format(tmp=tmp_path) in lines[0], out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert not results.exists(), "nothing may be written for a rejected config"
 
@@ -176,13 +243,61 @@ def _stage_case(case: str, tmp: Path, tiny: str):
                      f"prompt_learning.exp_manager.resume_if_exists=false (the previous outputs are moved aside), or "
                      f"continue it anyway with prompt_learning.exp_manager.resume_ignore_changes=[model.data.train_ds,"
                      f"train_examples]")
+    if case in ("non_utf8_train_file", "non_utf8_validation_file"):
+        f.write_bytes(json.dumps(RECS[0]).encode() + b"\n" + json.dumps(RECS[1]).encode()[:20] + b"\xff\xfe" + b"\n")
+        cfg = make_cfg(tmp, tiny, train=str(f)) if case == "non_utf8_train_file" else make_cfg(tmp, tiny, val=str(f))
+        return cfg, f"{f}:2: not UTF-8 text (byte 20 of the line: invalid start byte); re-save the file as UTF-8"
+    if case == "empty_validation_file":
+        bad = _jsonl(f, [])
+        return make_cfg(tmp, tiny, val=bad), f"prompt_learning.model.data.validation_ds: {bad} has no records"
+    if case == "template_field_missing_in_record":
+        rec = {k: v for k, v in RECS[1].items() if k != "question"}
+        bad = _jsonl(f, [RECS[0], rec])
+        return make_cfg(tmp, tiny, train=bad), (f"{bad}:2: record has no field 'question' required by the template of task "
+                                                f"'squad'; add it or fix the template")
+    if case == "new_task_without_training_records":
+        sent = {**SQUAD_T, "taskname": "sent"}
+        cfg = make_cfg(tmp, tiny, templates=(SQUAD_T, sent), new_tasks=("squad", "sent"))
+        OmegaConf.update(cfg, "model.prompt_tuning.new_prompt_init_methods", ["random"], merge=False)
+        return cfg, ("prompt_learning.model.data.train_ds: no training examples of the new task 'sent' (examples per task: "
+                     "{'squad': 24}); add records with taskname 'sent' or remove it from prompt_learning.model.new_tasks")
+    if case in ("truncated_restore_artifact", "restore_path_is_a_file"):
+        art = _artifact_of_another_model(tmp)
+        tables = art / "prompts.safetensors"
+        tables.write_bytes(tables.read_bytes()[:40])
+        sent = {**SQUAD_T, "taskname": "sent"}
+        cfg = make_cfg(tmp, tiny, templates=(SQUAD_T, sent), new_tasks=("sent",),
+                       train=_jsonl(f, [{**r, "taskname": "sent"} for r in RECS]))
+        OmegaConf.update(cfg, "model.existing_tasks", ["squad"], merge=False)
+        if case == "restore_path_is_a_file":
+            OmegaConf.update(cfg, "model.restore_path", str(tables), merge=False)
+            return cfg, f"prompt_learning.model.restore_path: '{tables}' is a file, not a folder; name the folder"
+        OmegaConf.update(cfg, "model.restore_path", str(art), merge=False)
+        return cfg, (f"prompt_learning.model.restore_path={art}: {tables} is truncated or not a safetensors file "
+                     f"(SafetensorError: ")
+    if case == "train_ds_is_a_folder":
+        return make_cfg(tmp, tiny, train=str(tmp)), (f"prompt_learning.model.data.train_ds: '{tmp}' is a folder, not a file; "
+                                                     f"name the file itself")
+    if case == "init_file_truncated":
+        init = tmp / "init.npy"
+        init.write_bytes(b"\x93NUMPY\x01\x00")
+        cfg = make_cfg(tmp, tiny)
+        OmegaConf.update(cfg, "model.prompt_tuning.new_prompt_init_methods", ["file"], merge=False)
+        OmegaConf.update(cfg, "model.prompt_tuning.new_prompt_init_file", [str(init)], merge=False)
+        return cfg, f"prompt_learning.model.prompt_tuning.new_prompt_init_file: {init} is truncated or not a .npy file ("
+    if case == "unknown_key_in_hand_edited_config":
+        cfg = make_cfg(tmp, tiny)
+        OmegaConf.update(cfg, "trainer.max_step", 5, force_add=True)
+        return cfg, "prompt_learning.trainer.max_step: unknown key (nothing reads it); did you mean prompt_learning.trainer.max_steps?"
     raise AssertionError(case)
 
 
 STAGE_CASES = ["malformed_jsonl_line", "empty_answer", "answer_list_empty", "no_room_for_context_after_truncation",
                "unknown_taskname", "wrong_type_in_record", "empty_train_file", "model_config_json_corrupt",
                "model_weights_truncated", "model_without_tokenizer", "incompatible_artifact", "corrupt_checkpoint",
-               "checkpoint_of_another_config"]
+               "checkpoint_of_another_config", "non_utf8_train_file", "non_utf8_validation_file", "empty_validation_file",
+               "template_field_missing_in_record", "new_task_without_training_records", "truncated_restore_artifact",
+               "restore_path_is_a_file", "train_ds_is_a_folder", "init_file_truncated", "unknown_key_in_hand_edited_config"]
 
 
 @pytest.mark.parametrize("case", STAGE_CASES)
@@ -228,7 +343,99 @@ def test_evaluation_with_a_damaged_artifact(tmp_path, capsys):
     assert not (tmp_path / "results" / "metrics.json").exists()
 
 
-def test_the_suite_has_at_least_25_cases():
+def test_the_suite_has_at_least_60_cases():
     assert len(LAUNCHER_CASES) == 17   # run by tests/launcher/test_launcher.py::test_bad_inputs_give_one_line_and_write_nothing
-    total = len(LAUNCHER_CASES) + len(PRELAUNCH) + len(STAGE_CASES) + 1   # + the evaluation case
-    assert total >= 25, total
+    total = len(LAUNCHER_CASES) + len(PRELAUNCH) + len(STAGE_CASES) + 1 + 2 + 2   # + the evaluation cases, the two disk-full cases
+    assert total >= 60, total
+
+
+# ---- a full disk: the launcher's writes (a real full tmpfs, as root) and the stage's (a write that fails) ----------
+def _tiny_full_tmpfs(folder: Path) -> bool:
+    """Mount a 64 KiB tmpfs at ``folder`` and fill it; False where this process may not mount."""
+    import os
+    import subprocess
+
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        return False
+    try:
+        with open(folder / "filler", "wb") as fh:
+            fh.write(b"x" * (1 << 20))
+    except OSError:
+        pass
+    return True
+
+
+def test_launcher_disk_full(tmp_path):
+    import subprocess
+
+    full = tmp_path / "full"
+    if not _tiny_full_tmpfs(full):
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        results = full / "results"
+        out = run_main([f"base_results_dir={results}", f"data_dir={tmp_path}/data", "dry_run=true", "stages=[data_preparation]"])
+        assert out.returncode == 2, (out.stdout, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        hydra_yaml = results / "data_preparation" / "download_squad_hydra.yaml"
+        assert len(lines) == 1 and re.fullmatch(
+            rf"error: {re.escape(str(hydra_yaml))}: no space left on the device \([\d,]+ bytes to write, 0 bytes free "
+            rf"there\); free some space or write to another folder", lines[0]), out.stderr
+        assert not results.exists(), "the launcher removes the folders it created"
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_stage_disk_full(tmp_path, tiny, capsys, monkeypatch):
+    """The first file the stage writes (checkpoint, log or artifact) fails with ENOSPC: one line naming it."""
+    import errno
+    import os
+
+    from stages.prompt_learning.train import train
+
+    cfg = make_cfg(tmp_path / "case", tiny, max_steps=2)
+    config = tmp_path / "stage.yaml"
+    OmegaConf.save(cfg, config)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    capsys.readouterr()
+    assert run_stage(train, ["--config", str(config)]) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    log_dir = Path(cfg.exp_manager.explicit_log_dir)
+    assert len(errors) == 1 and re.fullmatch(rf"error: {re.escape(str(log_dir))}/\S+: no space left on the device "
+                                             rf"\([\d,]+ bytes free there\); free some space or write to another folder",
+                                             errors[0]), err
+    assert "Traceback" not in err + out
+    assert not Path(cfg.model.artifact_path).exists() and not (log_dir / "prompt_learning_summary.json").exists()
+    assert not list(log_dir.rglob(".*.tmp")), "no temporary file is left behind"
+
+
+# ---- evaluation: the test file and the artifact's tables ------------------------------------------------------------
+@pytest.mark.parametrize("case", ["non_utf8_test_file", "truncated_artifact_tables"])
+def test_evaluation_bad_input(tmp_path, capsys, case):
+    from stages.evaluation.evaluate import evaluate
+    from tests.support.evaluation import SQUAD_RECORDS, make_cfg as eval_cfg, write_jsonl
+
+    test_ds = write_jsonl(tmp_path / "test.jsonl", SQUAD_RECORDS)
+    art = _artifact_of_another_model(tmp_path)
+    if case == "non_utf8_test_file":
+        test_ds.write_bytes(test_ds.read_bytes() + b"{\"question\": \"caf\xe9\"}\n")
+        needle = f"{test_ds}:{len(SQUAD_RECORDS) + 1}: not UTF-8 text (byte 17 of the line: invalid continuation byte); re-save the file as UTF-8"
+    else:
+        tables = art / "prompts.safetensors"
+        tables.write_bytes(tables.read_bytes()[:40])
+        needle = f"evaluation.model.artifact_path={art}: {tables} is truncated or not a safetensors file (SafetensorError: "
+    cfg = eval_cfg(tmp_path, test_ds, art)
+    config = tmp_path / "eval.yaml"
+    OmegaConf.save(cfg, config)
+    assert run_stage(evaluate, ["--config", str(config)]) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], err
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "results" / "metrics.json").exists()

@@ -86,6 +86,9 @@ def make_layout(
             f"world size {world} (trainer.devices x trainer.num_nodes); change the devices or the parallel sizes"
         )
     dp = world // (tp * pp)
+    if gbs < mbs * dp:
+        raise UserError(f"{m}global_batch_size: {gbs} is smaller than {m}micro_batch_size x data-parallel size = "
+                        f"{mbs}x{dp}; raise it or lower the micro batch size")
     if gbs % (mbs * dp):
         raise UserError(
             f"{m}global_batch_size: {gbs} is not a multiple of {m}micro_batch_size x data-parallel size = "

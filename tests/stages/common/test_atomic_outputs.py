@@ -3,6 +3,9 @@ the final name, and the stage that would read it next does not take it for compl
 """
 from __future__ import annotations
 
+import errno
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from stages.common import io
+from stages.common.errors import UserError
 from tests.support.launcher import ROOT, run_main
 
 
@@ -177,11 +181,11 @@ def test_rendered_script_interrupted_is_not_left_half_written(tmp_path, monkeypa
     calls = {"n": 0}
     real_atomic = io.atomic_path
 
-    def flaky_atomic(path, suffix=""):
+    def flaky_atomic(path, suffix="", size=None):
         calls["n"] += 1
         if str(path).endswith("_local.sh"):
             raise Boom("killed while writing the script")
-        return real_atomic(path, suffix)
+        return real_atomic(path, suffix, size)
 
     monkeypatch.setattr(io, "atomic_path", flaky_atomic)
     from tests.support.launcher import compose_cfg
@@ -209,3 +213,17 @@ def test_metrics_csv_is_rewritten_whole_and_keeps_rows_before_the_resumed_step(t
     rows = csv.read_text().splitlines()
     assert rows[0] == "step,train_loss,val_loss" and [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
     assert leftovers(csv.parent) == []
+
+
+@pytest.mark.parametrize("code,what", [(errno.ENOSPC, "no space left on the device"), (errno.EDQUOT, "disk quota exceeded")])
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch, code, what):
+    def full(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "out" / "config.yaml"
+    with pytest.raises(UserError) as err:
+        io.write_text(target, "abc\n")
+    assert re.fullmatch(rf"{re.escape(str(target))}: {what} \(4 bytes to write, [\d,]+ bytes free there\); free some space "
+                        rf"or write to another folder", str(err.value))
+    assert os.listdir(tmp_path / "out") == []

@@ -1,0 +1,7 @@
+"""The keys of a ``data_preparation`` config: those of the shipped config (``conf/data_preparation/``) plus the ones
+below, which the stage reads with a default but no shipped config sets. A key that is neither is refused
+(``config.Settings.from_cfg``); ``tests/stages/common/test_keys.py`` fails when the stage reads a key that
+is neither shipped nor listed here."""
+from __future__ import annotations
+
+OPTIONAL: dict[str, str] = {}
