@@ -304,3 +304,22 @@ def test_stage_entry_reports_user_error_in_one_line(tmp_path, tiny):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == f"error: {bad}:1: record has no field 'question' required by the template of task 'squad'; add it or fix the template"
+
+
+def test_a_base_model_sharing_the_embeddings_is_still_another_model(trained, tiny, tmp_path):
+    """A fine-tune keeps the embedding rows; the fingerprint samples every weight, so the artifact tells it apart."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from stages.engine.prompted_model import PromptedModel
+
+    other = tmp_path / "finetuned"
+    shutil.copytree(tiny, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(k for k in weights if "mlp.down_proj" in k)
+    weights[name] = weights[name] + 0.01                 # one MLP matrix moved, embeddings and config untouched
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    art = trained[0].model.artifact_path
+    with pytest.raises(UserError, match=rf"artifact {art} was trained on base model .*but language_model_path points to {other}"):
+        PromptedModel.load(art, str(other))
