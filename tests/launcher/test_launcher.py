@@ -71,7 +71,7 @@ def test_nemo_recipe_values(tmp_path):
     assert run.name == "squad_gpt3_5b"
     assert run.results_dir == f"{tmp_path}/results/gpt3_5b/prompt_learning_squad"
     assert cfg.prompt_learning.trainer.devices == 8
-    resources = check_trainer(cfg.prompt_learning, "prompt_learning").resources()   # the .nemo base model is not loadable
+    resources = check_trainer(cfg.prompt_learning, "prompt_learning").resources()   # the recipe's .nemo base model is not on this machine
     spec = plan(cfg, {"prompt_learning": StageCheck(resources=resources)})[0].spec
     assert (spec.nodes, spec.tasks_per_node, spec.gpus_per_node) == (1, 8, 8)
 
@@ -92,7 +92,7 @@ def test_missing_inputs_warn_in_dry_run_and_fail_otherwise(tmp_path):
         (["prompt_learning.model.tensor_model_parallel_size=3", "prompt_learning.trainer.devices=2"], r"3x1 does not divide"),
         (["prompt_learning.model.global_batch_size=12"], r"not a multiple of prompt_learning.model.micro_batch_size"),
         (["prompt_learning.trainer.precision=bf16-mixed"], r"emulated"),
-        (["prompt_learning.model.language_model_path=/x/megatron_gpt.nemo"], r"cannot load"),
+        (["prompt_learning.model.language_model_path=/x/megatron_gpt.nemo"], r"language_model_path: '/x/megatron_gpt.nemo' does not exist"),
         (["prompt_learning.model.new_tasks=[boolq]"], r"'boolq' has no entry in model.task_templates"),
         (["prompt_learning.model.existing_tasks=[squad]"], r"also in existing_tasks"),
         (["prompt_learning.run.time_limit=tomorrow"], r"time_limit: 'tomorrow'"),

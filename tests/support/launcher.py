@@ -55,7 +55,7 @@ BAD_INPUTS = [
      "must end with {answer}"),
     (["stages=[prompt_learning]"], "prompt_learning.model.data.train_ds"),
     (["base_results_dir=/etc/hostname/results"], "base_results_dir: cannot create"),
-    (["prompt_learning.model.language_model_path=/models/gpt.nemo"], "NeMo/Megatron checkpoint"),
+    (["prompt_learning.model.language_model_path=/models/gpt.nemo"], "language_model_path: '/models/gpt.nemo' does not exist"),
     (["base_results_dir=${nope}"], "cannot resolve interpolation"),
     (["+env_vars.BAD-NAME=1"], "env_vars.BAD-NAME"),
     (["data_preparation.source=local", "data_preparation.local_dir=/nonexistent"], "data_preparation.local_dir"),

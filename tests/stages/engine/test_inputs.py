@@ -146,8 +146,11 @@ def test_model_path_errors(tmp_path):
     with pytest.raises(UserError, match=r"^model\.language_model_path: '/nope/model' does not exist; set model\.language_model_path to a Hugging Face"):
         resolve("/nope/model")
     (tmp_path / "m.nemo").write_text("x")
-    with pytest.raises(UserError, match=r"a NeMo/Megatron checkpoint, which this engine cannot load.*accepted: a Hugging Face model folder"):
+    with pytest.raises(UserError, match=r"^model\.language_model_path=.*m\.nemo: not a readable \.nemo archive"):
         resolve(str(tmp_path / "m.nemo"))
+    (tmp_path / "m.bin").write_text("x")
+    with pytest.raises(UserError, match=r"m\.bin: is a file but not a \.gguf or \.nemo; accepted: a Hugging Face model folder"):
+        resolve(str(tmp_path / "m.bin"))
     with pytest.raises(UserError, match=r"x\.gguf' does not exist"):
         resolve(str(tmp_path / "x.gguf"))
     with pytest.raises(UserError, match="embedded:"):

@@ -1,0 +1,17 @@
+"""NeMo 1.x ``.nemo`` GPT base models, read without NeMo or Megatron and written as a Hugging Face folder.
+
+Why here: NVIDIA froze prompt learning at NeMo 1.x, so the users of the NeMo launcher hold ``.nemo`` base models;
+the engine only tunes Hugging Face models. This package turns one ``.nemo`` (a tar, gzip or not, or its unpacked
+folder) into the files of an exactly equivalent HF model; :mod:`stages.engine.base_model` owns the cache and the
+atomic write, as for GGUF files.
+
+  * :mod:`.archive`: the container (tar / folder), its members and the ``nemo:<uuid>_<name>`` artifacts;
+  * :mod:`.gpt_config`: ``model_config.yaml`` with NeMo's defaults, and the one architecture mapping
+    (GPT-2 or Llama, anything else refused with the config key and value);
+  * :mod:`.weights`: the weight files (``model_weights.ckpt``, ``mp_rank_XX/``, ``tp_rank_XX_pp_rank_YYY/``),
+    legacy and mcore key names, merged into one canonical state;
+  * :mod:`.to_hf`: the canonical state as HF tensors, config and tokenizer.
+
+Not read yet: the distributed checkpoint ``model_weights/`` (zarr / torch_dist), legacy TransformerEngine names
+(``layernorm_qkv``, ``layernorm_mlp``), ``megatron_legacy`` QKV order, virtual pipeline stages.
+"""

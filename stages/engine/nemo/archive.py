@@ -1,0 +1,115 @@
+"""The ``.nemo`` container: a tar (uncompressed from NeMo 1.7, gzip before), members named ``./...``, or the same
+files in a folder (``pack_nemo_file=False``, or a user's ``tar -x``).
+
+Members are read in place (a seekable file object of the tar), never extracted, so a refused archive leaves
+nothing on disk. Every problem is one :class:`UserError` line naming the config key and the file.
+"""
+from __future__ import annotations
+
+import tarfile
+import zlib
+from pathlib import Path
+from contextlib import contextmanager
+from typing import IO, Iterator
+
+from stages.common.errors import UserError
+
+CONFIG = "model_config.yaml"
+
+
+class NemoArchive:
+    """The members of one ``.nemo`` by their name without ``./``; open with :meth:`open` (a context manager)."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path = path
+        self.key = key
+        self._tar: tarfile.TarFile | None = None
+        self._members: dict[str, tarfile.TarInfo] = {}
+        self.names: list[str] = []
+
+    def where(self) -> str:
+        return f"{self.key}={self.path}"
+
+    @contextmanager
+    def opened(self) -> Iterator["NemoArchive"]:
+        if self.path.is_dir():
+            self.names = sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file())
+            yield self
+            return
+        try:
+            self._tar = tarfile.open(self.path, "r:*")
+            members = self._tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            raise UserError(f"{self.where()}: not a readable .nemo archive (a tar, gzip or not): {exc}; copy the "
+                            "file again, it may be truncated") from None
+        size = self.path.stat().st_size
+        try:
+            for m in members:
+                if not m.isfile():
+                    continue
+                name = _clean(m.name)
+                if name is None:
+                    raise UserError(f"{self.where()}: member '{m.name}' leaves the archive (absolute or '..'); "
+                                    "refusing to read it")
+                if self._tar.fileobj is not None and not _gzip(self.path) and m.offset_data + m.size > size:
+                    raise UserError(f"{self.where()}: the archive is truncated (member '{m.name}' ends at byte "
+                                    f"{m.offset_data + m.size}, the file has {size}); copy the file again")
+                self._members[name] = m
+            self.names = sorted(self._members)
+            yield self
+        finally:
+            self._tar.close()
+            self._tar = None
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.member(name) as fh:
+            return fh.read()
+
+    @contextmanager
+    def member(self, name: str) -> Iterator[IO[bytes]]:
+        """A readable (and, for an uncompressed tar or a folder, seekable) file object of one member."""
+        if self._tar is None:
+            with open(self.path / name, "rb") as fh:
+                yield fh
+            return
+        fh = self._tar.extractfile(self._members[name])
+        assert fh is not None
+        try:
+            yield fh
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise UserError(f"{self.where()}: member '{name}' cannot be read ({exc}); the archive is damaged or "
+                            "truncated: copy the file again") from None
+        finally:
+            fh.close()
+
+    def artifact(self, value: str, config_key: str) -> str:
+        """The member a ``nemo:<uuid>_<name>`` config value names (also a bare basename or ``/artifacts/...``,
+        which older files hold: matched by the ending, as NeMo's own exporter does)."""
+        ref = value[len("nemo:"):] if value.startswith("nemo:") else value
+        base = ref.rsplit("/", 1)[-1]
+        if base in self.names:
+            return base
+        ends = [n for n in self.names if "/" not in n and n.endswith(base)]
+        if not ends:
+            raise UserError(f"{self.where()}: model_config.yaml {config_key}: {value} names a file the archive "
+                            f"does not hold (members: {', '.join(self.names[:8])}); the .nemo is incomplete: "
+                            "save or copy it again")
+        if len(ends) > 1:
+            raise UserError(f"{self.where()}: model_config.yaml {config_key}: {value} matches several members "
+                            f"({', '.join(ends)}); keep one")
+        return ends[0]
+
+
+def _clean(name: str) -> str | None:
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if name.startswith("/") or ".." in parts:
+        return None
+    return "/".join(parts)
+
+
+def _gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
