@@ -72,8 +72,9 @@ def parse(cfg: Any, where: str) -> GPTArch:
         v = cfg.get(k, default)
         return default if v is None and default is not None else v
 
-    def refuse(k: str, why: str) -> UserError:
-        return UserError(f"{where}: model_config.yaml {k}: {cfg.get(k)} {why}; promptlaunch loads only models it "
+    def refuse(k: str, why: str, value: Any = None) -> UserError:
+        shown = cfg[k] if k in cfg else f"{value} (NeMo's default)"
+        return UserError(f"{where}: model_config.yaml {k}: {shown} {why}; promptlaunch loads only models it "
                          "can map exactly (GPT-2: learned_absolute + layernorm + gelu; Llama: rope + rmsnorm + swiglu)")
 
     for k in ("num_layers", "hidden_size", "num_attention_heads"):
@@ -90,7 +91,7 @@ def parse(cfg: Any, where: str) -> GPTArch:
     if hidden % heads and "kv_channels" not in cfg:
         raise refuse("num_attention_heads", f"does not divide hidden_size {hidden}")
     if heads % groups:
-        raise refuse("num_query_groups", f"does not divide num_attention_heads {heads}")
+        raise refuse("num_query_groups", f"does not divide num_attention_heads {heads}", groups)
     position = get("position_embedding_type", "learned_absolute")
     norm = get("normalization", "layernorm")
     activation = get("activation", "gelu")
@@ -105,26 +106,26 @@ def parse(cfg: Any, where: str) -> GPTArch:
         tp=int(get("tensor_model_parallel_size", 1)), pp=int(get("pipeline_model_parallel_size", 1)), raw=cfg)
     if position == "learned_absolute":
         if norm != "layernorm":
-            raise refuse("normalization", "with learned_absolute positions (GPT-2 needs layernorm)")
+            raise refuse("normalization", "with learned_absolute positions (GPT-2 needs layernorm)", norm)
         if activation != "gelu":
-            raise refuse("activation", "with learned_absolute positions (GPT-2 needs gelu)")
+            raise refuse("activation", "with learned_absolute positions (GPT-2 needs gelu)", activation)
         if not bias:
-            raise refuse("bias", "with learned_absolute positions (GPT-2 has biases)")
+            raise refuse("bias", "with learned_absolute positions (GPT-2 has biases)", bias)
         if groups != heads:
-            raise refuse("num_query_groups", f"!= num_attention_heads {heads} (GPT-2 has no grouped attention)")
+            raise refuse("num_query_groups", f"!= num_attention_heads {heads} (GPT-2 has no grouped attention)", groups)
         if head_dim * heads != hidden:
-            raise refuse("kv_channels", f"x {heads} heads != hidden_size {hidden} (GPT-2 needs equal sizes)")
+            raise refuse("kv_channels", f"x {heads} heads != hidden_size {hidden} (GPT-2 needs equal sizes)", head_dim)
         gelu = "gelu_new" if fusion or get("openai_gelu", False) else "gelu"
         return GPTArch(family="gpt2", gated=False, gelu=gelu, **common)
     if position == "rope":
         if norm != "rmsnorm":
-            raise refuse("normalization", "with rope (Llama needs rmsnorm; rope + layernorm is not read yet)")
+            raise refuse("normalization", "with rope (Llama needs rmsnorm; rope + layernorm is not read yet)", norm)
         if activation not in ("swiglu", "fast-swiglu"):
-            raise refuse("activation", "with rope (Llama needs swiglu or fast-swiglu)")
+            raise refuse("activation", "with rope (Llama needs swiglu or fast-swiglu)", activation)
         if float(get("rotary_percentage", 1.0)) != 1.0:
-            raise refuse("rotary_percentage", "(Llama rotates the whole head)")
+            raise refuse("rotary_percentage", "(Llama rotates the whole head)", get("rotary_percentage", 1.0))
         return GPTArch(family="llama", gated=True, gelu="", **common)
-    raise refuse("position_embedding_type", "is not learned_absolute or rope")
+    raise refuse("position_embedding_type", "is not learned_absolute or rope", position)
 
 
 def hf_config(arch: GPTArch, vocab_size: int, tokenizer_ids: dict[str, int | None]) -> dict[str, Any]:
