@@ -246,7 +246,7 @@ def convert_nemo(source: Path, key: str = "model.language_model_path") -> Path:
         return _wait_for_rank0(done, source, target)
     log.info("converting %s -> %s (once; later runs reuse it)", source, target)
     t0 = time.monotonic()
-    to_hf.write(source, key, lambda: atomic_dir(target))
+    to_hf.write(source, key, lambda: atomic_dir(target), scratch=cache_root())
     log.info("converted in %.1fs", time.monotonic() - t0)
     return target
 

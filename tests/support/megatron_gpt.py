@@ -6,7 +6,8 @@ it, and are replaced for the run (neither changes a number):
 
   * ``torch.cuda.current_device()``, where megatron-core places the attention ``baddbmm`` buffer (``beta=0``: its
     content is never read) and moves the RoPE ``inv_freq``: answers ``"cpu"`` during :func:`logits`;
-  * the CUDA RNG tracker's ``fork`` (around attention dropout, which is 0 here, in eval mode): a no-op.
+  * the CUDA RNG tracker's ``fork`` (around attention dropout, which is 0 here, in eval mode): a no-op;
+  * ``torch.cuda.synchronize()`` before ``dist_checkpointing.save`` copies the (CPU) tensors: a no-op.
 
 The causal mask is passed explicitly (``True`` = masked), as Megatron's own GPT data path builds it.
 """
@@ -119,3 +120,15 @@ def tp_shards(model: Any, state: dict[str, Any], ranks: int, gated: bool) -> lis
     return shards
 
 
+
+
+def save_dist(model: Any, folder: Any) -> None:
+    """megatron-core's own distributed checkpoint of the model (its default backend, torch_dist) into ``folder``,
+    the keys under ``model.`` as NeMo's ``sharded_state_dict`` gives them."""
+    from unittest import mock
+
+    from megatron.core import dist_checkpointing
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with mock.patch("torch.cuda.current_device", return_value="cpu"), mock.patch("torch.cuda.synchronize"):
+        dist_checkpointing.save(model.sharded_state_dict(prefix="model."), str(folder))

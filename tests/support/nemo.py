@@ -148,13 +148,19 @@ def to_legacy_names(state: dict[str, Any], split_glu: bool = False) -> dict[str,
     return out
 
 
+def tree_files(folder: Path, under: str) -> dict[str, bytes]:
+    """Every file below ``folder`` as members under ``under/`` (a distributed checkpoint's ``model_weights/``)."""
+    return {f"{under}/{p.relative_to(folder)}": p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def write_nemo(target: Path, cfg: dict[str, Any], weights: dict[str, Any], *, gzip: bool = False,
-               folder: bool = False, drop: tuple[str, ...] = ()) -> Path:
+               folder: bool = False, drop: tuple[str, ...] = (), files: dict[str, bytes] | None = None) -> Path:
     """Write a .nemo: ``weights`` maps member paths (``model_weights.ckpt``, ``mp_rank_01/model_weights.ckpt``) to
-    state dicts; ``folder``: the unpacked folder instead; ``drop``: members to leave out."""
+    state dicts, ``files`` member paths to raw bytes; ``folder``: the unpacked folder instead; ``drop``: members
+    to leave out."""
     import torch
 
-    members: dict[str, bytes] = {"model_config.yaml": yaml.safe_dump(cfg).encode(), **tokenizer_files()}
+    members: dict[str, bytes] = {"model_config.yaml": yaml.safe_dump(cfg).encode(), **tokenizer_files(), **(files or {})}
     for name, state in weights.items():
         buf = io.BytesIO()
         torch.save(state, buf)

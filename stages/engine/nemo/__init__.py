@@ -10,8 +10,9 @@ atomic write, as for GGUF files.
     (GPT-2 or Llama, anything else refused with the config key and value);
   * :mod:`.weights`: the weight files (``model_weights.ckpt``, ``mp_rank_XX/``, ``tp_rank_XX_pp_rank_YYY/``),
     legacy and mcore key names, merged into one canonical state;
+  * :mod:`.dist_ckpt`: the distributed checkpoint ``model_weights/`` (``torch_dist`` backend);
   * :mod:`.to_hf`: the canonical state as HF tensors, config and tokenizer.
 
-Not read yet: the distributed checkpoint ``model_weights/`` (zarr / torch_dist), legacy TransformerEngine names
+Not read yet: the ``zarr`` backend of ``model_weights/``, legacy TransformerEngine names
 (``layernorm_qkv``, ``layernorm_mlp``), ``megatron_legacy`` QKV order, virtual pipeline stages.
 """

@@ -22,10 +22,11 @@ from .archive import CONFIG, NemoArchive
 _BPE_LIBRARIES = ("megatron", "huggingface")
 
 
-def write(path: Path, key: str, open_out: Callable[[], ContextManager[Path]]) -> None:
+def write(path: Path, key: str, open_out: Callable[[], ContextManager[Path]], scratch: Path | None = None) -> None:
     """Read the ``.nemo`` at ``path`` (``key`` names the config entry), then write the HF folder into the folder
     ``open_out()`` yields, with ``promptlaunch_source.json`` last. Every check and every read comes before
-    ``open_out`` is called, so a refused archive writes nothing."""
+    ``open_out`` is called, so a refused archive writes nothing (``scratch``: where a distributed checkpoint in a
+    tar is unpacked for reading, in a temporary folder removed afterwards)."""
     import yaml
 
     with NemoArchive(path, key).opened() as archive:
@@ -41,7 +42,7 @@ def write(path: Path, key: str, open_out: Callable[[], ContextManager[Path]]) ->
         arch = gpt_config.parse(cfg, where)
         tok_members = _tokenizer_members(archive, cfg)
         weights.weight_files(archive)          # no weights: one line before anything is read
-        state = weights.load(archive, arch)
+        state = weights.load(archive, arch, scratch)
         tensors = _hf_tensors(state, arch, where)
         vocab = int(state["embedding.word_embeddings.weight"].shape[0])
         tok_files = {name: archive.read_bytes(member) for name, member in tok_members.items()}

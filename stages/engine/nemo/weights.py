@@ -18,6 +18,7 @@ from typing import Any
 
 from stages.common.errors import UserError
 
+from . import dist_ckpt
 from .archive import NemoArchive
 from .gpt_config import GPTArch
 
@@ -61,6 +62,8 @@ def weight_files(archive: NemoArchive) -> dict[tuple[int, int], str]:
     where = archive.where()
     if archive.has("model_weights.ckpt"):
         return {(0, 0): "model_weights.ckpt"}
+    if dist_ckpt.has_dist_checkpoint(archive):
+        return {(0, 0): dist_ckpt.PREFIX}
     grid: dict[tuple[int, int], str] = {}
     for name in archive.names:
         m = _RANK_DIR.match(name)
@@ -68,10 +71,9 @@ def weight_files(archive: NemoArchive) -> dict[tuple[int, int], str]:
             tp = int(m.group(1) if m.group(1) is not None else m.group(2))
             grid[(tp, int(m.group(3) or 0))] = name
     if not grid:
-        if any(n.startswith("model_weights/") for n in archive.names):
-            raise UserError(f"{where}: holds a distributed checkpoint (model_weights/, NeMo >= 1.21 mcore), which "
-                            "promptlaunch does not read yet; save the model with model_weights.ckpt "
-                            "(dist_ckpt off) or convert it to a Hugging Face folder")
+        if any(n.startswith(dist_ckpt.PREFIX) for n in archive.names):
+            raise UserError(f"{where}: holds a distributed checkpoint folder {dist_ckpt.PREFIX} without its "
+                            "metadata.json; the .nemo is incomplete: save or copy it again")
         raise UserError(f"{where}: holds no weights (no model_weights.ckpt, mp_rank_XX/ or "
                         f"tp_rank_XX_pp_rank_YYY/; members: {', '.join(archive.names[:8]) or 'none'}); the .nemo "
                         "is incomplete: save or copy it again")
@@ -112,12 +114,15 @@ def canonical_name(key: str, where: str) -> str | None:
                     "path are not read yet)")
 
 
-def load(archive: NemoArchive, arch: GPTArch) -> dict[str, Any]:
-    """Read, rename and merge every weight file into the canonical state dict (fp32)."""
+def load(archive: NemoArchive, arch: GPTArch, scratch: Any = None) -> dict[str, Any]:
+    """Read, rename and merge every weight file into the canonical state dict (fp32); ``scratch``: where a
+    distributed checkpoint inside a tar is unpacked for reading (a temporary folder, removed after)."""
     import torch
 
     where = archive.where()
     grid = weight_files(archive)
+    if grid[(0, 0)] == dist_ckpt.PREFIX:
+        return _canonical(dist_ckpt.read(archive, arch.num_layers, scratch), f"{where}: {dist_ckpt.PREFIX}")
     tps = 1 + max(t for t, _ in grid)
     pps = 1 + max(p for _, p in grid)
     if arch.num_layers % pps:
@@ -164,13 +169,19 @@ def _read(archive: NemoArchive, member: str, where: str) -> dict[str, Any]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise UserError(f"{where}: {member} is not a state dict; the .nemo is damaged")
+    return _canonical(state, f"{where}: {member}")
+
+
+def _canonical(state: dict[str, Any], where: str) -> dict[str, Any]:
+    import torch
+
     out: dict[str, Any] = {}
     for key, value in state.items():
-        name = canonical_name(str(key), f"{where}: {member}")
+        name = canonical_name(str(key), where)
         if name is None:
             continue
         if not isinstance(value, torch.Tensor):
-            raise UserError(f"{where}: {member}: '{key}' is not a tensor; the .nemo is damaged")
+            raise UserError(f"{where}: '{key}' is not a tensor; the .nemo is damaged")
         out[name] = value.to(torch.float32)
     return out
 

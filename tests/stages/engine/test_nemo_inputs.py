@@ -47,13 +47,17 @@ def test_no_weights(tmp_path, cache):
     _refused(path, rf"^{KEY}=.*m\.nemo: holds no weights \(no model_weights\.ckpt, mp_rank_XX/", cache)
 
 
-def test_distributed_checkpoint_is_refused_for_now(tmp_path, cache):
-    folder = tmp_path / "dist"
-    folder.mkdir()
-    nemo.write_nemo(folder, nemo.gpt2_config(), {}, folder=True)
-    (folder / "model_weights").mkdir()
-    (folder / "model_weights" / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
-    _refused(folder, r"holds a distributed checkpoint \(model_weights/", cache)
+def test_distributed_checkpoint_zarr_or_incomplete(tmp_path, cache):
+    zarr = {"model_weights/metadata.json": b'{"sharded_backend": "zarr", "sharded_backend_version": 1}',
+            "model_weights/model.embedding.word_embeddings.weight/.zarray": b"{}"}
+    path = nemo.write_nemo(tmp_path / "m.nemo", nemo.gpt2_config(), {}, files=zarr)
+    _refused(path, r"m\.nemo: its distributed checkpoint uses the 'zarr' backend, which promptlaunch does not read yet",
+             cache)
+    path = nemo.write_nemo(tmp_path / "n.nemo", nemo.gpt2_config(), {}, files={"model_weights/common.pt": b"x"})
+    _refused(path, r"n\.nemo: holds a distributed checkpoint folder model_weights/ without its metadata\.json", cache)
+    torch_dist = {"model_weights/metadata.json": b'{"sharded_backend": "torch_dist"}'}
+    path = nemo.write_nemo(tmp_path / "o.nemo", nemo.gpt2_config(), {}, files=torch_dist)
+    _refused(path, r"o\.nemo: its distributed checkpoint model_weights/ cannot be read", cache)
 
 
 @pytest.mark.parametrize("over,needle", [

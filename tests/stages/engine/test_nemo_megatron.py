@@ -1,6 +1,7 @@
 """``.nemo`` GPT base models against megatron-core's own forward: the importer's HF folder gives the same logits
 (1e-5) as the megatron-core ``GPTModel`` whose state dict was saved, in every layout NeMo 1.x wrote (mcore names,
-TransformerEngine names, legacy names; one file, 2-way ``mp_rank_XX`` shards; tar, gzip tar, unpacked folder).
+TransformerEngine names, legacy names; one file, 2-way ``mp_rank_XX`` shards, megatron-core's own distributed
+checkpoint ``model_weights/`` (torch_dist, the backend it writes); tar, gzip tar, unpacked folder).
 
 Skipped when megatron-core is not installed (it is a test-only reference)."""
 from __future__ import annotations
@@ -97,3 +98,16 @@ def test_legacy_names_one_file_and_two_tp_shards(reference, tmp_path):
         files = {f"mp_rank_{r:02d}/model_weights.ckpt": nemo.to_legacy_names(s, split_glu=True)
                  for r, s in enumerate(shards)}
         _check(nemo.write_nemo(tmp_path / "legacy_swiglu_tp2.nemo", slow, files), expected, family)
+
+
+def test_distributed_checkpoint_written_by_megatron_core(reference, tmp_path):
+    family, cfg, model, expected = reference
+    saved = tmp_path / "saved"
+    megatron_gpt.save_dist(model, saved)
+    assert json.loads((saved / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    files = nemo.tree_files(saved, "model_weights")
+    _check(nemo.write_nemo(tmp_path / "dist.nemo", cfg, {}, files=files), expected, family)
+    folder = tmp_path / "unpacked"
+    folder.mkdir()
+    _check(nemo.write_nemo(folder, cfg, {}, files=files, folder=True), expected, family)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]   # scratch removed
