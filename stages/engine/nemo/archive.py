@@ -40,9 +40,13 @@ class NemoArchive:
             self._tar = tarfile.open(self.path, "r:*")
             members = self._tar.getmembers()
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            if self._tar is not None:
+                self._tar.close()
+                self._tar = None
             raise UserError(f"{self.where()}: not a readable .nemo archive (a tar, gzip or not): {exc}; copy the "
                             "file again, it may be truncated") from None
         size = self.path.stat().st_size
+        compressed = _gzip(self.path)   # member offsets are positions in the decompressed stream then
         try:
             for m in members:
                 if not m.isfile():
@@ -51,7 +55,7 @@ class NemoArchive:
                 if name is None:
                     raise UserError(f"{self.where()}: member '{m.name}' leaves the archive (absolute or '..'); "
                                     "refusing to read it")
-                if self._tar.fileobj is not None and not _gzip(self.path) and m.offset_data + m.size > size:
+                if not compressed and m.offset_data + m.size > size:
                     raise UserError(f"{self.where()}: the archive is truncated (member '{m.name}' ends at byte "
                                     f"{m.offset_data + m.size}, the file has {size}); copy the file again")
                 self._members[name] = m
