@@ -9,6 +9,11 @@ Folder layout (written atomically as a whole)::
     export/npy/<task>.npy      the same tables as numpy arrays
     export/peft/<task>/        PEFT PROMPT_TUNING adapter (adapter_config.json + adapter_model.safetensors) and
                                promptlaunch_input.json (the text and tokenizer call that give the trained tokens)
+    export/nemo/<task>.nemo    NeMo 1.20-1.23 prompt-learning file (encoder_type: embedding); nemo-1.17/ for NeMo
+                               1.17-1.19, nemo-1.16/ for NeMo <= 1.16 (virtual_prompt_style: inference)
+
+``load_artifact`` also reads a NeMo prompt-learning ``.nemo`` (a file, or an unpacked folder with
+``model_config.yaml`` and no ``artifact.json``): :mod:`stages.engine.nemo.prompts`.
 
 The exports and what to feed them: ``export.py``.
 """
@@ -65,17 +70,24 @@ def save_artifact(path: str | Path, *, tables: dict[str, torch.Tensor], template
         save_file({f"prompt_table.{k}": v.to(torch.float32).contiguous() for k, v in tables.items()}, str(tmp / TABLES),
                   metadata={"format": "promptlaunch", "format_version": str(FORMAT_VERSION)})
         write_json(tmp / META, meta)
-        write_exports(tmp / "export", tables, base, family, export_specs or {})
+        write_exports(tmp / "export", tables, base, family, export_specs or {}, templates)
     return path
 
 
 def load_artifact(path: str | Path, key: str = "model.artifact_path") -> tuple[dict[str, Any], dict[str, TaskTemplate], dict[str, torch.Tensor]]:
-    """(meta, templates, tables); a missing or malformed artifact is a UserError naming ``key``."""
+    """(meta, templates, tables); a missing or malformed artifact is a UserError naming ``key``.
+
+    The format is decided here, by content: a folder with ``artifact.json`` is ours; a file, or a folder with
+    ``model_config.yaml`` and no ``artifact.json``, is a NeMo prompt-learning ``.nemo`` (meta ``format: nemo``)."""
     from safetensors.torch import load_file
 
     p = Path(str(path)).expanduser()
+    if is_nemo_prompt(p):
+        from .nemo import prompts as nemo_prompts
+
+        return nemo_prompts.load(p, key)
     if not (p / META).is_file() or not (p / TABLES).is_file():
-        raise UserError(f"{key}={path}: not a prompt artifact (needs {META} and {TABLES}); point it at the artifact_path of a prompt_learning run")
+        raise UserError(f"{key}={path}: not a prompt artifact (needs {META} and {TABLES}); point it at the artifact_path of a prompt_learning run or a NeMo prompt-learning .nemo")
     try:
         meta = json.loads((p / META).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -97,6 +109,11 @@ def load_artifact(path: str | Path, key: str = "model.artifact_path") -> tuple[d
     return meta, templates, tables
 
 
+def is_nemo_prompt(p: Path) -> bool:
+    """A NeMo ``.nemo`` rather than our artifact folder (see :func:`load_artifact`)."""
+    return p.is_file() or (p.is_dir() and not (p / META).exists() and (p / "model_config.yaml").is_file())
+
+
 FAMILY_KINDS = {"gpt": "decoder-only", "t5": "encoder-decoder"}
 
 
@@ -111,6 +128,14 @@ def check_base(meta: dict[str, Any], artifact_path: str | Path, fingerprint: dic
             f"({FAMILY_KINDS.get(family, '?')}) model; prompts do not transfer between model families: use the base "
             f"model the prompts were tuned on, or re-tune the prompts for this model"
         )
+    if meta.get("format") == "nemo":   # a NeMo prompt file records no fingerprint: the hidden size is all we can check
+        if want.get("hidden_size") != fingerprint.get("hidden_size"):
+            raise UserError(
+                f"NeMo prompt file {artifact_path} holds prompts of hidden size {want.get('hidden_size')} (NeMo base "
+                f"model {want.get('language_model_path')}), but {key} points to {language_model_path}, hidden size "
+                f"{fingerprint.get('hidden_size')}; use the base model the prompts were tuned on"
+            )
+        return
     got_fp = fingerprint.get("sha256")
     recorded = want.get("fingerprint", {})
     if recorded.get("sha256") != got_fp or recorded.get("weights_sha256", fingerprint.get("weights_sha256")) != \

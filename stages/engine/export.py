@@ -4,6 +4,11 @@
     export/peft/<task>/adapter_config.json       a PEFT PROMPT_TUNING adapter ...
     export/peft/<task>/adapter_model.safetensors ... holding the same table
     export/peft/<task>/promptlaunch_input.json   what to feed that adapter (see below)
+    export/nemo/<task>.nemo                      NeMo 1.20-1.23 prompt-learning file (encoder_type: embedding)
+    export/nemo/nemo-1.17/<task>.nemo            the same for NeMo 1.17-1.19 (the table's indices persistent)
+    export/nemo/nemo-1.16/<task>.nemo            NeMo <= 1.16 (virtual_prompt_style: inference)
+
+The NeMo layouts and what was (and was not) checked: :mod:`stages.engine.nemo.prompts`.
 
 Why ``promptlaunch_input.json``: the engine tokenises every template piece on its own (``examples.py``), while a PEFT
 user tokenises the whole text. The two give the same ids for most records of a byte-level BPE vocabulary, not
@@ -120,7 +125,7 @@ def input_spec(family: Any, template: TaskTemplate, records: Sequence[dict[str, 
 
 
 def write_exports(folder: Path, tables: dict[str, torch.Tensor], base: dict[str, Any], family: str,
-                  specs: dict[str, dict[str, Any]]) -> None:
+                  specs: dict[str, dict[str, Any]], templates: dict[str, TaskTemplate] | None = None) -> None:
     """``export/npy`` and ``export/peft`` for every task (inside the artifact's temporary folder)."""
     import numpy as np
     from safetensors.torch import save_file
@@ -152,3 +157,21 @@ def write_exports(folder: Path, tables: dict[str, torch.Tensor], base: dict[str,
             save_file({"prompt_embeddings": table.contiguous()}, str(tmp))
         if task in specs:
             write_json(peft / INPUT_SPEC, specs[task])
+    if templates is not None:
+        write_nemo_exports(folder / "nemo", tables, templates, base, family)
+
+
+NEMO_EXPORTS = {"1.20": "", "1.17": "nemo-1.17", "1.16": "nemo-1.16"}   # layout -> folder under export/nemo/
+
+
+def write_nemo_exports(folder: Path, tables: dict[str, torch.Tensor], templates: dict[str, TaskTemplate],
+                       base: dict[str, Any], family: str) -> None:
+    """``export/nemo``: every task with virtual tokens, one ``.nemo`` per task and NeMo layout."""
+    from .nemo import prompts as nemo_prompts
+
+    for task, table in tables.items():
+        if table.shape[0] == 0:
+            continue
+        for layout, sub in NEMO_EXPORTS.items():
+            nemo_prompts.write(folder / sub / f"{task}.nemo", task, table, templates[task], layout,
+                               base.get("language_model_path"), family)

@@ -20,6 +20,7 @@ from stages.evaluation.keys import OPTIONAL
 
 PREFIX = "evaluation"
 ARTIFACT_FILE = "artifact.json"
+NEMO_CONFIG = "model_config.yaml"   # an unpacked NeMo prompt-learning .nemo
 
 
 def _int(value: Any, key: str, minimum: int, meaning: str = "") -> int:
@@ -160,7 +161,8 @@ def check(cfg: DictConfig) -> StageCheck:
         result.here.append(lambda: require_gpu(f"{PREFIX}.trainer.accelerator"))
     if settings.artifact_path is not None:
         result.reads.append(Need(str(settings.artifact_path), f"{PREFIX}.model.artifact_path",
-                                 "run the prompt_learning stage first or point it at a prompt artifact", folder=True))
+                                 "run the prompt_learning stage first or point it at a prompt artifact (or a NeMo "
+                                 "prompt-learning .nemo)", folder=not settings.artifact_path.is_file()))
     if settings.language_model_path is not None:
         need = check_reference(settings.language_model_path, f"{PREFIX}.model.language_model_path")
         result.reads += [need] if need else []
@@ -175,7 +177,7 @@ def _artifact(value: Any, exists: bool = True) -> Path:
     key = f"{PREFIX}.model.artifact_path"
     fix = (
         f"run the prompt_learning stage first (stages=[prompt_learning,evaluation]), point {key} at a prompt artifact "
-        f"folder, or set {PREFIX}.inference.baseline_only=true to score the untuned model"
+        f"folder or a NeMo prompt-learning .nemo, or set {PREFIX}.inference.baseline_only=true to score the untuned model"
     )
     if not value or not isinstance(value, str):
         raise UserError(f"{key}: missing; {fix}")
@@ -184,6 +186,9 @@ def _artifact(value: Any, exists: bool = True) -> Path:
         return path
     if not path.exists():
         raise UserError(f"{key}: '{value}' does not exist; {fix}")
-    if not path.is_dir() or not (path / ARTIFACT_FILE).is_file():
-        raise UserError(f"{key}: '{value}' is not a prompt artifact folder (no {ARTIFACT_FILE}); {fix}")
+    if path.is_file():   # a NeMo prompt-learning .nemo: its content is checked where it is read (load_artifact)
+        return path
+    if not path.is_dir() or not ((path / ARTIFACT_FILE).is_file() or (path / NEMO_CONFIG).is_file()):
+        raise UserError(f"{key}: '{value}' is not a prompt artifact folder (no {ARTIFACT_FILE}) nor a NeMo "
+                        f"prompt-learning .nemo; {fix}")
     return path

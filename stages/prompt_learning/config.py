@@ -170,8 +170,9 @@ def check_config(sc: Any) -> Checked:
         _check_model_layout(path, layout)
     check_p_tuning_dropout(m, tasks.style, layout.is_model_parallel)
     if tasks.existing:
-        result.reads.append(Need(str(m.get("restore_path")), f"{KEY}.restore_path",
-                                 "point it at a prompt artifact written by an earlier run", folder=True))
+        restore = str(m.get("restore_path"))
+        result.reads.append(Need(restore, f"{KEY}.restore_path", "point it at a prompt artifact written by an earlier "
+                                 "run or a NeMo prompt-learning .nemo", folder=not os.path.isfile(os.path.expanduser(restore))))
     result.reads += _check_data(m, tasks)
     share_prefix, length_bucketing = check_batching_flags(m)
     _check_optim(m)
