@@ -56,6 +56,11 @@ class Need:
         return None
 
 
+def is_nemo_file(path: str | os.PathLike[str]) -> bool:
+    """A prompt input given as a NeMo prompt-learning ``.nemo`` file (read as a file, not as an artifact folder)."""
+    return str(path).endswith(".nemo") and os.path.isfile(os.path.expanduser(str(path)))
+
+
 @dataclass
 class StageCheck:
     """A checked stage config, as far as anyone outside the stage needs to know it."""

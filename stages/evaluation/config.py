@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from stages.common.checks import Need, StageCheck, Trainer, boolean, check_keys, check_trainer, require_gpu, stage_keys
+from stages.common.checks import Need, is_nemo_file, StageCheck, Trainer, boolean, check_keys, check_trainer, require_gpu, stage_keys
 from stages.common.errors import UserError
 from stages.engine.base_model import check_reference
 from stages.engine.template import parse_templates
@@ -162,7 +162,7 @@ def check(cfg: DictConfig) -> StageCheck:
     if settings.artifact_path is not None:
         result.reads.append(Need(str(settings.artifact_path), f"{PREFIX}.model.artifact_path",
                                  "run the prompt_learning stage first or point it at a prompt artifact (or a NeMo "
-                                 "prompt-learning .nemo)", folder=not settings.artifact_path.is_file()))
+                                 "prompt-learning .nemo)", folder=not is_nemo_file(settings.artifact_path)))
     if settings.language_model_path is not None:
         need = check_reference(settings.language_model_path, f"{PREFIX}.model.language_model_path")
         result.reads += [need] if need else []
@@ -186,7 +186,7 @@ def _artifact(value: Any, exists: bool = True) -> Path:
         return path
     if not path.exists():
         raise UserError(f"{key}: '{value}' does not exist; {fix}")
-    if path.is_file():   # a NeMo prompt-learning .nemo: its content is checked where it is read (load_artifact)
+    if is_nemo_file(path):   # a NeMo prompt-learning .nemo: its content is checked where it is read (load_artifact)
         return path
     if not path.is_dir() or not ((path / ARTIFACT_FILE).is_file() or (path / NEMO_CONFIG).is_file()):
         raise UserError(f"{key}: '{value}' is not a prompt artifact folder (no {ARTIFACT_FILE}) nor a NeMo "

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
 
-from stages.common.checks import (Need, StageCheck, Trainer, boolean, check_keys, check_trainer, number, positive_int,
+from stages.common.checks import (Need, is_nemo_file, StageCheck, Trainer, boolean, check_keys, check_trainer, number, positive_int,
                                   require_gpu, stage_keys)
 from stages.common.errors import UserError
 from stages.engine.base_model import architecture, check_reference
@@ -172,7 +172,7 @@ def check_config(sc: Any) -> Checked:
     if tasks.existing:
         restore = str(m.get("restore_path"))
         result.reads.append(Need(restore, f"{KEY}.restore_path", "point it at a prompt artifact written by an earlier "
-                                 "run or a NeMo prompt-learning .nemo", folder=not os.path.isfile(os.path.expanduser(restore))))
+                                 "run or a NeMo prompt-learning .nemo", folder=not is_nemo_file(restore)))
     result.reads += _check_data(m, tasks)
     share_prefix, length_bucketing = check_batching_flags(m)
     _check_optim(m)

@@ -110,3 +110,17 @@ def test_wrong_base_model_is_a_user_error(tiny, tmp_path):
         evaluate(stage_cfg(tmp_path / "results", tiny, **{"model.language_model_path": str(other)}))
     with pytest.raises(UserError, match=r"^evaluation\.model\.language_model_path: '/nowhere/model' does not exist"):
         evaluate(stage_cfg(tmp_path / "results", tiny, **{"model.language_model_path": "/nowhere/model"}))
+
+
+def test_entry_file_with_the_nemo_export(tiny, tmp_path):
+    """evaluation.model.artifact_path may be a NeMo prompt-learning .nemo (here the artifact's own export, the base
+    model named): the same predictions as the artifact folder."""
+    runs = {}
+    for name, over in (("artifact", {}),
+                       ("nemo", {"model.artifact_path": str(tiny["artifact"] / "export" / "nemo" / "squad.nemo"),
+                                 "model.language_model_path": str(tiny["model"]), "inference.compare_baseline": False})):
+        results = tmp_path / name
+        proc = run_entry(stage_cfg(results, tiny, **over), tmp_path / f"{name}_hydra.yaml")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = (results / "predictions.jsonl").read_text()
+    assert runs["nemo"] == runs["artifact"]

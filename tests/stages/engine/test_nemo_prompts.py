@@ -162,3 +162,27 @@ def test_hidden_size_mismatch(tmp_path):
                                         r"model\.language_model_path points to /m/tiny, hidden size 64; ") as err:
         check_base(meta, path, {"hidden_size": 64, "sha256": "x"}, "/m/tiny", family="gpt")
     assert "\n" not in str(err.value)
+
+
+def test_prompted_model_loads_the_nemo_export(tiny, tmp_path):
+    """Evaluation's path: the NeMo export of an artifact, with the base model named, answers exactly as the
+    artifact; a NeMo prompt file of another hidden size is refused in one line naming both sizes."""
+    from pathlib import Path
+
+    from stages.engine.prompted_model import PromptedModel
+    from tests.support.artifacts import save_tiny_artifact
+
+    art = save_tiny_artifact(tmp_path / "art", Path(tiny))
+    ours = PromptedModel.load(str(art))
+    theirs = PromptedModel.load(str(art / "export/nemo/squad.nemo"), tiny)
+    assert torch.equal(theirs.store.table("squad"), ours.store.table("squad"))
+    record = [{"taskname": "squad", "context": "The sky is blue.", "question": "What colour is the sky?"}]
+    assert theirs.generate(record, tokens_to_generate=4) == ours.generate(record, tokens_to_generate=4)
+
+    cfg = NP.prompt_config([SQUAD_T], style="inference", existing=["squad"], new=[])
+    other = NP.write_prompt_nemo(tmp_path / "wide.nemo", cfg,
+                                 {"model_weights.ckpt": NP.v116_state({"squad": torch.zeros(4, 48)})})
+    with pytest.raises(UserError, match=r"holds prompts of hidden size 48 .* language_model_path points to .*, hidden "
+                                        r"size 32; ") as err:
+        PromptedModel.load(str(other), tiny)
+    assert "\n" not in str(err.value)
