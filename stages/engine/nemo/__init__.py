@@ -11,7 +11,9 @@ atomic write, as for GGUF files.
   * :mod:`.weights`: the weight files (``model_weights.ckpt``, ``mp_rank_XX/``, ``tp_rank_XX_pp_rank_YYY/``),
     legacy and mcore key names, merged into one canonical state;
   * :mod:`.dist_ckpt`: the distributed checkpoint ``model_weights/`` (``torch_dist`` backend);
-  * :mod:`.to_hf`: the canonical state as HF tensors, config and tokenizer.
+  * :mod:`.to_hf`: the canonical state as HF tensors, config and tokenizer;
+  * :mod:`.prompts`: NeMo prompt-learning results (``megatron_gpt_prompt.nemo``) read as prompt tables, and the
+    ``export/nemo`` files written.
 
 Not read yet: the ``zarr`` backend of ``model_weights/``, legacy TransformerEngine names
 (``layernorm_qkv``, ``layernorm_mlp``), ``megatron_legacy`` QKV order, virtual pipeline stages.
