@@ -154,6 +154,10 @@ def _state(archive: NemoArchive, where: str) -> dict[str, Any]:
     state = ranks[0]
     if len(ranks) > 1 and isinstance(state.get("tpmlp"), dict):
         parts = [r.get("tpmlp") or {} for r in ranks]
+        names = ("first.weight", "first.bias", "second.weight", "second.bias")
+        if any(n not in p for p in parts for n in names):
+            raise UserError(f"{where}: a tensor-parallel rank lacks part of tpmlp ({', '.join(names)}); the shards "
+                            "do not belong together")
         merged = dict(state["tpmlp"])
         for name in ("first.weight", "first.bias"):
             merged[name] = torch.cat([p[name] for p in parts], dim=0)
@@ -239,7 +243,8 @@ def _encoder_table(state: dict[str, Any], encoder: str, where: str) -> Any:
     """The table ``PromptEncoder._forward`` produces (NeMo v1.23.0 ``prompt_encoder.py``, see the module docstring)."""
     import torch
 
-    x = _tensor(_sub(state, "embeddings", "weight", where), "embeddings.weight", where)
+    emb = _tensor(_sub(state, "embeddings", "weight", where), "embeddings.weight", where)
+    x = emb.unsqueeze(0)   # [1, T, H], as NeMo's forward runs it (batch of one)
     with torch.no_grad():
         if encoder == "embedding":
             out = x
@@ -252,14 +257,14 @@ def _encoder_table(state: dict[str, Any], encoder: str, where: str) -> Any:
                                 "damaged or its p_tuning.encoder_type does not match its weights")
             layers = 1 + max(int(m.group(1)) for k in lstm_state if (m := re.match(r"weight_ih_l(\d+)$", k)))
             hidden = int(lstm_state["weight_hh_l0"].shape[1])
-            lstm = torch.nn.LSTM(input_size=x.shape[1], hidden_size=hidden, num_layers=layers, bidirectional=True,
+            lstm = torch.nn.LSTM(input_size=x.shape[2], hidden_size=hidden, num_layers=layers, bidirectional=True,
                                  batch_first=True)
             try:
                 lstm.load_state_dict({k: v.to(torch.float32) for k, v in lstm_state.items()})
             except RuntimeError as exc:
                 raise UserError(f"{where}: lstm_head does not fit a bidirectional LSTM "
                                 f"({str(exc).splitlines()[0][:120]}); the .nemo is damaged") from None
-            out = _mlp(state, lstm.eval()(x.unsqueeze(0))[0].squeeze(0), where)
+            out = _mlp(state, lstm.eval()(x)[0], where)
         elif encoder == "tpmlp":
             f32 = lambda n: _sub(state, "tpmlp", n, where).to(torch.float32)  # noqa: E731
             z = f32("first.bias") + torch.matmul(x, f32("first.weight").t())
@@ -269,9 +274,9 @@ def _encoder_table(state: dict[str, Any], encoder: str, where: str) -> Any:
             raise UserError(f"{where}: model_config.yaml p_tuning.encoder_type: {encoder} is not one of NeMo's "
                             "embedding, mlp, lstm, tpmlp")
     if out.shape != x.shape:
-        raise UserError(f"{where}: the {encoder} prompt encoder gives {tuple(out.shape)}, not the embeddings' "
-                        f"{tuple(x.shape)}; the .nemo is damaged")
-    return out.contiguous()
+        raise UserError(f"{where}: the {encoder} prompt encoder gives {tuple(out.shape[1:])}, not the embeddings' "
+                        f"{tuple(emb.shape)}; the .nemo is damaged")
+    return out.squeeze(0).contiguous()
 
 
 def nemo_state(task: str, table: Any, layout: str) -> dict[str, Any]:

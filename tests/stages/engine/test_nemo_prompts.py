@@ -46,6 +46,15 @@ def test_nemo_1_16_prompt_table(tmp_path, flat, container):
         assert got[task].dtype == torch.float32 and torch.equal(got[task], w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_tables_widen_exactly(tmp_path, dtype):
+    w = _tables()["squad"].to(dtype)
+    cfg = NP.prompt_config([SQUAD_T], style="inference", existing=["squad"], new=[])
+    path = NP.write_prompt_nemo(tmp_path / "p.nemo", cfg, {"model_weights.ckpt": NP.v116_state({"squad": w})})
+    _, _, got = load_artifact(path, KEY)
+    assert got["squad"].dtype == torch.float32 and torch.equal(got["squad"].to(dtype), w)
+
+
 @pytest.mark.parametrize("encoder", ["embedding", "mlp", "lstm", "tpmlp"])
 @pytest.mark.parametrize("version", ["1.17", "1.23"])
 def test_nemo_1_17_prompt_encoder(tmp_path, encoder, version):
