@@ -181,7 +181,7 @@ def test_missing_artifact(tmp_path, fake):
     with pytest.raises(UserError, match=r"evaluation\.model\.artifact_path: '.*nowhere' does not exist; run the prompt_learning stage first"):
         ev.evaluate(cfg)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"evaluation\.model\.artifact_path: .*\(no artifact\.json\); run the prompt_learning stage first"):
+    with pytest.raises(UserError, match=r"evaluation\.model\.artifact_path: .*\(no artifact\.json\) nor a NeMo prompt-learning \.nemo; run the prompt_learning stage first"):
         ev.evaluate(make_cfg(tmp_path, test_ds, tmp_path / "empty"))
     assert "model" not in fake  # nothing loaded
 
