@@ -89,6 +89,25 @@ class NemoArchive:
         finally:
             fh.close()
 
+    def state_dict(self, name: str, where: str) -> dict:
+        """A member saved with ``torch.save`` (weights only), unwrapped from Lightning's ``state_dict``; a damaged
+        one is one line naming it."""
+        import torch
+
+        try:
+            with self.member(name) as fh:
+                state = torch.load(fh, map_location="cpu", weights_only=True)
+        except UserError:
+            raise
+        except Exception as exc:  # a damaged pickle/zip, or objects a weights-only load refuses
+            raise UserError(f"{where}: {name} cannot be read as a PyTorch state dict ({type(exc).__name__}: "
+                            f"{str(exc)[:160]}); the .nemo is damaged or truncated: copy it again") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise UserError(f"{where}: {name} is not a state dict; the .nemo is damaged")
+        return state
+
     def artifact(self, value: str, config_key: str) -> str:
         """The member a ``nemo:<uuid>_<name>`` config value names (also a bare basename or ``/artifacts/...``,
         which older files hold: matched by the ending, as NeMo's own exporter does)."""

@@ -150,7 +150,7 @@ def _state(archive: NemoArchive, where: str) -> dict[str, Any]:
     if grid[(0, 0)] == W.dist_ckpt.PREFIX:
         raise UserError(f"{where}: holds a distributed checkpoint ({W.dist_ckpt.PREFIX}), which NeMo's prompt "
                         "learning never writes; not a prompt-learning .nemo")
-    ranks = [_read(archive, grid[(tp, 0)], where) for tp in range(1 + max(t for t, _ in grid))]
+    ranks = [archive.state_dict(grid[(tp, 0)], where) for tp in range(1 + max(t for t, _ in grid))]
     state = ranks[0]
     if len(ranks) > 1 and isinstance(state.get("tpmlp"), dict):
         parts = [r.get("tpmlp") or {} for r in ranks]
@@ -168,24 +168,6 @@ def _state(archive: NemoArchive, where: str) -> dict[str, Any]:
         shown = ", ".join(sorted(str(k) for k in state)[:4]) or "nothing"
         raise UserError(f"{where}: {grid[(0, 0)]} holds no prompt state (no prompt_table or embeddings; it holds "
                         f"{shown}); not a NeMo prompt-learning .nemo")
-    return state
-
-
-def _read(archive: NemoArchive, member: str, where: str) -> dict[str, Any]:
-    import torch
-
-    try:
-        with archive.member(member) as fh:
-            state = torch.load(fh, map_location="cpu", weights_only=True)
-    except UserError:
-        raise
-    except Exception as exc:  # a damaged pickle/zip, or objects a weights-only load refuses
-        raise UserError(f"{where}: {member} cannot be read as a PyTorch state dict ({type(exc).__name__}: "
-                        f"{str(exc)[:120]}); the .nemo is damaged or truncated: copy it again") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{where}: {member} is not a state dict; the .nemo is damaged")
     return state
 
 

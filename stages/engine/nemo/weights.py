@@ -131,7 +131,8 @@ def load(archive: NemoArchive, arch: GPTArch, scratch: Any = None) -> dict[str, 
     per_stage = arch.num_layers // pps
     merged: dict[str, Any] = {}
     for pp in range(pps):
-        ranks = [_read(archive, grid[(tp, pp)], where) for tp in range(tps)]
+        members = [grid[(tp, pp)] for tp in range(tps)]
+        ranks = [_canonical(archive.state_dict(m, where), f"{where}: {m}") for m in members]
         names = set(ranks[0])
         for r, state in enumerate(ranks[1:], 1):
             if set(state) != names:
@@ -152,24 +153,6 @@ def load(archive: NemoArchive, arch: GPTArch, scratch: Any = None) -> dict[str, 
             if up_b is not None:
                 merged[f"decoder.layers.{i}.mlp.linear_fc1.bias"] = torch.cat([merged[f"decoder.layers.{i}.mlp.linear_fc1.bias"], up_b])
     return merged
-
-
-def _read(archive: NemoArchive, member: str, where: str) -> dict[str, Any]:
-    import torch
-
-    try:
-        with archive.member(member) as fh:
-            state = torch.load(fh, map_location="cpu", weights_only=True)
-    except UserError:
-        raise
-    except Exception as exc:  # a damaged pickle/zip, or objects a weights-only load refuses
-        raise UserError(f"{where}: {member} cannot be read as a PyTorch state dict ({type(exc).__name__}: "
-                        f"{str(exc)[:160]}); the .nemo is damaged or truncated: copy it again") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{where}: {member} is not a state dict; the .nemo is damaged")
-    return _canonical(state, f"{where}: {member}")
 
 
 def _canonical(state: dict[str, Any], where: str) -> dict[str, Any]:
