@@ -177,12 +177,7 @@ def convert_gguf(gguf: Path) -> Path:
     if done.is_file():
         return target
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # several processes on one node: rank 0 converts
-        deadline = time.monotonic() + 3600
-        while not done.is_file():
-            if time.monotonic() > deadline:
-                raise UserError(f"timed out waiting for local rank 0 to convert {gguf} into {target}")
-            time.sleep(2)
-        return target
+        return _wait_for_rank0(done, gguf, target)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -223,6 +218,7 @@ def _folder_digest(path: Path) -> str:
 
 
 def _wait_for_rank0(done: Path, source: Path, target: Path) -> Path:
+    """Another local rank converts ``source``: wait until its ``done`` marker is in ``target``."""
     deadline = time.monotonic() + 3600
     while not done.is_file():
         if time.monotonic() > deadline:
