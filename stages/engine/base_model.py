@@ -123,7 +123,10 @@ def architecture(language_model_path: Any, key: str) -> SimpleNamespace | None:
     if language_model_path.startswith("embedded:"):
         facts = EMBEDDED_ARCHITECTURES.get(language_model_path.split(":", 1)[1])
         return SimpleNamespace(**facts) if facts else None
-    cfg_file = Path(language_model_path).expanduser() / "config.json"
+    path = Path(language_model_path).expanduser()
+    if (language_model_path.endswith(".nemo") and path.is_file()) or (path.is_dir() and _is_nemo_folder(path)):
+        return _nemo_architecture(path, key)
+    cfg_file = path / "config.json"
     if not cfg_file.is_file():
         return None
     try:
@@ -135,6 +138,20 @@ def architecture(language_model_path: Any, key: str) -> SimpleNamespace | None:
         return None
     text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
     return SimpleNamespace(**{k: text.get(k, raw.get(k)) for k in ARCHITECTURE_KEYS})
+
+
+def _nemo_architecture(path: Path, key: str) -> SimpleNamespace | None:
+    """The same fields from a NeMo GPT ``model_config.yaml``, mapped as the conversion will map it, so an
+    architecture promptlaunch refuses, or a parallel layout the model cannot take, is one line before launch."""
+    from stages.engine.nemo import archive, gpt_config
+
+    cfg = archive.peek_config(path, key)
+    if cfg is None or gpt_config.is_encoder_decoder(cfg):
+        return None
+    arch = gpt_config.parse(cfg, f"{key}={path}")
+    return SimpleNamespace(model_type=arch.family, num_attention_heads=arch.heads, num_key_value_heads=arch.groups,
+                           intermediate_size=arch.ffn, num_hidden_layers=arch.num_layers, sliding_window=None,
+                           use_sliding_window=False)
 
 
 def resolve(language_model_path: str | None, key: str = "model.language_model_path") -> ResolvedModel:

@@ -166,8 +166,7 @@ def check_config(sc: Any) -> Checked:
     need = check_reference(path, f"{KEY}.language_model_path")
     if need is not None:
         result.reads.append(need)
-    if layout.is_model_parallel:
-        _check_model_layout(path, layout)
+    _check_model_layout(path, layout)
     check_p_tuning_dropout(m, tasks.style, layout.is_model_parallel)
     if tasks.existing:
         restore = str(m.get("restore_path"))
@@ -183,13 +182,20 @@ def check_config(sc: Any) -> Checked:
 
 
 def _check_model_layout(path: Any, layout: ParallelLayout) -> None:
-    """TP/PP against the model's head counts and layers, when its config.json can be read here."""
+    """The model's architecture as far as it can be read here (config.json, or a .nemo's model_config.yaml, which
+    is refused here when no Hugging Face class computes it exactly), and TP/PP against its heads and layers."""
     config = architecture(path, f"{KEY}.language_model_path")
-    if config is None:
+    if config is None or not layout.is_model_parallel:
         return
     try:
         check_model_for_layout(config, layout, prefix=f"{STAGE}.")
     except UserError as exc:
+        if config.model_type == "gpt2" and (str(path).endswith(".nemo") or os.path.isfile(os.path.join(str(path), "model_config.yaml"))):
+            raise UserError(
+                f"{str(exc).split(';')[0]}; set {KEY}.tensor_model_parallel_size=1 and "
+                f"{KEY}.pipeline_model_parallel_size=1: the .nemo's own tensor/pipeline shards (mp_rank_XX, "
+                f"tp_rank_XX_pp_rank_YYY) are merged when it is read, so a TP=2 .nemo trains unsharded, and "
+                f"trainer.devices x num_nodes > 1 still splits the batch (data parallelism)") from None
         if isinstance(path, str) and path.startswith("embedded:") and layout.tp > 1:
             sizes = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
             fits = " or ".join(str(d) for d in range(1, sizes[0] + 1) if all(n % d == 0 for n in sizes))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import nemo
 from tests.support.launcher import BAD_INPUTS as LAUNCHER_CASES, run_main
 
 # ---- pre-launch: main.py, one line, exit 2, nothing written ---------------------------------------------------
@@ -62,7 +63,7 @@ PRELAUNCH = [
     (["+cluster.partitio=batch"], "cluster.partitio: unknown key (nothing reads it); did you mean cluster.partition?"),
     (["+dryrun=true"], "dryrun: unknown key (nothing reads it); did you mean dry_run?"),
     (["+prompt_learning.run.foo=1"], "prompt_learning.run.foo: unknown key (nothing reads it); remove it (known keys under "
-     "prompt_learning.run: dependency, model_train_name, name, nodes, results_dir, task_name, time_limit)"),
+     "prompt_learning.run: convert_dir, convert_name, dependency, model_train_name, name, nodes, results_dir, task_name, time_limit)"),
     (["--config-dir", "{tmp}/my_conf", "prompt_learning=typo"],   # a user's own config is held to the same keys
      "prompt_learning.model.optim.sched.warmup: unknown key (nothing reads it); did you mean "
      "prompt_learning.model.optim.sched.warmup_steps?"),
@@ -107,6 +108,10 @@ PRELAUNCH = [
      "evaluation.model.artifact_path: '{tmp}/not_a_model/weights.bin' is a file, not a folder; name the folder"),
     (["prompt_learning.model.language_model_path={tmp}/not_a_model/weights.bin"],
      "prompt_learning.model.language_model_path={tmp}/not_a_model/weights.bin: is a file but not a .gguf"),
+    # a NeMo GPT .nemo no Hugging Face class computes exactly: its model_config.yaml is read before launch
+    (["prompt_learning.model.language_model_path={tmp}/reglu.nemo"],
+     "prompt_learning.model.language_model_path={tmp}/reglu.nemo: model_config.yaml activation: reglu with "
+     "learned_absolute positions (GPT-2 needs gelu)"),
 ]
 
 
@@ -114,6 +119,7 @@ PRELAUNCH = [
 def test_prelaunch_bad_input(tmp_path, args, needle):
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "weights.bin").write_bytes(b"x")
+    nemo.write_nemo(tmp_path / "reglu.nemo", nemo.gpt2_config(activation="reglu"), {})
     (tmp_path / "my_conf" / "prompt_learning").mkdir(parents=True)
     (tmp_path / "my_conf" / "prompt_learning" / "typo.yaml").write_text(
         "defaults:\n  - /prompt_learning/gpt/squad_cpu@_here_\n  - _self_\nmodel:\n  optim:\n    sched:\n      warmup: 5\n")

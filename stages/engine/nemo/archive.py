@@ -68,6 +68,22 @@ class NemoArchive:
     def has(self, name: str) -> bool:
         return name in self.names
 
+    def model_config(self) -> dict:
+        """``model_config.yaml`` as a mapping; its absence or a YAML error is one line."""
+        import yaml
+
+        if not self.has(CONFIG):
+            raise UserError(f"{self.where()}: holds no {CONFIG}, so it is not a NeMo model (members: "
+                            f"{', '.join(self.names[:8]) or 'none'})")
+        try:
+            cfg = yaml.safe_load(self.read_bytes(CONFIG).decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise UserError(f"{self.where()}: {CONFIG} is not readable YAML ({str(exc).splitlines()[0]}); the .nemo "
+                            "is damaged") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{self.where()}: {CONFIG} is not a mapping of keys; the .nemo is damaged")
+        return cfg
+
     def read_bytes(self, name: str) -> bytes:
         with self.member(name) as fh:
             return fh.read()
@@ -124,6 +140,16 @@ class NemoArchive:
             raise UserError(f"{self.where()}: model_config.yaml {config_key}: {value} matches several members "
                             f"({', '.join(ends)}); keep one")
         return ends[0]
+
+
+def peek_config(path: Path, key: str) -> dict | None:
+    """``model_config.yaml`` of a ``.nemo`` folder or uncompressed tar, read before launch (seeks over the weights);
+    None for a gzip ``.nemo`` (NeMo < 1.7), whose members are only reached by decompressing the weights: the job
+    reads it then."""
+    if path.is_file() and _gzip(path):
+        return None
+    with NemoArchive(path, key).opened() as archive:
+        return archive.model_config()
 
 
 def _clean(name: str) -> str | None:

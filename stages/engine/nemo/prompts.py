@@ -84,7 +84,7 @@ def load(path: str | Path, key: str) -> tuple[dict[str, Any], dict[str, TaskTemp
         if not archive.has(CONFIG):
             raise UserError(f"{where}: has no {CONFIG}; not a NeMo prompt-learning .nemo nor a prompt artifact "
                             "folder (artifact.json)")
-        cfg = _config(archive, where)
+        cfg = archive.model_config()
         if not cfg.get("task_templates"):
             raise UserError(f"{where}: {CONFIG} has no task_templates; a NeMo base model is not a prompt-learning "
                             "result: point it at the .nemo that NeMo's prompt learning saved (nemo_path)")
@@ -128,18 +128,6 @@ def load(path: str | Path, key: str) -> tuple[dict[str, Any], dict[str, TaskTemp
         "new_tasks": list(cfg.get("new_tasks") or []),
     }
     return meta, templates, tables
-
-
-def _config(archive: NemoArchive, where: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(archive.read_bytes(CONFIG).decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{where}: {CONFIG} is not valid YAML ({type(exc).__name__}); the .nemo is damaged") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{where}: {CONFIG} is not a mapping; the .nemo is damaged")
-    return cfg
 
 
 def _state(archive: NemoArchive, where: str) -> dict[str, Any]:

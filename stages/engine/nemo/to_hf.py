@@ -16,7 +16,7 @@ from stages.common.errors import UserError
 from stages.common.io import write_json
 
 from . import gpt_config, weights
-from .archive import CONFIG, NemoArchive
+from .archive import NemoArchive
 
 # tokenizer libraries whose files are a GPT-2 byte-level BPE (vocab.json + merges.txt)
 _BPE_LIBRARIES = ("megatron", "huggingface")
@@ -27,18 +27,9 @@ def write(path: Path, key: str, open_out: Callable[[], ContextManager[Path]], sc
     ``open_out()`` yields, with ``promptlaunch_source.json`` last. Every check and every read comes before
     ``open_out`` is called, so a refused archive writes nothing (``scratch``: where a distributed checkpoint in a
     tar is unpacked for reading, in a temporary folder removed afterwards)."""
-    import yaml
-
     with NemoArchive(path, key).opened() as archive:
         where = archive.where()
-        if not archive.has(CONFIG):
-            raise UserError(f"{where}: holds no {CONFIG}, so it is not a NeMo model (members: "
-                            f"{', '.join(archive.names[:8]) or 'none'})")
-        try:
-            cfg = yaml.safe_load(archive.read_bytes(CONFIG).decode("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise UserError(f"{where}: {CONFIG} is not readable YAML ({str(exc).splitlines()[0]}); the .nemo is "
-                            "damaged") from None
+        cfg = archive.model_config()
         arch = gpt_config.parse(cfg, where)
         tok_members = _tokenizer_members(archive, cfg)
         weights.weight_files(archive)          # no weights: one line before anything is read
