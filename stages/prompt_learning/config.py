@@ -13,8 +13,8 @@ from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
 
-from stages.common.checks import (Need, is_nemo_file, StageCheck, Trainer, boolean, check_keys, check_trainer, number, positive_int,
-                                  require_gpu, stage_keys)
+from stages.common.checks import (Need, is_nemo_file, StageCheck, Trainer, boolean, check_keys, check_writable,
+                                  check_trainer, number, positive_int, require_gpu, stage_keys)
 from stages.common.errors import UserError
 from stages.engine.base_model import architecture, check_reference
 from stages.engine.template import TaskTemplate, parse_templates
@@ -178,6 +178,9 @@ def check_config(sc: Any) -> Checked:
     _check_limits(t)
     result.signal_warning = _check_exp_manager(sc)
     result.writes.append(os.path.normpath(str(m.get("artifact_path"))))
+    nemo_path = m.get("nemo_path")
+    if nemo_path is not None:
+        _check_nemo_path(str(nemo_path), tasks)
     return Checked(result, trainer, tasks, layout, compile_on, share_prefix, length_bucketing)
 
 
@@ -205,6 +208,17 @@ def _check_model_layout(path: Any, layout: ParallelLayout) -> None:
                 f"whose head counts TP divides (e.g. a tiny random Llama with 4 heads and 2 KV heads)"
             ) from None
         raise
+
+
+def _check_nemo_path(nemo_path: str, tasks: Tasks) -> None:
+    """NeMo's ``model.nemo_path``: one NeMo prompt file, and NeMo >= 1.17's holds one table, so one new task."""
+    if not nemo_path.endswith(".nemo"):
+        raise UserError(f"{KEY}.nemo_path: '{nemo_path}' must end with .nemo (or set it to null: every task's NeMo "
+                        "prompt file is in <artifact_path>/export/nemo/ anyway)")
+    if len(tasks.new) != 1:
+        raise UserError(f"{KEY}.nemo_path: a NeMo >= 1.17 prompt file holds one task's table and new_tasks has "
+                        f"{len(tasks.new)}; set {KEY}.nemo_path=null and take <artifact_path>/export/nemo/<task>.nemo")
+    check_writable(nemo_path, f"{KEY}.nemo_path")
 
 
 def _check_data(m: Any, tasks: Tasks) -> list[Need]:

@@ -385,6 +385,8 @@ class PromptLearningRecipe:
         art = save_artifact(str(m.artifact_path), tables=self.store.export_tables(), templates=self.templates,
                             style=t.style, base=self.base, add_eos=self.add_eos, max_seq_length=self.max_len,
                             training=training, family=self.family.name, export_specs=specs)
+        if m.get("nemo_path"):
+            _copy_nemo_export(art, t.new[0], str(m.nemo_path))
         write_loss_curve(log_dir / "loss_curve.png", hist,
                          title=f"{cfg.run.get('name', 'prompt_learning')}: {', '.join(t.new)}")
         write_json(log_dir / "loss_history.json", hist)
@@ -394,6 +396,18 @@ class PromptLearningRecipe:
         log.info("artifact written to %s; val_loss %s -> %s over %d steps (%.0fs)", art, training["first_val_loss"],
                  training["final_val_loss"], training["steps"], summary["seconds"])
         return summary
+
+
+def _copy_nemo_export(artifact: Any, task: str, nemo_path: str) -> None:
+    """``model.nemo_path`` (NeMo's key): the task's NeMo 1.20+ prompt file, where NeMo users look for it."""
+    import shutil
+
+    from stages.common.io import atomic_path
+
+    with atomic_path(nemo_path, suffix=".nemo") as tmp:
+        shutil.copyfile(Path(str(artifact)) / "export" / "nemo" / f"{task}.nemo", tmp)
+    log.info("model.nemo_path: %s (the NeMo 1.20+ prompt file of %s; other layouts in %s/export/nemo)", nemo_path,
+             task, artifact)
 
 
 def _files(x: Any) -> list[str]:

@@ -112,6 +112,8 @@ PRELAUNCH = [
     (["prompt_learning.model.language_model_path={tmp}/reglu.nemo"],
      "prompt_learning.model.language_model_path={tmp}/reglu.nemo: model_config.yaml activation: reglu with "
      "learned_absolute positions (GPT-2 needs gelu)"),
+    (["prompt_learning.model.nemo_path={tmp}/p_tuned.ckpt"],
+     "prompt_learning.model.nemo_path: '{tmp}/p_tuned.ckpt' must end with .nemo"),
 ]
 
 

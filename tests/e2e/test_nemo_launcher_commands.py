@@ -11,7 +11,8 @@ written, except the two empty mount points, created only when missing and remove
 * the BCP and Slurm command lines render scripts equal to ``tests/golden/{bcp,slurm}/nemo_launcher_*.sh``;
 * the NeMo users' TP=2 form is refused with one line in the log, nothing written;
 * the BCP command line really runs data_preparation -> prompt_learning -> evaluation through the emulated
-  ``bcprun`` (tests/support/fake_bcprun), on CPU, with the default ``language_model_path`` (no override).
+  ``bcprun`` (tests/support/fake_bcprun), on CPU, with the default ``language_model_path`` (no override) and
+  NeMo's ``model.nemo_path``.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from stages.engine.nemo import prompts as nemo_prompts
 from tests.support import nemo
 from tests.support.cluster import FAKE_BIN
 from tests.support.launcher import undigest
@@ -32,6 +34,7 @@ GOLDEN = ROOT / "tests" / "golden"
 MOUNT_POINTS = (Path("/mount"), Path("/results"))
 NEMO = "/mount/results/gpt3_5b/convert_nemo/results/megatron_gpt.nemo"
 LOG = "/results/prompt_learning_gpt3_log.txt"
+TUNED = "/mount/results/gpt3_5b/prompt_learning_squad/results/p_tuned_gpt3_5b.nemo"
 
 # The NeMo launcher README's BCP command (section "Prompt Learning", Base Command Platform), word for word.
 BCP = ("python3 main.py prompt_learning=gpt3/squad stages=prompt_learning cluster_type=bcp "
@@ -143,7 +146,8 @@ def test_bcp_command_line_runs_the_three_stages_on_the_nemo_fixture(mounts, tmp_
     command = ("python3 main.py prompt_learning=gpt3/squad evaluation=prompt_gpt3/squad "
                "stages=[data_preparation,prompt_learning,evaluation] cluster_type=bcp "
                f"launcher_scripts_path={ROOT} data_dir=/mount/data base_results_dir=/mount/results "
-               "prompt_learning.run.model_train_name=gpt3_5b " + " ".join(CPU) + REDIRECT)
+               "prompt_learning.run.model_train_name=gpt3_5b "
+               f"prompt_learning.model.nemo_path={TUNED} " + " ".join(CPU) + REDIRECT)
     env = {"PATH": f"{FAKE_BIN}:{os.environ['PATH']}", "PROMPTLAUNCH_CACHE": str(tmp_path / "cache"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = run_in(mounts, command, env=env, timeout=900)
@@ -153,6 +157,10 @@ def test_bcp_command_line_runs_the_three_stages_on_the_nemo_fixture(mounts, tmp_
     artifact = json.loads((results / "prompt_learning_squad/results/prompt_artifact/artifact.json").read_text())
     assert artifact["base_model"]["language_model_path"] == NEMO
     assert artifact["base_model"]["model_type"] == "gpt2"
+    tuned = on_host(mounts, TUNED)   # NeMo's nemo_path: the task's NeMo 1.20+ prompt file, copied where asked
+    assert tuned.read_bytes() == (results / "prompt_learning_squad/results/prompt_artifact/export/nemo/squad.nemo").read_bytes()
+    meta, templates, tables = nemo_prompts.load(tuned, "nemo_path")
+    assert list(templates) == ["squad"] and tuple(tables["squad"].shape) == (10, 32)
     metrics = json.loads((results / "evaluation_squad/metrics.json").read_text())
     assert metrics["total"] == 2 and metrics["language_model_path"] == NEMO and 0.0 <= metrics["f1"] <= 100.0
     assert [p.name for p in (tmp_path / "cache").iterdir()][0].startswith("megatron_gpt-nemo-")
