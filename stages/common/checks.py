@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from stages.common import precision as precision_rules
 from stages.common.errors import UserError
 
 
@@ -136,12 +137,19 @@ class Trainer:
     def resources(self) -> Resources:
         return Resources(self.num_nodes, self.devices, self.devices if self.accelerator == "gpu" else 0)
 
+    def precision_check(self, stage: str) -> list:
+        """The here-check of ``precision`` (``auto`` and bf16 are decided by the device: precision.py), or none."""
+        if self.precision != "auto" and self.precision not in precision_rules.BF16:
+            return []
+        return [lambda: precision_rules.resolve(self.precision, self.accelerator, f"{stage}.trainer.precision")]
 
-PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16", "16-true", "bf16", "bf16-true", "64", "64-true")   # Lightning's
+
+PRECISIONS = precision_rules.CHOICES + precision_rules.GPU_ONLY
 
 
 def check_trainer(sc: Any, stage: str) -> Trainer:
-    """``<stage>.trainer``: devices, nodes, accelerator, precision and host-memory reuse."""
+    """``<stage>.trainer``: devices, nodes, accelerator, precision and host-memory reuse. Whether bf16 is native
+    is a fact of the machine that runs the job: :meth:`Trainer.precision_check` is a check to run there."""
     t = sc.get("trainer")
     if t is None:
         raise UserError(f"{stage}.trainer: missing; the stage config must have a trainer block")
@@ -154,8 +162,6 @@ def check_trainer(sc: Any, stage: str) -> Trainer:
     if precision not in PRECISIONS:
         raise UserError(f"{stage}.trainer.precision: '{precision}' is not one of {', '.join(PRECISIONS)}; "
                         f"set e.g. {stage}.trainer.precision=32")
-    if accel == "cpu" and precision.startswith("bf16"):
-        raise UserError(f"{stage}.trainer.precision: {precision} on CPU is emulated and ~300x slower; set {stage}.trainer.precision=32")
     if accel == "cpu" and precision.startswith("16"):
         raise UserError(f"{stage}.trainer.precision: {precision} is not supported on CPU; set {stage}.trainer.precision=32")
     reuse = boolean(t.get("reuse_host_memory", True), f"{stage}.trainer.reuse_host_memory")

@@ -41,9 +41,11 @@ class PromptedModel:
 
     @classmethod
     def load(cls, artifact_path: str | None, language_model_path: str | None = None,
-             task_templates: list[dict] | None = None, device: str = "cpu") -> "PromptedModel":
+             task_templates: list[dict] | None = None, device: str = "cpu", precision: str = "32") -> "PromptedModel":
         """artifact_path=None gives the untuned baseline: same templates (from task_templates), no virtual tokens.
-        language_model_path=None takes the base model recorded in the artifact. Errors are UserError."""
+        language_model_path=None takes the base model recorded in the artifact. ``precision="bf16-true"``: the
+        model computes in bf16 (cast after its fingerprint is taken; the prompt tables stay fp32). Errors are
+        UserError."""
         meta: dict[str, Any] | None = None
         tables: dict[str, torch.Tensor] = {}
         if artifact_path is not None:
@@ -71,6 +73,8 @@ class PromptedModel:
         tokenizer = load_tokenizer(resolved.location, key)
         family = family_for(model.config, tokenizer).name
         fp = fingerprint(model)
+        if precision == "bf16-true":
+            model.to(torch.bfloat16)
         store = None
         if meta is not None:
             check_base(meta, artifact_path, fp, str(language_model_path), key, family=family)

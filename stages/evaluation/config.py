@@ -159,6 +159,7 @@ def check(cfg: DictConfig) -> StageCheck:
     result = StageCheck(resources=settings.trainer.resources())
     if settings.trainer.accelerator == "gpu":
         result.here.append(lambda: require_gpu(f"{PREFIX}.trainer.accelerator"))
+    result.here += settings.trainer.precision_check(PREFIX)
     if settings.artifact_path is not None:
         result.reads.append(Need(str(settings.artifact_path), f"{PREFIX}.model.artifact_path",
                                  "run the prompt_learning stage first or point it at a prompt artifact (or a NeMo "

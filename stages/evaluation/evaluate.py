@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
+from stages.common import precision
 from stages.common.errors import UserError
 from stages.common.io import remove_stale_tmp, write_json, write_jsonl, write_text
 from stages.engine.host_memory import reuse_host_memory
@@ -56,14 +57,15 @@ class Run:
         return out
 
 
-def load_prompted_model(s: Settings) -> Any:
+def load_prompted_model(s: Settings, precision: str = "32") -> Any:
     """The engine's PromptedModel: tuned (from the artifact) or the untuned baseline (templates from config)."""
     from stages.engine.prompted_model import PromptedModel
 
     try:
         if s.baseline_only:
-            return PromptedModel.load(None, s.language_model_path, task_templates=s.task_templates, device=s.device)
-        return PromptedModel.load(str(s.artifact_path), s.language_model_path, device=s.device)
+            return PromptedModel.load(None, s.language_model_path, task_templates=s.task_templates, device=s.device,
+                                      precision=precision)
+        return PromptedModel.load(str(s.artifact_path), s.language_model_path, device=s.device, precision=precision)
     except UserError as exc:  # the engine names its own arguments; name the config keys instead
         msg = str(exc)
         if msg.startswith(("artifact_path", "language_model_path", "task_templates")):
@@ -78,21 +80,37 @@ def evaluate(cfg: DictConfig) -> None:
     _ensure_writable(s.results_dir)
     data = read_slice(s.test_ds, s.offset, s.max_examples)  # cheap checks before the slow model load
     log.info("test set: %s (%d of %d records)", data.label, len(data.lines), data.records_in_file)
+    given = s.trainer.precision if s.trainer else "32"
+    accel = s.trainer.accelerator if s.trainer else "cpu"
+    chosen = precision.resolve(given, accel, f"{PREFIX}.trainer.precision")
+    log.info("%s", precision.explain(given, chosen, accel))
     t0 = time.monotonic()
-    model = load_prompted_model(s)
+    model = load_prompted_model(s, chosen)
     log.info("model loaded in %.1fs: %s", time.monotonic() - t0, model.describe())
     source = f"{PREFIX}.model.task_templates" if s.baseline_only else f"the prompt artifact {s.artifact_path}"
     examples = check_examples(data, model.templates, source)
 
     runs: dict[str, Run] = {}
-    if not s.baseline_only:
-        runs["tuned"] = _run(model, examples, s, "tuned")
-    if s.baseline_only or s.compare_baseline:
-        runs["baseline"] = _run(model, examples, s, "baseline")
+    with _autocast(chosen, s.device):
+        if not s.baseline_only:
+            runs["tuned"] = _run(model, examples, s, "tuned")
+        if s.baseline_only or s.compare_baseline:
+            runs["baseline"] = _run(model, examples, s, "baseline")
     metrics = write_outputs(s, data, examples, runs, model)
     for line in summary_lines(data, metrics):
         log.info("%s", line)
     log.info("wrote %s", ", ".join(str(s.results_dir / f) for f in metrics["files"].values()))
+
+
+def _autocast(chosen: str, device: str) -> Any:
+    """``bf16-mixed``: generation under autocast (bf16 products, fp32 weights); otherwise nothing."""
+    import contextlib
+
+    if chosen != "bf16-mixed":
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
 
 
 def _ensure_writable(folder: Path) -> None:

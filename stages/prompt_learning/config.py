@@ -159,6 +159,7 @@ def check_config(sc: Any) -> Checked:
     result = StageCheck(resources=trainer.resources(), takes_signal=True)   # fault/: checkpoint, requeue
     if trainer.accelerator == "gpu":
         result.here.append(lambda: require_gpu(f"{STAGE}.trainer.accelerator"))
+    result.here += trainer.precision_check(STAGE)
     if compile_on and trainer.accelerator == "cpu":
         result.here.append(lambda: check_compiler(f"{STAGE}.trainer.compile"))
 

@@ -64,6 +64,7 @@ class PromptLearningRecipe:
         self.read_records()
         self.setup_model()
         self.setup_prompts()
+        self.setup_precision()
         self.setup_data()
         self.setup_optimizer()
         self.setup_fault_tolerance()
@@ -174,6 +175,21 @@ class PromptLearningRecipe:
         log.info("tasks: existing (frozen) %s, new (trainable) %s; %s trainable parameters; base model %s (%s) frozen",
                  t.existing, t.new, f"{n_trainable:,}", self.resolved.given, self.fingerprint["sha256"])
 
+    def setup_precision(self) -> None:
+        """``trainer.precision`` decided on this machine (``stages/common/precision.py``). ``bf16-true`` casts the
+        frozen model once, after its fingerprint and the prompts' initial rows were taken from the fp32 weights; the
+        prompt store stays fp32. Lightning is then handed ``32-true`` (its own bf16-true would cast the prompt too)."""
+        from stages.common import precision
+
+        tr = self.cfg.trainer
+        given, accel = str(tr.get("precision", "32")), str(tr.get("accelerator", "cpu"))
+        self.precision = precision.resolve(given, accel, f"{STAGE}.trainer.precision")
+        log.info("%s", precision.explain(given, self.precision, accel))
+        if self.precision == "bf16-true":
+            import torch
+
+            self.model.to(torch.bfloat16)
+
     def setup_data(self) -> None:
         """Token examples and the collate function, with the batching options that apply to this model and engine.
         The layers are compiled here because whether batches carry a shared prefix's KV cache is decided here."""
@@ -268,6 +284,7 @@ class PromptLearningRecipe:
         accumulate = 1 if self.parallel else self.layout.n_microbatches
         kwargs = trainer_kwargs(cfg.trainer, cfg.exp_manager, self.log_dir, accumulate, self.callbacks, bool(self.val_ex),
                                 self.ft)
+        kwargs["precision"] = "32-true" if self.precision == "bf16-true" else self.precision
         if self.parallel:
             from .parallel.wiring import parallel_trainer
 

@@ -63,9 +63,6 @@ def trainer_kwargs(tr: DictConfig, em: DictConfig, log_dir: Path, accumulate: in
         save_weights_only=False,
         enable_version_counter=False,   # always last.ckpt (never last-v1.ckpt), the file a rerun resumes from
     )
-    precision = str(tr.get("precision", "32"))
-    if str(tr.get("accelerator", "cpu")) == "cpu" and "16" in precision:
-        log.warning("prompt_learning.trainer.precision=%s on CPU is emulated and very slow; use 32", precision)
     cfg_acc = int(tr.get("accumulate_grad_batches", 1) or 1)
     if cfg_acc not in (1, accumulate):
         log.warning("prompt_learning.trainer.accumulate_grad_batches=%d ignored: global/micro batch sizes give %d", cfg_acc, accumulate)
@@ -74,7 +71,6 @@ def trainer_kwargs(tr: DictConfig, em: DictConfig, log_dir: Path, accumulate: in
         accelerator=str(tr.get("accelerator", "cpu")),
         devices=tr.get("devices", 1),
         num_nodes=int(tr.get("num_nodes", 1) or 1),
-        precision=precision,
         max_steps=int(tr.get("max_steps", -1) if tr.get("max_steps") is not None else -1),
         max_epochs=int(tr.get("max_epochs", -1) if tr.get("max_epochs") is not None else -1),
         val_check_interval=val_every,

@@ -1,0 +1,120 @@
+"""``trainer.precision`` that follows the hardware: ``auto``, ``32``, ``bf16-mixed`` and ``bf16-true`` on CPU and GPU.
+
+Why measured and not assumed: bf16 is a different bargain on every machine. On a CPU with AMX or AVX512-BF16 a
+bf16 matmul runs 2.4x (AVX512-BF16) to 6x (AMX) faster than fp32; on an AVX2-only CPU torch emulates it, about
+two orders of magnitude slower. So the decision reads the capability torch reports for the device and measures
+both rates with a short probe (a few hundred milliseconds, once per process), and says both in the log line and
+in any refusal. The decision is taken on the machine that runs the job (a Slurm node may not be the login node).
+
+What each value means here (the frozen model is never trained, so its weights need no fp32 master copy):
+
+* ``32``: everything fp32;
+* ``bf16-mixed``: Lightning's autocast: matrix products in bf16, autocast's fp32 ops (softmax, norms, losses) in
+  fp32, the frozen weights kept fp32 and cast per product;
+* ``bf16-true``: the frozen model's weights cast to bf16 once and everything in it computed in bf16;
+* in both bf16 modes the soft prompt (table or P-tuning encoder) and its optimiser state stay fp32 (rows are cast
+  to the model's dtype where they are inserted) and the loss is a log-softmax over fp32 logits;
+* ``auto``: ``bf16-true`` where the device computes bf16 natively and the probe confirms it is faster, else ``32``.
+
+``PROMPTLAUNCH_BF16`` (``native`` | ``emulated``) overrides the capability check for a node whose torch build
+misreports it; the probe's rates are still measured and logged.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+
+from stages.common.errors import UserError
+
+CHOICES = ("auto", "32", "32-true", "bf16-mixed", "bf16-true", "bf16")   # CPU and GPU
+GPU_ONLY = ("16-mixed", "16", "16-true")
+BF16 = ("bf16-mixed", "bf16-true", "bf16")
+
+
+@dataclass(frozen=True)
+class Bf16Support:
+    """What the device does with bf16, and the probe's rates (GFLOP/s of a square matmul)."""
+
+    device: str
+    native: bool
+    reason: str
+    fp32_gflops: float
+    bf16_gflops: float
+
+    def rates(self) -> str:
+        return (f"measured {self.bf16_gflops:.0f} GFLOP/s bf16 vs {self.fp32_gflops:.0f} fp32 "
+                f"({self.bf16_gflops / max(self.fp32_gflops, 1e-9):.1f}x)")
+
+    def describe(self) -> str:
+        return f"{self.device}: bf16 {'native' if self.native else 'emulated'} ({self.reason}); {self.rates()}"
+
+
+def _probe(device: str, n: int = 512, reps: int = 3) -> tuple[float, float]:
+    """(fp32, bf16) GFLOP/s of an n x n x n matmul: small, so an emulated bf16 still costs well under a second."""
+    import torch
+
+    rates = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        (a @ b).sum().item()                            # warm-up (and kernel selection)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            c = a @ b
+        c.sum().item()                                  # waits for a GPU
+        rates.append(2 * n ** 3 * reps / max(time.perf_counter() - t0, 1e-9) / 1e9)
+    return rates[0], rates[1]
+
+
+def _capability(device: str) -> tuple[bool, str]:
+    import torch
+
+    forced = os.environ.get("PROMPTLAUNCH_BF16")
+    if forced in ("native", "emulated"):
+        return forced == "native", f"PROMPTLAUNCH_BF16={forced}"
+    if device == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        cap = torch.cuda.get_device_capability()
+        return ok, f"CUDA compute capability {cap[0]}.{cap[1]}"
+    found = [name for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+             if getattr(torch.cpu, probe, lambda: False)()]
+    if found:
+        return True, f"this CPU has {' and '.join(found)}"
+    return False, f"this CPU has neither AMX nor AVX512-BF16 (torch reports {torch.backends.cpu.get_cpu_capability()})"
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_support(accelerator: str) -> Bf16Support:
+    """The device's bf16 capability and probe rates (cached per process)."""
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    native, reason = _capability(device)
+    fp32, bf16 = _probe(device)
+    return Bf16Support(device, native, reason, fp32, bf16)
+
+
+def resolve(precision: str, accelerator: str, key: str) -> str:
+    """The precision this job runs with (``auto`` decided, ``bf16`` spelled ``bf16-mixed``); an explicit bf16
+    where the device would emulate it is one line with the measured rates."""
+    precision = "bf16-mixed" if precision == "bf16" else precision
+    if precision != "auto" and precision not in BF16:
+        return precision
+    return decide(precision, bf16_support(accelerator), key)
+
+
+def decide(precision: str, support: Bf16Support, key: str) -> str:
+    """:func:`resolve` once the device's support is known (pure)."""
+    if precision == "auto":
+        return "bf16-true" if support.native and support.bf16_gflops > support.fp32_gflops else "32"
+    if not support.native:
+        raise UserError(f"{key}: {precision} would be emulated on this machine ({support.reason}; {support.rates()}); "
+                        f"set {key}=32 or auto")
+    return precision
+
+
+def explain(precision: str, chosen: str, accelerator: str) -> str:
+    """The log line that says what ran and why (the rates when bf16 was considered)."""
+    if precision != "auto" and chosen not in BF16:
+        return f"precision {chosen}"
+    return f"precision {precision} -> {chosen}: {bf16_support(accelerator).describe()}"
