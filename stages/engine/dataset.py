@@ -11,7 +11,7 @@ from typing import Any, Iterable
 from stages.common.checks import Need
 from stages.common.errors import UserError
 from stages.common.io import text_lines
-from stages.engine.examples import BuildStats, Example, TokenizerInfo, build_example, prefix_fields
+from stages.engine.examples import BuildStats, Example, TokenizerInfo, answer_window, build_example, prefix_fields
 from stages.engine.template import TaskTemplate
 
 log = logging.getLogger("promptlaunch.prompt_learning")
@@ -74,7 +74,8 @@ def check_field_value(value: Any, name: str, template: TaskTemplate, where: str)
 def build_dataset(paths: Iterable[str], templates: dict[str, TaskTemplate], info: TokenizerInfo, *, key: str,
                   max_seq_length: int, min_seq_length: int, add_eos: bool, max_examples: int | None,
                   seed: int, records: list[tuple[dict[str, Any], str]] | None = None,
-                  sample: bool = True, builder: Any = None, group_sample: bool = False) -> tuple[list[Example], BuildStats]:
+                  sample: bool = True, builder: Any = None, group_sample: bool = False,
+                  keep_answer: bool = False) -> tuple[list[Example], BuildStats]:
     """Validate all records, keep ``max_examples`` of them, tokenise them.
 
     ``sample=True`` keeps a seeded random sample (training: varied examples); ``sample=False`` keeps the first
@@ -82,6 +83,8 @@ def build_dataset(paths: Iterable[str], templates: dict[str, TaskTemplate], info
     ``group_sample=True`` samples whole groups of records with equal prefix fields (SQuAD: paragraphs, see
     ``prefix_fields``) instead of scattered records, so that shared-prefix training finds groups to share.
     ``builder``: the model family's ``build_example`` (default: this module's decoder-only one).
+    ``keep_answer=True``: a too-long truncate field is cut to a window that holds the answer
+    (``examples.answer_window``) instead of from its end.
     """
     if records is None:
         records = read_jsonl(paths, templates, key)
@@ -97,8 +100,10 @@ def build_dataset(paths: Iterable[str], templates: dict[str, TaskTemplate], info
     stats = BuildStats()
     examples: list[Example] = []
     for rec, where in records:
-        ex = (builder or build_example)(templates[rec["taskname"]], rec, info, max_seq_length=max_seq_length,
-                                        add_eos=add_eos, where=where, stats=stats)
+        template = templates[rec["taskname"]]
+        cut = answer_window(template, rec, info) if keep_answer and template.truncate_field else None
+        ex = (builder or build_example)(template, rec, info, max_seq_length=max_seq_length,
+                                        add_eos=add_eos, where=where, stats=stats, cut=cut)
         if ex is None:
             continue
         if len(ex.input_ids) < min_seq_length:

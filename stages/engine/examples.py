@@ -16,8 +16,9 @@ Tokenisation choices (the same code builds training examples and generation prom
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from stages.common.errors import UserError
 from stages.engine.template import Field, TaskTemplate, Virtual
@@ -140,9 +141,47 @@ def shared_prefix_len(natural: int, labels: Sequence[int] | None, length: int) -
     return max(cut, 0)
 
 
+Cut = Callable[[list[int], int], list[int]]
+
+
+def end_cut(ids: list[int], keep: int) -> list[int]:
+    """NeMo's truncation: the field's first ``keep`` tokens."""
+    return ids[:keep]
+
+
+def answer_window(template: TaskTemplate, record: dict[str, Any], info: TokenizerInfo) -> Cut:
+    """A cut of the truncate field that keeps the answer: a window of ``keep`` tokens around the first place the
+    answer occurs in the field, at a position drawn from the record itself (a CRC of its text, so the same record
+    is always cut the same way and a resumed run sees the same examples, while the answer is not always in the
+    middle). Where the answer is not in the field, or does not fit, it is :func:`end_cut`.
+
+    Why: cutting a SQuAD context from its end loses the answer in many long paragraphs, so the example teaches the
+    prompt to answer with a span that is not there; dropping long examples instead loses half the training data
+    at a short ``max_seq_length``."""
+    text = str(record.get(template.truncate_field or "", ""))
+    answer = str(record.get(template.answer_field or "", "")).strip()
+    pos = text.find(answer) if answer else -1
+
+    def cut(ids: list[int], keep: int) -> list[int]:
+        if pos < 0 or keep <= 0:
+            return end_cut(ids, keep)
+        start = len(info.encode(text[:pos]))
+        end = min(len(ids), len(info.encode(text[:pos + len(answer)])) + 1)   # + 1: a boundary merge
+        start = max(0, start - 1)
+        if end - start > keep:
+            return end_cut(ids, keep)
+        lo, hi = max(0, end - keep), min(start, len(ids) - keep)        # window starts that hold [start, end)
+        first = lo + zlib.crc32(f"{text}\x00{answer}".encode("utf-8")) % (hi - lo + 1)
+        return ids[first:first + keep]
+
+    return cut
+
+
 def build_example(template: TaskTemplate, record: dict[str, Any], info: TokenizerInfo, *, max_seq_length: int,
-                  add_eos: bool, where: str, stats: BuildStats | None = None) -> Example | None:
-    """One training/validation example; None when it cannot fit even after truncation (counted in stats)."""
+                  add_eos: bool, where: str, stats: BuildStats | None = None,
+                  cut: Cut | None = None) -> Example | None:
+    """One training/validation example; None when it cannot fit even after truncation (counted in stats).
+    ``cut``: how the truncate field is shortened (default :func:`end_cut`; :func:`answer_window`)."""
     segs = render_segments(template, record, where, with_answer=True)
     parts: list[tuple[str, list[int], Any]] = []   # (kind, ids or Virtual, field)
     for kind, val, name in segs:
@@ -162,7 +201,7 @@ def build_example(template: TaskTemplate, record: dict[str, Any], info: Tokenize
         for i, (kind, ids, name) in enumerate(parts):
             if kind == "text" and name == template.truncate_field:
                 keep = max(0, len(ids) - excess)
-                parts[i] = (kind, ids[:keep], name)
+                parts[i] = (kind, (cut or end_cut)(ids, keep), name)
                 truncated = True
                 break
     no_room = truncated and not any(kind == "text" and name == template.truncate_field and ids for kind, ids, name in parts)
@@ -196,7 +235,8 @@ def build_example(template: TaskTemplate, record: dict[str, Any], info: Tokenize
 
 
 def layout_prompt(template: TaskTemplate, parts: list[tuple[str, Any, Any]], pad_id: int, *, prefix: Sequence[int] = (),
-                  suffix: Sequence[int] = (), max_len: int | None = None) -> tuple[list[int], list[int], bool]:
+                  suffix: Sequence[int] = (), max_len: int | None = None,
+                  cut: Cut | None = None) -> tuple[list[int], list[int], bool]:
     """Lay encoded template pieces out as ``prefix + pieces + suffix``: (input_ids, virtual_index, truncated).
 
     Virtual markers become pad placeholders whose prompt-table rows are in virtual_index (-1 elsewhere). When the
@@ -208,7 +248,7 @@ def layout_prompt(template: TaskTemplate, parts: list[tuple[str, Any, Any]], pad
     if max_len is not None and total > max_len and template.truncate_field is not None:
         for i, (k, ids, n) in enumerate(parts):
             if k == "text" and n == template.truncate_field:
-                parts[i] = (k, ids[: max(0, len(ids) - (total - max_len))], n)
+                parts[i] = (k, (cut or end_cut)(ids, max(0, len(ids) - (total - max_len))), n)
                 truncated = True
                 break
     out: list[int] = list(prefix)

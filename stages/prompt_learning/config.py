@@ -252,6 +252,7 @@ def _check_data(m: Any, tasks: Tasks) -> list[Need]:
     workers = data.get("num_workers", 0)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise UserError(f"{KEY}.data.num_workers: must be an integer >= 0 (0 = load in the main process), got {workers!r}")
+    boolean(data.get("truncate_keep_answer", False), f"{KEY}.data.truncate_keep_answer")
     return reads
 
 

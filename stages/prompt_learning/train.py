@@ -208,7 +208,7 @@ class PromptLearningRecipe:
         self.max_len = int(d.get("max_seq_length", 1024))
         self.add_eos = bool(d.get("add_eos", True))
         common = dict(max_seq_length=self.max_len, min_seq_length=int(d.get("min_seq_length", 1) or 1),
-                      add_eos=self.add_eos, seed=self.seed)
+                      add_eos=self.add_eos, seed=self.seed, keep_answer=bool(d.get("truncate_keep_answer", False)))
         builder = self.family.build_example
         self.train_ex, self.train_stats = build_dataset(
             _files(d.get("train_ds")), self.templates, self.info, key="prompt_learning.model.data.train_ds",

@@ -88,15 +88,16 @@ class EncoderDecoderFamily:
         return [(k, v if k == "virtual" else info.encode(v), n) for k, v, n in segs]
 
     def _encoder_ids(self, template: TaskTemplate, parts: list[tuple[str, Any, Any]], info: D.TokenizerInfo,
-                     max_len: int | None) -> tuple[list[int], list[int], bool]:
+                     max_len: int | None, cut: D.Cut | None = None) -> tuple[list[int], list[int], bool]:
         """(input_ids, virtual_index, truncated); ids may still exceed max_len when no truncate field helps."""
-        return D.layout_prompt(template, parts, info.pad_id, suffix=[self._sentinel(info)], max_len=max_len)
+        return D.layout_prompt(template, parts, info.pad_id, suffix=[self._sentinel(info)], max_len=max_len, cut=cut)
 
     def build_example(self, template: TaskTemplate, record: dict[str, Any], info: D.TokenizerInfo, *, max_seq_length: int,
-                      add_eos: bool, where: str, stats: D.BuildStats | None = None) -> D.Example | None:
+                      add_eos: bool, where: str, stats: D.BuildStats | None = None,
+                      cut: D.Cut | None = None) -> D.Example | None:
         """Example with ``input_ids``/``virtual_index`` = encoder input and ``labels`` = decoder target ids."""
         parts = self._encoder_parts(template, record, info, where)
-        ids, vidx, truncated = self._encoder_ids(template, parts, info, max_seq_length)
+        ids, vidx, truncated = self._encoder_ids(template, parts, info, max_seq_length, cut)
         if len(ids) > max_seq_length:
             if stats is not None:
                 stats.dropped_too_long += 1
