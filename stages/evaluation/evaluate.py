@@ -22,7 +22,7 @@ from stages.common.io import remove_stale_tmp, write_json, write_jsonl, write_te
 from stages.engine.host_memory import reuse_host_memory
 
 from .data import Example, TestSlice, check_examples, read_slice
-from .metrics import Score, aggregate, score
+from .metrics import Score, aggregate, bootstrap_ci, score
 from .config import PREFIX, Settings
 
 log = logging.getLogger("promptlaunch.evaluation")
@@ -205,6 +205,8 @@ def write_outputs(s: Settings, data: TestSlice, examples: list[Example], runs: d
     if "baseline" in runs and main_kind == "tuned":
         base = runs["baseline"].metrics(examples)
         base["delta"] = {k: round(metrics[k] - base[k], 4) for k in ("exact_match", "f1")}
+        tuned_f1, base_f1 = [sc.f1 for sc in main.scores], [sc.f1 for sc in runs["baseline"].scores]
+        base["delta"]["f1_ci95"] = bootstrap_ci(tuned_f1, paired=base_f1)   # paired: the same questions resampled
         base["predictions"] = PREDICTIONS_BASELINE
         metrics["baseline"] = base
         metrics["files"]["predictions_baseline"] = PREDICTIONS_BASELINE
@@ -224,7 +226,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _em_f1(m: dict[str, Any]) -> str:
-    return f"EM {m['exact_match']:.1f} F1 {m['f1']:.1f}"
+    return f"EM {m['exact_match']:.1f} F1 {m['f1']:.1f}{_ci(m.get('f1_ci95'))}"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return f" (95% CI {ci[0]:.1f}-{ci[1]:.1f})" if ci else ""
 
 
 def summary_lines(data: TestSlice, metrics: dict[str, Any]) -> list[str]:
@@ -233,7 +239,7 @@ def summary_lines(data: TestSlice, metrics: dict[str, Any]) -> list[str]:
     head = f"{tasks} {data.label} n={metrics['total']}  {metrics['evaluated']} {_em_f1(metrics)}"
     base = metrics.get("baseline")
     if base:
-        head += f" | baseline {_em_f1(base)} | {base['delta']['f1']:+.1f} F1"
+        head += f" | baseline {_em_f1(base)} | {base['delta']['f1']:+.1f} F1{_ci(base['delta'].get('f1_ci95'))}"
     lines = [head]
     for task, m in metrics.get("per_task", {}).items():
         line = f"  {task}: n={m['total']}  {metrics['evaluated']} {_em_f1(m)}"
@@ -245,6 +251,12 @@ def summary_lines(data: TestSlice, metrics: dict[str, Any]) -> list[str]:
         + (f", {base['seconds_per_example']:.3f} s/example (baseline)" if base else "")
     )
     return lines
+
+
+def _ci_cell(ci: list[float] | None, signed: bool = False) -> str:
+    if not ci:
+        return ""
+    return f"{ci[0]:+.1f} to {ci[1]:+.1f}" if signed else f"{ci[0]:.1f}-{ci[1]:.1f}"
 
 
 def summary_markdown(data: TestSlice, metrics: dict[str, Any]) -> str:
@@ -262,12 +274,16 @@ def summary_markdown(data: TestSlice, metrics: dict[str, Any]) -> str:
         f"- greedy, tokens_to_generate: {metrics['tokens_to_generate']}, batch_size: {metrics['batch_size']}, "
         f"stop_strings: {metrics['stop_strings']}",
         "",
-        "| task | n | prompt | EM | F1 | s/example |",
-        "|---|---:|---|---:|---:|---:|",
+        "| task | n | prompt | EM | F1 | F1 95% CI | s/example |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for task, m, b in rows:
-        out.append(f"| {task} | {m['total']} | {metrics['evaluated']} | {m['exact_match']:.2f} | {m['f1']:.2f} | {metrics['seconds_per_example']:.3f} |")
+        out.append(f"| {task} | {m['total']} | {metrics['evaluated']} | {m['exact_match']:.2f} | {m['f1']:.2f} | "
+                   f"{_ci_cell(m.get('f1_ci95'))} | {metrics['seconds_per_example']:.3f} |")
         if b:
-            out.append(f"| {task} | {b['total']} | baseline | {b['exact_match']:.2f} | {b['f1']:.2f} | {base['seconds_per_example']:.3f} |")
-            out.append(f"| {task} | | delta | {m['exact_match'] - b['exact_match']:+.2f} | {m['f1'] - b['f1']:+.2f} | |")
+            out.append(f"| {task} | {b['total']} | baseline | {b['exact_match']:.2f} | {b['f1']:.2f} | "
+                       f"{_ci_cell(b.get('f1_ci95'))} | {base['seconds_per_example']:.3f} |")
+            delta_ci = base["delta"].get("f1_ci95") if task == rows[0][0] else None   # paired CI: all questions
+            out.append(f"| {task} | | delta | {m['exact_match'] - b['exact_match']:+.2f} | {m['f1'] - b['f1']:+.2f} | "
+                       f"{_ci_cell(delta_ci, signed=True)} | |")
     return "\n".join(out) + "\n"

@@ -155,7 +155,7 @@ def test_evaluation_interrupted_before_metrics_leaves_no_metrics_json(tmp_path, 
     from tests.support.evaluation import SQUAD_RECORDS, FakeModel, make_artifact, make_cfg, write_jsonl
     from tests.support.templates import SQUAD_T
 
-    monkeypatch.setattr(ev, "load_prompted_model", lambda s: FakeModel([SQUAD_T], str(s.artifact_path)))
+    monkeypatch.setattr(ev, "load_prompted_model", lambda s, precision="32": FakeModel([SQUAD_T], str(s.artifact_path)))
     test_ds = write_jsonl(tmp_path / "test.jsonl", SQUAD_RECORDS)
     cfg = make_cfg(tmp_path, test_ds, make_artifact(tmp_path))
     ev.evaluate(cfg)

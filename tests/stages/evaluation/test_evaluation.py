@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from stages.common.errors import UserError  # noqa: E402
 from stages.evaluation import evaluate as ev  # noqa: E402
+from stages.evaluation.metrics import bootstrap_ci  # noqa: E402
 from tests.support.evaluation import SQUAD_RECORDS, FakeModel, make_artifact, make_cfg, write_jsonl  # noqa: E402
 from tests.support.paths import ROOT  # noqa: E402
 from tests.support.templates import SQUAD_T  # noqa: E402
@@ -31,7 +32,7 @@ TRIVIA_T = {
 def fake(monkeypatch):
     holder: dict[str, Any] = {}
 
-    def load(s):
+    def load(s, precision="32"):
         specs = s.task_templates if s.baseline_only else [SQUAD_T, TRIVIA_T]
         holder["settings"] = s
         holder["model"] = FakeModel(specs, None if s.baseline_only else str(s.artifact_path))
@@ -71,7 +72,8 @@ def test_tuned_and_baseline_outputs(tmp_path, fake, caplog):
     assert m["seconds_per_example"] >= 0
     b = m["baseline"]
     assert (b["exact_match"], b["f1"], b["total"]) == (0.0, 0.0, 4)  # first word of the question
-    assert b["delta"] == {"exact_match": 50.0, "f1": round(m["f1"], 4)}
+    assert b["delta"] == {"exact_match": 50.0, "f1": round(m["f1"], 4), "f1_ci95": bootstrap_ci([1.0, 1.0, 0.4, 0.5], paired=[0.0] * 4)}
+    assert m["f1_ci95"] == bootstrap_ci([1.0, 1.0, 0.4, 0.5]) and m["f1_ci95"][0] <= m["f1"] <= m["f1_ci95"][1]
     assert b["predictions"] == "predictions_baseline.jsonl"
     assert [p["prediction"] for p in read_jsonl(out / "predictions_baseline.jsonl")] == ["Where", "When", "Who", "How"]
 
@@ -81,7 +83,8 @@ def test_tuned_and_baseline_outputs(tmp_path, fake, caplog):
         assert (c["tokens_to_generate"], c["batch_size"], c["stop_strings"]) == (7, 3, ("\n", "Question:"))
         assert all("answer" not in r and r["taskname"] == "squad" and "context" in r for r in c["records"])
     summary = [r.getMessage() for r in caplog.records if "n=4" in r.getMessage()]
-    assert summary == [f"squad test.jsonl[0:4] n=4  tuned EM 50.0 F1 {m['f1']:.1f} | baseline EM 0.0 F1 0.0 | +{m['f1']:.1f} F1"]
+    assert summary == [f"squad test.jsonl[0:4] n=4  tuned EM 50.0 F1 {m['f1']:.1f} (95% CI 45.0-100.0) | baseline EM 0.0 "
+                       f"F1 0.0 (95% CI 0.0-0.0) | +{m['f1']:.1f} F1 (95% CI 45.0-100.0)"]
     assert "| squad | 4 | tuned | 50.00 |" in (out / "summary.md").read_text()
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from stages.evaluation.metrics import Score, aggregate, score
+from stages.evaluation.metrics import bootstrap_ci, Score, aggregate, score
 
 
 # ---- reference: the functions of the official SQuAD v1.1 script (evaluate-v1.1.py), test-only copy ----
@@ -128,6 +128,25 @@ def test_matches_torchmetrics_squad_metric_when_no_empty_answers():
 
 def test_aggregate_empty_and_no_gold():
     assert aggregate([]) == {"exact_match": 0.0, "f1": 0.0, "total": 0}
-    assert aggregate([Score(1.0, 0.5), Score(0.0, 0.0)]) == {"exact_match": 50.0, "f1": 25.0, "total": 2}
+    two = aggregate([Score(1.0, 0.5), Score(0.0, 0.0)])
+    assert {k: two[k] for k in ("exact_match", "f1", "total")} == {"exact_match": 50.0, "f1": 25.0, "total": 2}
+    assert two["exact_match_ci95"] == [0.0, 100.0] and two["f1_ci95"] == [0.0, 50.0]   # every resample of 2
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    """Independent check: for n=500 fair coin flips the 95 % interval of the mean is p +- 1.96 sqrt(p(1-p)/n),
+    i.e. +-4.38 points; the percentile bootstrap agrees to a few tenths. Constant scores give a point; the paired
+    interval of a constant shift is that shift; the same input gives the same interval (seeded)."""
+    import random
+
+    rng = random.Random(1)
+    flips = [float(rng.random() < 0.5) for _ in range(500)]
+    mean = 100 * sum(flips) / len(flips)
+    lo, hi = bootstrap_ci(flips)
+    half = 100 * 1.96 * (0.25 / 500) ** 0.5
+    assert abs((hi - lo) / 2 - half) < 0.4 and lo < mean < hi
+    assert bootstrap_ci([0.7] * 50) == [70.0, 70.0]
+    assert bootstrap_ci([x + 0.1 for x in flips[:50]], paired=flips[:50]) == [10.0, 10.0]
+    assert bootstrap_ci(flips) == [lo, hi]
     with pytest.raises(ValueError):
         score("x", [])
