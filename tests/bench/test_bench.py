@@ -163,3 +163,34 @@ def test_result_file_records_machine_and_command(tmp_path: Path, capsys: pytest.
     assert set(doc["machine"].get("cpu_matmul_flags", [])) == flags & M.CPU_MATMUL_FLAGS
     printed = capsys.readouterr().out
     assert printed.startswith(f"machine: {doc['machine'].get('cpu_model', '?')}, ")
+
+
+def test_quality_bench_runs_both_sides_and_scores_every_budget(tmp_path: Path) -> None:
+    """bench/quality_vs_peft.py end to end on the tiny random Llama and the tiny SQuAD fixture, with budgets of
+    about a second: both sides train interleaved, agree on the first batch, and every kept table is scored by the
+    same decoder; the JSON and the plot are written."""
+    import json
+
+    from tests.support.tiny_models import build
+
+    import quality_vs_peft as Q
+
+    folder = build("llama", tmp_path / "llama_tiny_random")
+    data = tmp_path / "data" / "prompt_data" / "v1.1"
+    data.mkdir(parents=True)
+    (data / "squad_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fixture_records("train")))
+    dev = [{**r, "answer": [r["answer"]]} for r in fixture_records("dev")]
+    (data / "squad_test_ground_truth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    out = tmp_path / "q.json"
+    code = Q.main(["--model", str(folder), "--data-dir", str(tmp_path / "data"), "--budgets", "0.01,0.02",
+                   "--reference-minutes", "0.01", "--eval", "3", "--eval-offset", "0", "--train-examples", "7",
+                   "--batch-size", "2", "--precision", "32", "--chunk-seconds", "0.2", "--tokens-to-generate", "4",
+                   "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert code == 0 and doc["agreement"]["ok"], doc["agreement"]
+    assert sorted(doc["rows"]) == ["ours", "peft"]
+    for pts in doc["rows"].values():
+        assert [p["minutes"] for p in pts] == [0.01, 0.02] and all(p["total"] == 3 and p["steps"] >= 1 for p in pts)
+    assert doc["machine"]["cpu_count"] >= 1 and out.with_suffix(".png").stat().st_size > 0
+    assert Q.minutes_to_reach([(1.0, 10.0), (2.0, 30.0)], 20.0) == 1.5
+    assert Q.minutes_to_reach([(1.0, 10.0)], 20.0) is None
