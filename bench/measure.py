@@ -185,15 +185,18 @@ def counted_flops(fn: Callable[[], Any]) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_peak(shapes: Sequence[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.2) -> dict[str, Any]:
-    """Best fp32 ``torch.mm`` GFLOP/s over ``shapes`` (m, k, n), each timed ``repeats`` times (best of), inner loops
-    long enough to last ``min_seconds``: the practical peak of this machine for the model's own matmul sizes."""
+def matmul_peak(shapes: Sequence[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.2,
+                dtype: Any = None) -> dict[str, Any]:
+    """Best ``torch.mm`` GFLOP/s (fp32 unless ``dtype``) over ``shapes`` (m, k, n), each timed ``repeats`` times (best
+    of), inner loops long enough to last ``min_seconds``: the practical peak of this machine for the model's own
+    matmul sizes."""
     import torch
 
+    dtype = dtype or torch.float32
     per: dict[str, float] = {}
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        out = torch.empty(m, n)
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        out = torch.empty(m, n, dtype=dtype)
         torch.mm(a, b, out=out)
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)

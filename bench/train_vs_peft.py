@@ -111,12 +111,14 @@ def build_examples(setup: C.Setup, batch_records: list[list[dict[str, Any]]], ma
     return examples
 
 
-def ours_side(setup: C.Setup, name: str, batches: list[dict[str, Any]], table: Any) -> Side:
-    """The engine's training step on ``batches`` (plain or collate_shared) with its own trainable copy of ``table``."""
+def ours_side(setup: C.Setup, name: str, batches: list[dict[str, Any]], table: Any, model: Any = None) -> Side:
+    """The engine's training step on ``batches`` (plain or collate_shared) with its own trainable copy of ``table``
+    (``model``: another copy of the frozen model, e.g. the bf16 one; the prompt stays fp32 as in the stage)."""
     store = C.prompt_store(setup, table, trainable=True)
+    model = setup.model if model is None else model
 
     def loss(b: dict[str, Any]) -> Any:
-        total, n = setup.family.loss(setup.model, store, b)
+        total, n = setup.family.loss(model, store, b)
         return total / n.clamp(min=1)          # PromptLearningModule.training_step
 
     return Side(name, batches, loss, store.table(setup.template.taskname), setup.lr)
@@ -142,10 +144,18 @@ def compiled_side(setup: C.Setup, name: str, batches: list[dict[str, Any]], tabl
     return side
 
 
+def bf16_tolerance(config: Any) -> float:
+    """The relative loss/gradient bound of bf16 against fp32 derived in tests/stages/prompt_learning/test_bf16.py:
+    2 u sqrt(2L + 2), u = 2^-8."""
+    return 2 * 2.0 ** -8 * (2 * config.num_hidden_layers + 2) ** 0.5
+
+
 def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3, warmup: int = 1,
         max_seq_length: int = 384, tol: float = 1e-4, measure_peak: bool = True, peak_repeats: int = 5,
-        compile_plain: bool = True) -> dict[str, Any]:
-    """The whole comparison on already chosen batches; returns the result document (also used by the tests)."""
+        compile_plain: bool = True, bf16: bool = False) -> dict[str, Any]:
+    """The whole comparison on already chosen batches; returns the result document (also used by the tests).
+    ``bf16``: also the engine's plain and shared steps on a bf16 copy of the frozen model (``trainer.precision=
+    bf16-true``), checked against PEFT's fp32 loss within :func:`bf16_tolerance`."""
     from stages.engine.collate import collate_shared
     from stages.engine import examples as D
 
@@ -171,6 +181,14 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     bucketed = bucketed_batches([e for exs in examples for e in exs], len(examples[0]))
     sides["ours-shared-bucketed"] = ours_side(setup, "ours-shared-bucketed",
                                               [collate_shared(b, task_ids, info.pad_id) for b in bucketed], table)
+    if bf16:
+        import copy
+
+        import torch
+
+        low = copy.deepcopy(setup.model).to(torch.bfloat16)
+        sides["ours-plain-bf16"] = ours_side(setup, "ours-plain-bf16", plain, table, model=low)
+        sides["ours-shared-bf16"] = ours_side(setup, "ours-shared-bf16", sides["ours-shared"].batches, table, model=low)
 
     # ---- agreement on batch 0, from the same table ----------------------------------------------------
     ref_loss, ref_grad = sides["peft"].loss_and_grad(0)
@@ -184,7 +202,12 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
         first_step[name] = time.perf_counter() - t0
         agreement[name] = {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-12),
                            "grad_rel_diff": float((grad - ref_grad).norm() / ref_grad.norm().clamp(min=1e-30))}
-    ok = all(a["loss_rel_diff"] <= tol and a["grad_rel_diff"] <= max(tol, 1e-3) for a in agreement.values())
+    def tol_of(name: str) -> float:
+        return bf16_tolerance(setup.model.config) if name.endswith("-bf16") else tol
+
+    for name, a in agreement.items():
+        a["tol"] = tol_of(name)
+    ok = all(a["loss_rel_diff"] <= a["tol"] and a["grad_rel_diff"] <= max(a["tol"], 1e-3) for a in agreement.values())
 
     # ---- warm-up: untimed passes over every batch (its first step counts FLOPs), then interleaved timed passes --
     # (every batch shape once before timing: the first step of a new shape pays for allocations, which made the
@@ -200,11 +223,21 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
                 side.step(i)
     timed = {n: s.train_pass for n, s in sides.items()}
     peaks: list[dict[str, Any]] = []
+    peaks16: list[dict[str, Any]] = []
     if measure_peak:   # the matmul peak is measured once per round, between the passes: the same machine state
         h, ffn = setup.model.config.hidden_size, setup.model.config.intermediate_size
         t = int(plain[0]["input_ids"].numel())
         shapes = [(t, h, ffn), (t, ffn, h), (t, h, h), (2048, 2048, 2048)]
-        timed[PEAK] = lambda: peaks.append(M.matmul_peak(shapes, repeats=peak_repeats))
+        if bf16:
+            import torch
+
+            def both_peaks() -> None:
+                peaks.append(M.matmul_peak(shapes, repeats=peak_repeats))
+                peaks16.append(M.matmul_peak(shapes, repeats=peak_repeats, dtype=torch.bfloat16))
+
+            timed[PEAK] = both_peaks
+        else:
+            timed[PEAK] = lambda: peaks.append(M.matmul_peak(shapes, repeats=peak_repeats))
     times = M.interleaved_timing(timed, repeats)
     times.pop(PEAK, None)
 
@@ -248,11 +281,15 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     if measure_peak:
         best = max(peaks, key=lambda p: p["peak_gflops"])
         result["matmul_peak"] = {**best, "per_round_gflops": [p["peak_gflops"] for p in peaks]}
-        for r in rows.values():
-            paired = [100.0 * g / p["peak_gflops"] for g, p in zip(r["pass_gflops_per_s"], peaks)]
+        if peaks16:
+            best16 = max(peaks16, key=lambda p: p["peak_gflops"])
+            result["matmul_peak_bf16"] = {**best16, "per_round_gflops": [p["peak_gflops"] for p in peaks16]}
+        for name, r in rows.items():
+            own, own_best = (peaks16, best16) if name.endswith("-bf16") else (peaks, best)   # bf16 sides: bf16 peak
+            paired = [100.0 * g / p["peak_gflops"] for g, p in zip(r["pass_gflops_per_s"], own)]
             r["pct_of_peak_per_round"] = paired
             r["pct_of_peak"] = M.median(paired)                       # each pass against the peak of its own round
-            r["pct_of_peak_best"] = 100.0 * max(r["pass_gflops_per_s"]) / best["peak_gflops"]   # best vs best
+            r["pct_of_peak_best"] = 100.0 * max(r["pass_gflops_per_s"]) / own_best["peak_gflops"]   # best vs best
     return result
 
 
@@ -270,6 +307,17 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"fp32 matmul peak: {p['peak_gflops']:.1f} GFLOP/s ({p['peak_shape']}); per round: "
                      + ", ".join(f"{v:.1f}" for v in p["per_round_gflops"]) + "; per shape (best round): "
                      + ", ".join(f"{k} {v:.1f}" for k, v in p["per_shape_gflops"].items()))
+        if "matmul_peak_bf16" in result:
+            p16 = result["matmul_peak_bf16"]
+            lines.append(f"bf16 matmul peak: {p16['peak_gflops']:.1f} GFLOP/s ({p16['peak_shape']}); the -bf16 sides' % peak is "
+                         "against it")
+            fp = rows.get("ours-shared", {}).get("median_pass_seconds")
+            lo = rows.get("ours-shared-bf16", {}).get("median_pass_seconds")
+            if fp and lo:
+                lines.append(f"bf16-true vs fp32, shared-prefix step: {fp / lo:.2f}x faster; loss "
+                             f"{agree['ours-shared-bf16']['loss']:.5f} vs {agree['ours-shared']['loss']:.5f} "
+                             f"(rel diff {abs(agree['ours-shared-bf16']['loss'] - agree['ours-shared']['loss']) / abs(agree['ours-shared']['loss']):.1e}, "
+                             f"bound {agree['ours-shared-bf16']['tol']:.1e})")
         lines.append("% peak: median over rounds of each pass's GFLOP/s against the peak measured in the same round; "
                      "% peak best: the best pass against the best peak")
     lines.append("first step, s (the agreement check; ours-plain-compiled compiles in it): " + "; ".join(
@@ -297,15 +345,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seq-length", type=int, default=384, help="paragraphs with a longer question are skipped")
     ap.add_argument("--tol", type=float, default=1e-4, help="relative loss agreement required")
     ap.add_argument("--no-compile", action="store_true", help="leave out the ours-plain-compiled side (needs a C++ compiler)")
+    ap.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
+                    help="add the bf16-true sides (auto: where this CPU computes bf16 natively, stages/common/precision.py)")
     args = ap.parse_args(argv)
     import torch
+
+    from stages.common.precision import bf16_support
+
+    support = bf16_support("cpu")
+    print(f"bf16: {support.describe()}")
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and support.native)
 
     torch.manual_seed(args.seed)
     setup = C.setup_from_args(args)
     batches = train_batches(setup, args)
     table = C.prompt_table(setup, init=args.init, seed=args.seed, artifact=args.artifact)
     result = run(setup, batches, table, repeats=args.repeats, warmup=max(1, args.warmup),
-                 max_seq_length=args.max_seq_length, tol=args.tol, compile_plain=not args.no_compile)
+                 max_seq_length=args.max_seq_length, tol=args.tol, compile_plain=not args.no_compile, bf16=bf16)
     print(report(result))
     M.write_result(args.out, {"bench": "train_vs_peft", **result})
     print(f"written: {args.out}")

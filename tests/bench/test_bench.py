@@ -52,8 +52,12 @@ def test_train_bench_losses_agree(setup: C.Setup) -> None:
 
     batches = C.paragraph_batches(fixture_records("train"), n_batches=1, batch_size=4, seed=0)
     table = C.prompt_table(setup, init="random", seed=0)
-    result = T.run(setup, batches, table, repeats=2, warmup=1, max_seq_length=512, peak_repeats=1)
+    result = T.run(setup, batches, table, repeats=2, warmup=1, max_seq_length=512, peak_repeats=1, bf16=True)
     assert result["agreement"]["ok"], result["agreement"]
+    assert {"ours-plain-bf16", "ours-shared-bf16"} <= set(result["rows"]) and "matmul_peak_bf16" in result
+    bf16 = result["agreement"]["per_side"]["ours-shared-bf16"]
+    assert 0 < bf16["loss_rel_diff"] <= bf16["tol"] == T.bf16_tolerance(setup.model.config)   # bf16 really ran
+    assert "bf16-true vs fp32, shared-prefix step" in T.report(result)
     assert len(result["matmul_peak"]["per_round_gflops"]) == 2     # a peak per round, between the passes
     for name, row in result["rows"].items():
         assert len(row["pct_of_peak_per_round"]) == 2 and row["pct_of_peak"] > 0 and row["pct_of_peak_best"] > 0, name
@@ -194,3 +198,23 @@ def test_quality_bench_runs_both_sides_and_scores_every_budget(tmp_path: Path) -
     assert doc["machine"]["cpu_count"] >= 1 and out.with_suffix(".png").stat().st_size > 0
     assert Q.minutes_to_reach([(1.0, 10.0), (2.0, 30.0)], 20.0) == 1.5
     assert Q.minutes_to_reach([(1.0, 10.0)], 20.0) is None
+
+
+def test_cost_growth_bench_runs_on_the_tiny_model(setup: C.Setup, tmp_path: Path) -> None:
+    """bench/cost_growth.py's two tables on the tiny random Llama and the tiny SQuAD fixture (one small setting each)."""
+    import json
+
+    import cost_growth as G
+
+    data = tmp_path / "data" / "prompt_data" / "v1.1"
+    data.mkdir(parents=True)
+    for split, name in (("train", "squad_train.jsonl"), ("dev", "squad_val.jsonl")):
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in fixture_records(split)))
+    out = tmp_path / "g.json"
+    assert G.main(["--model", setup.model_path, "--data-dir", str(tmp_path / "data"), "--seq-lengths", "512",
+                   "--min-fill", "0", "--batch-sizes", "2", "--repeats", "1", "--eval-questions", "3", "--eval-batch-sizes", "2",
+                   "--answer-lengths", "4", "--bf16", "on", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["precision"] for r in doc["train"]] == ["32", "bf16-true"]
+    assert all(r["step_seconds"] > 0 and r["gflop_per_step"] > 0 for r in doc["train"])
+    assert doc["eval"][0]["questions_per_s"] > 0 and "not measured" in doc["gpu_assumption"]
