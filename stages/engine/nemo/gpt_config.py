@@ -64,9 +64,6 @@ def parse(cfg: Any, where: str) -> GPTArch:
     """Check a loaded model_config.yaml (``where`` = ``key=path`` for the messages) and map it."""
     if not isinstance(cfg, dict):
         raise UserError(f"{where}: model_config.yaml is not a mapping of keys; the .nemo is damaged")
-    if "encoder" in cfg and "decoder" in cfg or "T5" in str(cfg.get("target", "")):
-        raise UserError(f"{where}: model_config.yaml target: {cfg.get('target')} is an encoder-decoder (T5) model; "
-                        "only NeMo GPT .nemo files are read today")
 
     def get(k: str, default: Any) -> Any:
         v = cfg.get(k, default)

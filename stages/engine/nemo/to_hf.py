@@ -15,7 +15,7 @@ from typing import Any, Callable, ContextManager
 from stages.common.errors import UserError
 from stages.common.io import write_json
 
-from . import gpt_config, weights
+from . import gpt_config, t5_config, t5_to_hf, weights
 from .archive import CONFIG, NemoArchive
 
 # tokenizer libraries whose files are a GPT-2 byte-level BPE (vocab.json + merges.txt)
@@ -39,13 +39,21 @@ def write(path: Path, key: str, open_out: Callable[[], ContextManager[Path]], sc
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise UserError(f"{where}: {CONFIG} is not readable YAML ({str(exc).splitlines()[0]}); the .nemo is "
                             "damaged") from None
-        arch = gpt_config.parse(cfg, where)
-        tok_members = _tokenizer_members(archive, cfg)
-        weights.weight_files(archive)          # no weights: one line before anything is read
-        state = weights.load(archive, arch, scratch)
-        tensors = _hf_tensors(state, arch, where)
-        vocab = int(state["embedding.word_embeddings.weight"].shape[0])
-        tok_files = {name: archive.read_bytes(member) for name, member in tok_members.items()}
+        if t5_config.is_t5(cfg):
+            t5_parts = t5_to_hf.read(archive, cfg)
+        else:
+            t5_parts = None
+            arch = gpt_config.parse(cfg, where)
+            tok_members = _tokenizer_members(archive, cfg)
+            weights.weight_files(archive)          # no weights: one line before anything is read
+            state = weights.load(archive, arch, scratch)
+            tensors = _hf_tensors(state, arch, where)
+            vocab = int(state["embedding.word_embeddings.weight"].shape[0])
+            tok_files = {name: archive.read_bytes(member) for name, member in tok_members.items()}
+    if t5_parts is not None:
+        t5_to_hf.write(t5_parts, open_out, path)
+        return
+
     from safetensors.torch import save_file
 
     with open_out() as out:
