@@ -60,7 +60,8 @@ def t5_config(family: str = "t5", **over: Any) -> dict[str, Any]:
 
 
 def bert_vocab_lines() -> list[str]:
-    """A tiny cased BERT WordPiece vocabulary covering the tiny corpus (and so the SQuAD fixture) without [UNK]."""
+    """A tiny cased BERT WordPiece vocabulary: the words of the tiny corpus and the SQuAD fixture, every character of
+    them and of ASCII, alone and as ``##`` continuation, so English text never becomes [UNK]."""
     from transformers.models.bert.tokenization_bert_legacy import BasicTokenizer
 
     from tests.support.tiny_models import corpus
@@ -69,7 +70,9 @@ def bert_vocab_lines() -> list[str]:
     basic = BasicTokenizer(do_lower_case=False)
     for line in corpus("t5") + _squad_lines():
         words.update(basic.tokenize(line))
-    chars = sorted({c for w in words for c in w})
+    import string
+
+    chars = sorted({c for w in words for c in w} | set(string.ascii_letters + string.digits + string.punctuation + "–—"))
     return (["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars
             + [f"##{c}" for c in chars] + sorted(w for w in words if len(w) > 1))
 
@@ -114,7 +117,8 @@ def tokenizer_member(family: str, layout: str = "mc4") -> dict[str, bytes]:
 
 def nemo_vocab_size(family: str, tok_files: dict[str, bytes], cfg: dict[str, Any]) -> int:
     """The padded vocabulary NeMo builds, counted from its documented procedure: BERT's vocab.txt lines + the
-    sentinels; the mC4-layout sentencepiece pieces + <cls> <sep> <mask> <bos> + the sentinels."""
+    sentinels; the sentencepiece pieces + 4 + the sentinels (mC4 layout: <cls> <sep> <mask> <bos>; sentencepiece's
+    defaults: <cls> <sep> <mask> <pad>)."""
     import sentencepiece as spm
 
     data = next(iter(tok_files.values()))
