@@ -5,7 +5,8 @@ into the cache).
 Why direct tensors and not a NeMo/HF converter: NeMo has no generic GPT->HF converter and its per-model ones need
 NeMo itself; the mapping is a few reshapes (fused QKV rows are ``[groups, heads_per_group + 2, head_dim]``, GPT-2's
 ``c_attn`` wants ``[3, heads, head_dim]`` and Conv1D weights transposed), checked against megatron-core's own
-forward in ``tests/stages/engine/test_nemo_megatron.py``.
+forward in ``tests/stages/engine/test_nemo_megatron.py``. A T5/mT5 config (``encoder`` and ``decoder`` sections)
+is handed to :mod:`.t5_to_hf` (no HF class computes it: our own model class).
 """
 from __future__ import annotations
 
