@@ -238,8 +238,9 @@ class MegatronT5ForConditionalGeneration(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
                 encoder_outputs: Any = None, inputs_embeds: torch.Tensor | None = None,
-                past_key_values: tuple | None = None, use_cache: bool | None = None, labels: torch.Tensor | None = None,
-                return_dict: bool | None = None, **_: Any) -> Seq2SeqLMOutput:
+                past_key_values: tuple | None = None, use_cache: bool | None = None,
+                return_dict: bool | None = None) -> Seq2SeqLMOutput:
+        """Decoder logits over the padded vocabulary (the loss is the caller's: the ``t5`` family computes it)."""
         if encoder_outputs is None:
             enc = self.encode(input_ids, attention_mask, inputs_embeds)
         else:
@@ -270,10 +271,7 @@ class MegatronT5ForConditionalGeneration(PreTrainedModel):
             cache.append((*self_kv, *cross_kv))
         hidden = self.decoder.final_layernorm(x)
         logits = F.linear(hidden, self.embedding.word_embeddings.weight, self.tokens_head_bias)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        return Seq2SeqLMOutput(loss=loss, logits=logits, past_key_values=tuple(cache) if use_cache else None,
+        return Seq2SeqLMOutput(logits=logits, past_key_values=tuple(cache) if use_cache else None,
                                encoder_last_hidden_state=enc)
 
 

@@ -65,7 +65,6 @@ class T5Arch:
     max_positions: int
     tp: int
     make_divisible_by: int
-    raw: dict
 
 
 def is_t5(cfg: Any) -> bool:
@@ -131,7 +130,7 @@ def parse(cfg: Any, where: str) -> T5Arch:
     return T5Arch(encoder_layers=enc["layers"], decoder_layers=dec["layers"], hidden=enc["hidden"], heads=enc["heads"],
                   kv_channels=enc["kv"], ffn=enc["ffn"], eps=enc["eps"], gelu=enc["gelu"], fast_glu=enc["fast_glu"],
                   max_positions=cfg["max_position_embeddings"], tp=int(cfg.get("tensor_model_parallel_size") or 1),
-                  make_divisible_by=int(cfg.get("make_vocab_size_divisible_by") or 128), raw=cfg)
+                  make_divisible_by=int(cfg.get("make_vocab_size_divisible_by") or 128))
 
 
 def tokenizer_settings(cfg: dict, where: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from stages.common.io import write_json
 
 from . import t5_config, t5_tokenizer, t5_weights
 from .archive import NemoArchive
+from .weights import weight_files
 
 
 @dataclass
@@ -36,7 +37,7 @@ def read(archive: NemoArchive, cfg: dict[str, Any]) -> T5Parts:
     if not settings["file"]:
         raise UserError(f"{where}: model_config.yaml {settings['file_key']}: missing; the .nemo has no tokenizer file")
     member = archive.artifact(str(settings["file"]), settings["file_key"])
-    t5_weights.weight_files(archive)          # no weights: one line before the tokenizer is built
+    weight_files(archive)          # no weights: one line before the tokenizer is built
     with tempfile.TemporaryDirectory(prefix="promptlaunch-t5-tok-") as tmp:
         tok, ids = t5_tokenizer.build(settings, archive.read_bytes(member), Path(tmp), where)
     vocab = t5_config.padded_vocab(len(tok), arch)
