@@ -140,3 +140,46 @@ def test_tokenizer_file_missing_and_weights_missing(tmp_path, cache):
     path = nemo_t5.write(tmp_path / "n.nemo", cfg, {"model_weights.ckpt": state}, tok)
     _refused(path, r"n\.nemo: the weights do not match model_config\.yaml \(missing decoder\.layers\.2\.inter_attention"
                    r"\.query\.weight", cache)
+
+
+@pytest.mark.parametrize("option", ["add_sentinel_tokens_in_reverse_order", "add_sentinel_tokens_first", "ul2"])
+def test_mt5_sentinel_options_in_nemo_order(tmp_path, cache, option):
+    """NeMo's other orders (``_add_sentinel_tokens`` reversed; sentinels before ``<cls>``..., with the Hugging Face
+    branch of the pad rule; UL2's ``<extra_id_r|s|x>`` after the sentinels), replayed on the mC4-layout model."""
+    import sentencepiece as spm
+
+    tok_files = nemo_t5.tokenizer_member("mt5")
+    n = spm.SentencePieceProcessor(model_proto=next(iter(tok_files.values()))).get_piece_size()
+    if option == "ul2":
+        cfg = nemo_t5.t5_config("mt5", data={"dataset_type": "ul2"})
+    else:
+        cfg = nemo_t5.t5_config("mt5")
+        cfg["tokenizer"][option] = True
+    size = n + 104 + (3 if option == "ul2" else 0)
+    vocab = 128 * -(-size // 128)
+    path = nemo_t5.write(tmp_path / "m.nemo", cfg, {"model_weights.ckpt": nemo_t5.random_legacy_state(cfg, vocab)},
+                         tok_files)
+    tok = load_tokenizer(resolve(str(path), KEY).location)
+    ids = tok.convert_tokens_to_ids
+    sentinels = [ids(f"<extra_id_{i}>") for i in range(100)]
+    base = [ids(t) for t in ("<cls>", "<sep>", "<mask>", "<bos>")]
+    if option == "add_sentinel_tokens_first":
+        assert sentinels == list(range(n, n + 100)) and base == list(range(n + 100, n + 104))
+    else:
+        assert base == list(range(n, n + 4))
+        order = range(99, -1, -1) if option == "add_sentinel_tokens_in_reverse_order" else range(100)
+        assert [sentinels[i] for i in order] == list(range(n + 4, n + 104))
+    if option == "ul2":
+        assert [ids(f"<extra_id_{m}>") for m in "rsx"] == [n + 104, n + 105, n + 106]
+    assert len(tok) == size and (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+
+
+def test_t5_ul2_masks_after_the_sentinels(tmp_path, cache):
+    cfg = nemo_t5.t5_config("t5", data={"dataset_type": "ul2"})
+    lines = nemo_t5.bert_vocab_lines()
+    vocab = 128 * -(-(len(lines) + 103) // 128)
+    path = nemo_t5.write(tmp_path / "m.nemo", cfg, {"model_weights.ckpt": nemo_t5.random_legacy_state(cfg, vocab)},
+                         nemo_t5.tokenizer_member("t5"))
+    tok = load_tokenizer(resolve(str(path), KEY).location)
+    assert tok.convert_tokens_to_ids(["<extra_id_99>", "<extra_id_r>", "<extra_id_s>", "<extra_id_x>"]) == \
+        list(range(len(lines) + 99, len(lines) + 103))
