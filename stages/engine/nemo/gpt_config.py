@@ -60,18 +60,10 @@ class GPTArch:
     raw: dict
 
 
-def is_encoder_decoder(cfg: dict) -> bool:
-    """A NeMo T5/mT5 (``MegatronT5Model``) config rather than a GPT one."""
-    return ("encoder" in cfg and "decoder" in cfg) or "T5" in str(cfg.get("target", ""))
-
-
 def parse(cfg: Any, where: str) -> GPTArch:
     """Check a loaded model_config.yaml (``where`` = ``key=path`` for the messages) and map it."""
     if not isinstance(cfg, dict):
         raise UserError(f"{where}: model_config.yaml is not a mapping of keys; the .nemo is damaged")
-    if is_encoder_decoder(cfg):
-        raise UserError(f"{where}: model_config.yaml target: {cfg.get('target')} is an encoder-decoder (T5) model; "
-                        "only NeMo GPT .nemo files are read today")
 
     def get(k: str, default: Any) -> Any:
         v = cfg.get(k, default)

@@ -5,7 +5,8 @@ into the cache).
 Why direct tensors and not a NeMo/HF converter: NeMo has no generic GPT->HF converter and its per-model ones need
 NeMo itself; the mapping is a few reshapes (fused QKV rows are ``[groups, heads_per_group + 2, head_dim]``, GPT-2's
 ``c_attn`` wants ``[3, heads, head_dim]`` and Conv1D weights transposed), checked against megatron-core's own
-forward in ``tests/stages/engine/test_nemo_megatron.py``.
+forward in ``tests/stages/engine/test_nemo_megatron.py``. A T5/mT5 config (``encoder`` and ``decoder`` sections)
+is handed to :mod:`.t5_to_hf` (no HF class computes it: our own model class).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Callable, ContextManager
 from stages.common.errors import UserError
 from stages.common.io import write_json
 
-from . import gpt_config, weights
+from . import gpt_config, t5_config, t5_to_hf, weights
 from .archive import NemoArchive
 
 # tokenizer libraries whose files are a GPT-2 byte-level BPE (vocab.json + merges.txt)
@@ -30,13 +31,21 @@ def write(path: Path, key: str, open_out: Callable[[], ContextManager[Path]], sc
     with NemoArchive(path, key).opened() as archive:
         where = archive.where()
         cfg = archive.model_config()
-        arch = gpt_config.parse(cfg, where)
-        tok_members = _tokenizer_members(archive, cfg)
-        weights.weight_files(archive)          # no weights: one line before anything is read
-        state = weights.load(archive, arch, scratch)
-        tensors = _hf_tensors(state, arch, where)
-        vocab = int(state["embedding.word_embeddings.weight"].shape[0])
-        tok_files = {name: archive.read_bytes(member) for name, member in tok_members.items()}
+        if t5_config.is_t5(cfg):
+            t5_parts = t5_to_hf.read(archive, cfg)
+        else:
+            t5_parts = None
+            arch = gpt_config.parse(cfg, where)
+            tok_members = _tokenizer_members(archive, cfg)
+            weights.weight_files(archive)          # no weights: one line before anything is read
+            state = weights.load(archive, arch, scratch)
+            tensors = _hf_tensors(state, arch, where)
+            vocab = int(state["embedding.word_embeddings.weight"].shape[0])
+            tok_files = {name: archive.read_bytes(member) for name, member in tok_members.items()}
+    if t5_parts is not None:
+        t5_to_hf.write(t5_parts, open_out, path)
+        return
+
     from safetensors.torch import save_file
 
     with open_out() as out:
