@@ -9,4 +9,5 @@ from stages.common.checks import FREE
 OPTIONAL: dict[str, str] = {
     f"exp_manager.wandb_logger_kwargs.{FREE}": "keyword arguments of wandb.init, passed on as given (trackers.py)",
     f"exp_manager.mlflow_logger_kwargs.{FREE}": "experiment_name, run_name, tracking_uri, tags (trackers.py)",
+    "exp_manager.mlflow_logger_kwargs.tags": "tags of a new MLflow run (trackers.py)",
 }

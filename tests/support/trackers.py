@@ -19,8 +19,9 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 @pytest.fixture
-def offline_wandb(tmp_path, monkeypatch):
-    """W&B offline, with its config, cache and staging folders in the test's temporary folder (no network, no key)."""
+def offline_trackers(tmp_path, monkeypatch):
+    """W&B offline, with its config, cache and staging folders in the test's temporary folder (no network, no key);
+    MLflow's ``file:`` stores readable by the test's own ``MlflowClient`` (the stages opt in themselves)."""
     home = tmp_path / "wandb_home"
     for var, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
                      ("WANDB_ARTIFACT_DIR", "artifacts")):
@@ -30,6 +31,8 @@ def offline_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     return home
 
 

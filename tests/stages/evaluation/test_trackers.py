@@ -16,7 +16,7 @@ from stages.common.errors import UserError  # noqa: E402
 from stages.evaluation import evaluate as ev  # noqa: E402
 from tests.support.evaluation import SQUAD_RECORDS, FakeModel, make_artifact, make_cfg, write_jsonl  # noqa: E402
 from tests.support.templates import SQUAD_T  # noqa: E402
-from tests.support.trackers import artifact_files, md5_b64, offline_wandb, read_wandb_runs, table_rows  # noqa: E402,F401
+from tests.support.trackers import artifact_files, md5_b64, offline_trackers, read_wandb_runs, table_rows  # noqa: E402,F401
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def tracked_cfg(tmp_path: Path, **over: Any):
         "exp_manager.mlflow_logger_kwargs.tracking_uri": (tmp_path / "mlruns").as_uri(), **over})
 
 
-def test_wandb_and_mlflow_hold_the_metrics_and_the_predictions_table(tmp_path, fake, offline_wandb):
+def test_wandb_and_mlflow_hold_the_metrics_and_the_predictions_table(tmp_path, fake, offline_trackers):
     cfg = tracked_cfg(tmp_path)
     ev.evaluate(cfg)
     out = tmp_path / "results"
