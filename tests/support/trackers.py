@@ -11,15 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 BLOCK = 32768
 HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-@pytest.fixture
-def offline_trackers(tmp_path, monkeypatch):
+def offline_trackers(tmp_path: Path, monkeypatch: Any) -> Path:
     """W&B offline, with its config, cache and staging folders in the test's temporary folder (no network, no key);
     MLflow's ``file:`` stores readable by the test's own ``MlflowClient`` (the stages opt in themselves)."""
     home = tmp_path / "wandb_home"

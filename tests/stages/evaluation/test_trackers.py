@@ -16,7 +16,13 @@ from stages.common.errors import UserError  # noqa: E402
 from stages.evaluation import evaluate as ev  # noqa: E402
 from tests.support.evaluation import SQUAD_RECORDS, FakeModel, make_artifact, make_cfg, write_jsonl  # noqa: E402
 from tests.support.templates import SQUAD_T  # noqa: E402
-from tests.support.trackers import artifact_files, md5_b64, offline_trackers, read_wandb_runs, table_rows  # noqa: E402,F401
+from tests.support.trackers import artifact_files, md5_b64, offline_trackers, read_wandb_runs, table_rows  # noqa: E402
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """W&B offline and MLflow's file store, in this test's folder (tests.support.trackers.offline_trackers)."""
+    return offline_trackers(tmp_path, monkeypatch)
 
 
 @pytest.fixture
@@ -36,7 +42,7 @@ def tracked_cfg(tmp_path: Path, **over: Any):
         "exp_manager.mlflow_logger_kwargs.tracking_uri": (tmp_path / "mlruns").as_uri(), **over})
 
 
-def test_wandb_and_mlflow_hold_the_metrics_and_the_predictions_table(tmp_path, fake, offline_trackers):
+def test_wandb_and_mlflow_hold_the_metrics_and_the_predictions_table(tmp_path, fake, offline):
     cfg = tracked_cfg(tmp_path)
     ev.evaluate(cfg)
     out = tmp_path / "results"

@@ -1,5 +1,5 @@
 """Training in W&B and MLflow on the tiny Llama: the loss curve, the config, the prompt artifact with its exports; and a
-run killed with SIGKILL then rerun (what a requeued job does) stays one W&B run and one MLflow run. W&B's offline run
+run killed with SIGKILL and rerun, then preempted and requeued, stays one W&B run and one MLflow run. W&B's offline run
 files are read back with wandb's protobuf, MLflow's runs with ``MlflowClient`` on the ``file:`` store."""
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ pytest.importorskip("mlflow")
 from omegaconf import OmegaConf  # noqa: E402
 
 from tests.support.paths import ROOT, SUPPORT  # noqa: E402
-from tests.support.trackers import artifact_files, md5_b64, offline_trackers, read_wandb_runs  # noqa: E402,F401
+from tests.support.trackers import artifact_files, md5_b64, offline_trackers, read_wandb_runs  # noqa: E402
 from tests.support.training import make_cfg, train  # noqa: E402
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """W&B offline and MLflow's file store, in this test's folder (tests.support.trackers.offline_trackers)."""
+    return offline_trackers(tmp_path, monkeypatch)
 
 
 def tracked(tmp: Path, tiny: str, **kw):
@@ -52,7 +58,7 @@ def same_values(got: list[tuple[int, float]], want: list[list[float]]) -> bool:
     return [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
 
 
-def test_training_metrics_config_and_the_prompt_artifact_reach_wandb_and_mlflow(tmp_path, tiny, offline_trackers):
+def test_training_metrics_config_and_the_prompt_artifact_reach_wandb_and_mlflow(tmp_path, tiny, offline):
     cfg = tracked(tmp_path, tiny)
     train(cfg)
     log_dir, art = Path(cfg.exp_manager.explicit_log_dir), Path(cfg.model.artifact_path)
@@ -81,7 +87,7 @@ def test_training_metrics_config_and_the_prompt_artifact_reach_wandb_and_mlflow(
     assert {a.path for a in client.list_artifacts(ids["mlflow"])} >= {"loss_curve.png", "prompt_learning_summary.json"}
 
 
-def test_a_killed_then_preempted_training_stays_one_wandb_run_and_one_mlflow_run(tmp_path, tiny, offline_trackers):
+def test_a_killed_then_preempted_training_stays_one_wandb_run_and_one_mlflow_run(tmp_path, tiny, offline):
     """SIGKILL after step 2, rerun; SIGUSR1 (the Slurm preemption notice) after step 4, exit 3 for the requeue; rerun
     to the end: three processes, one W&B run id, one MLflow run, every step logged."""
     cfg = tracked(tmp_path, tiny, max_steps=6)
