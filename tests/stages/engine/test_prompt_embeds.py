@@ -14,23 +14,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from stages.engine.prompt_embeds import SCRIPT, PromptEmbedder, cut_answer, load_vllm_export  # noqa: E402
+from stages.engine.prompt_embeds import SCRIPT, PromptEmbedder, load_vllm_export  # noqa: E402
 from tests.support.artifacts import save_tiny_artifact  # noqa: E402
+from tests.support.hf_generate import transformers_answers  # noqa: E402
 from tests.support.paths import ROOT  # noqa: E402
 from tests.support.records import squad_records  # noqa: E402
 
 TOKENS = 12
-
-
-def transformers_answers(model, tokenizer, embeds: list, tokens: int) -> list[str]:
-    """Greedy answers of transformers' own generate from each record's prompt_embeds, one record at a time."""
-    out = []
-    for e in embeds:
-        ids = model.generate(inputs_embeds=e[None], attention_mask=torch.ones(1, e.shape[0], dtype=torch.long),
-                             max_new_tokens=tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-        out.append(cut_answer(tokenizer.decode(ids[0], skip_special_tokens=True)))
-    return out
 
 
 def check_export_reproduces_the_engine(artifact: Path, records: list[dict], tokens: int) -> list[str]:
