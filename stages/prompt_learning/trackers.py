@@ -7,7 +7,6 @@ The metrics and the loss curve come through Lightning (``train_loss``, ``val_los
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,10 @@ PREFIX = "prompt_learning.exp_manager"
 
 
 def _rank() -> int:
-    """The global rank from the environment the stage entry set up (0 in a single process)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    """The global rank as Lightning's loggers see it (they create their run on rank 0 only)."""
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 def tracker_loggers(trackers: Trackers, log_dir: Path, config: dict[str, Any]) -> list[Any]:
