@@ -7,6 +7,8 @@
     export/nemo/<task>.nemo                      NeMo 1.20-1.23 prompt-learning file (encoder_type: embedding)
     export/nemo/nemo-1.17/<task>.nemo            the same for NeMo 1.17-1.19 (the table's indices persistent)
     export/nemo/nemo-1.16/<task>.nemo            NeMo <= 1.16 (virtual_prompt_style: inference)
+    export/vllm/<task>/                          the table, template and script for vLLM's prompt_embeds
+                                                 (decoder-only models; :mod:`stages.engine.prompt_embeds`)
 
 The NeMo layouts and what was (and was not) checked: :mod:`stages.engine.nemo.prompts`.
 
@@ -126,7 +128,8 @@ def input_spec(family: Any, template: TaskTemplate, records: Sequence[dict[str, 
 
 def write_exports(folder: Path, tables: dict[str, torch.Tensor], base: dict[str, Any], family: str,
                   specs: dict[str, dict[str, Any]], templates: dict[str, TaskTemplate] | None = None) -> None:
-    """``export/npy`` and ``export/peft`` for every task (inside the artifact's temporary folder)."""
+    """``export/npy``, ``export/peft``, ``export/nemo`` and (decoder-only) ``export/vllm`` for every task (inside
+    the artifact's temporary folder)."""
     import numpy as np
     from safetensors.torch import save_file
 
@@ -159,6 +162,10 @@ def write_exports(folder: Path, tables: dict[str, torch.Tensor], base: dict[str,
             write_json(peft / INPUT_SPEC, specs[task])
     if templates is not None:
         write_nemo_exports(folder / "nemo", tables, templates, base, family)
+        if family == "gpt":
+            from .prompt_embeds import write_vllm_exports
+
+            write_vllm_exports(folder / "vllm", tables, templates, base)
 
 
 NEMO_EXPORTS = {"1.20": "", "1.17": "nemo-1.17", "1.16": "nemo-1.16"}   # layout -> folder under export/nemo/

@@ -108,7 +108,8 @@ class PromptedModel:
             return any(s in text for s in stop_strings)
         return is_done
 
-    def cut_at_stop(self, text: str, stop_strings: Sequence[str]) -> str:
+    @staticmethod
+    def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
         """The answer: ``text`` without leading whitespace, cut at the first stop string, stripped."""
         text = text.lstrip()
         for s in stop_strings:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from stages.common.checks import Need, is_nemo_file, StageCheck, Trainer, boolean, check_keys, check_trainer, require_gpu, stage_keys
 from stages.common.errors import UserError
+from stages.common.trackers import Trackers, check_trackers
 from stages.engine.base_model import check_reference
 from stages.engine.template import parse_templates
 from stages.evaluation.keys import OPTIONAL
@@ -52,6 +53,7 @@ class Settings:
     prompt_lookup_num_tokens: int = 0     # draft tokens copied from the prompt per decoding pass (0 = off)
     prompt_lookup_pass_budget: int | None = None   # at most this many row-tokens per decoding pass (None: no limit)
     trainer: Trainer | None = None        # devices, accelerator, reuse_host_memory (stages/engine/host_memory.py)
+    trackers: Trackers = Trackers()       # exp_manager: W&B / MLflow (trackers.py)
 
     @property
     def reuse_host_memory(self) -> bool:
@@ -145,6 +147,7 @@ class Settings:
             prompt_lookup_pass_budget=(None if budget is None else
                                        _int(budget, "inference.prompt_lookup_pass_budget", 1, " or null (no limit)")),
             trainer=trainer,
+            trackers=check_trackers(cfg.get("exp_manager"), f"{PREFIX}.exp_manager"),
         )
 
 

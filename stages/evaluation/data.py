@@ -58,9 +58,9 @@ class Example:
     golds: tuple[str, ...]
 
 
-def read_slice(path: Path, offset: int, max_examples: int | None) -> TestSlice:
-    """Parse every line of ``path`` (a malformed line anywhere is an error); keep the requested slice."""
-    key = f"{PREFIX}.data.test_ds"
+def read_slice(path: Path, offset: int, max_examples: int | None, key: str = f"{PREFIX}.data.test_ds") -> TestSlice:
+    """Parse every line of ``path`` (a malformed line anywhere is an error); keep the requested slice. ``key`` names
+    the file in messages."""
     problem = Need.problem(str(path), key, "run the data_preparation stage first or fix the path")
     if problem:
         raise UserError(problem)
@@ -94,28 +94,34 @@ def check_examples(data: TestSlice, templates: Mapping[str, TaskTemplate], sourc
     out = []
     for ln in data.lines:
         rec, where = ln.record, f"{data.path}:{ln.line}"
-        task = rec.get("taskname")
-        if not isinstance(task, str) or not task:
-            raise UserError(f"{where}: record has no 'taskname'; add one of {sorted(templates)} to every record")
-        template = templates.get(task)
-        if template is None:
-            raise UserError(
-                f"{where}: taskname '{task}' has no template in {source} (have: {sorted(templates)}); "
-                "evaluate a file of those tasks or a prompt artifact trained on this task"
-            )
-        for field in template.input_fields:
-            value = rec.get(field)
-            if value is None or isinstance(value, (dict, list, bool)):
-                what = "lacks" if value is None else f"has a {type(value).__name__} in"
-                raise UserError(
-                    f"{where}: record {what} field '{field}' that the template of task '{task}' needs "
-                    f"({template.prompt_template!r}); give every record a text '{field}' or use a matching template"
-                )
+        template = template_for(rec, where, templates, source)
         answer_field = template.answer_field or DEFAULT_ANSWER_FIELD
         golds = _golds(rec.get(answer_field), answer_field, where)
         inputs = {k: v for k, v in rec.items() if k != answer_field}
-        out.append(Example(ln.index, ln.line, rec.get("id"), task, inputs, golds))
+        out.append(Example(ln.index, ln.line, rec.get("id"), template.taskname, inputs, golds))
     return out
+
+
+def template_for(rec: dict[str, Any], where: str, templates: Mapping[str, TaskTemplate], source: str) -> TaskTemplate:
+    """The record's task template, with every input field it needs present as text (gold answers not needed)."""
+    task = rec.get("taskname")
+    if not isinstance(task, str) or not task:
+        raise UserError(f"{where}: record has no 'taskname'; add one of {sorted(templates)} to every record")
+    template = templates.get(task)
+    if template is None:
+        raise UserError(
+            f"{where}: taskname '{task}' has no template in {source} (have: {sorted(templates)}); "
+            "evaluate a file of those tasks or a prompt artifact trained on this task"
+        )
+    for field in template.input_fields:
+        value = rec.get(field)
+        if value is None or isinstance(value, (dict, list, bool)):
+            what = "lacks" if value is None else f"has a {type(value).__name__} in"
+            raise UserError(
+                f"{where}: record {what} field '{field}' that the template of task '{task}' needs "
+                f"({template.prompt_template!r}); give every record a text '{field}' or use a matching template"
+            )
+    return template
 
 
 def _golds(value: Any, field: str, where: str) -> tuple[str, ...]:

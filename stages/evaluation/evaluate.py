@@ -100,6 +100,10 @@ def evaluate(cfg: DictConfig) -> None:
     for line in summary_lines(data, metrics):
         log.info("%s", line)
     log.info("wrote %s", ", ".join(str(s.results_dir / f) for f in metrics["files"].values()))
+    if s.trackers:
+        from .trackers import log_evaluation
+
+        log_evaluation(s.trackers, s.results_dir, s.run_name, metrics, [e.inputs.get("context") for e in examples])
 
 
 def _autocast(chosen: str, device: str) -> Any:

@@ -4,4 +4,10 @@ which the stage reads with a default but no shipped config sets. A key that is n
 neither shipped nor listed here."""
 from __future__ import annotations
 
-OPTIONAL: dict[str, str] = {}
+from stages.common.checks import FREE
+
+OPTIONAL: dict[str, str] = {
+    f"exp_manager.wandb_logger_kwargs.{FREE}": "keyword arguments of wandb.init, passed on as given (trackers.py)",
+    f"exp_manager.mlflow_logger_kwargs.{FREE}": "experiment_name, run_name, tracking_uri, tags (trackers.py)",
+    "exp_manager.mlflow_logger_kwargs.tags": "tags of a new MLflow run (trackers.py)",
+}

@@ -16,6 +16,7 @@ from omegaconf import ListConfig, OmegaConf
 from stages.common.checks import (Need, is_nemo_file, StageCheck, Trainer, boolean, check_keys, check_writable,
                                   check_trainer, number, positive_int, require_gpu, stage_keys)
 from stages.common.errors import UserError
+from stages.common.trackers import Trackers, check_trackers
 from stages.engine.base_model import architecture, check_reference
 from stages.engine.template import TaskTemplate, parse_templates
 from stages.prompt_learning.identity import ignored_keys
@@ -128,6 +129,7 @@ class Checked:
     compile: bool
     share_prefix: bool
     length_bucketing: bool
+    trackers: Trackers = Trackers()   # exp_manager.create_wandb_logger / create_mlflow_logger (stages/common/trackers.py)
 
 
 def check(sc: Any) -> StageCheck:
@@ -178,11 +180,12 @@ def check_config(sc: Any) -> Checked:
     _check_optim(m)
     _check_limits(t)
     result.signal_warning = _check_exp_manager(sc)
+    trackers = check_trackers(sc.get("exp_manager"), f"{STAGE}.exp_manager")
     result.writes.append(os.path.normpath(str(m.get("artifact_path"))))
     nemo_path = m.get("nemo_path")
     if nemo_path is not None:
         _check_nemo_path(str(nemo_path), tasks)
-    return Checked(result, trainer, tasks, layout, compile_on, share_prefix, length_bucketing)
+    return Checked(result, trainer, tasks, layout, compile_on, share_prefix, length_bucketing, trackers)
 
 
 def _check_model_layout(path: Any, layout: ParallelLayout) -> None:

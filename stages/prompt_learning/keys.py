@@ -11,5 +11,6 @@ OPTIONAL = {
     "model.sequence_parallel": "false; true is refused (parallel/layout.py)",
     "exp_manager.resume_ignore_changes": "[]: identity keys a resume may differ in (identity.ignored_keys)",
     f"exp_manager.wandb_logger_kwargs.{FREE}": "keyword arguments of WandbLogger, passed on as given",
+    f"exp_manager.mlflow_logger_kwargs.{FREE}": "keyword arguments of MLFlowLogger, passed on as given",
     "_check_frozen": "tests only: assert the base model's embeddings are unchanged after training",
 }

@@ -288,8 +288,11 @@ class PromptLearningRecipe:
         the parallel path brings its own strategy and accumulates inside the engine."""
         cfg = self.cfg
         accumulate = 1 if self.parallel else self.layout.n_microbatches
+        from .trackers import tracker_loggers
+
+        self.trackers = tracker_loggers(self.checked.trackers, self.log_dir, plain(cfg))
         kwargs = trainer_kwargs(cfg.trainer, cfg.exp_manager, self.log_dir, accumulate, self.callbacks, bool(self.val_ex),
-                                self.ft)
+                                self.ft, self.trackers)
         kwargs["precision"] = "32-true" if self.precision == "bf16-true" else self.precision
         if self.parallel:
             from .parallel.wiring import parallel_trainer
@@ -416,6 +419,10 @@ class PromptLearningRecipe:
         summary = {**training, "artifact_path": str(art), "seconds": round(time.monotonic() - self.t_start, 1),
                    "loss_curve": str(log_dir / "loss_curve.png")}
         write_json(log_dir / "prompt_learning_summary.json", summary)
+        if self.trackers:
+            from .trackers import publish
+
+            publish(self.trackers, art, summary, log_dir, str(cfg.run.get("name", "prompt_learning")))
         log.info("artifact written to %s; val_loss %s -> %s over %d steps (%.0fs)", art, training["first_val_loss"],
                  training["final_val_loss"], training["steps"], summary["seconds"])
         return summary

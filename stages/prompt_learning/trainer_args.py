@@ -9,7 +9,6 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from stages.common.errors import UserError
 
 log = logging.getLogger("promptlaunch.prompt_learning")
 
@@ -25,9 +24,10 @@ def world_size_of(tr: Any) -> int:
 
 
 def trainer_kwargs(tr: DictConfig, em: DictConfig, log_dir: Path, accumulate: int, callbacks: Sequence[Any] | None,
-                   has_val: bool, fault: Any) -> dict[str, Any]:
+                   has_val: bool, fault: Any, trackers: Sequence[Any] = ()) -> dict[str, Any]:
     """Lightning Trainer arguments; ``fault`` (``fault.FaultTolerance``) adds atomic checkpoints, RNG/data-position
-    state, preemption handling and an atomically written metrics.csv."""
+    state, preemption handling and an atomically written metrics.csv; ``trackers`` are the W&B / MLflow loggers
+    (``trackers.tracker_loggers``)."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     loggers: list[Any] = []
@@ -41,14 +41,7 @@ def trainer_kwargs(tr: DictConfig, em: DictConfig, log_dir: Path, accumulate: in
             loggers.append(TensorBoardLogger(save_dir=str(log_dir), name="", version="tensorboard"))
         except ImportError:
             log.warning("prompt_learning.exp_manager.create_tensorboard_logger=true but tensorboard is not installed; skipping it")
-    if em.get("create_wandb_logger", False):
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise UserError("prompt_learning.exp_manager.create_wandb_logger=true but wandb is not installed; `pip install wandb` or set it to false") from None
-        from pytorch_lightning.loggers import WandbLogger
-
-        loggers.append(WandbLogger(save_dir=str(log_dir), **(plain(em.get("wandb_logger_kwargs")) or {})))
+    loggers += trackers
     cp = plain(em.get("checkpoint_callback_params")) or {}
     monitor = cp.get("monitor", "val_loss") if has_val else None
     ckpt_cb = ModelCheckpoint(

@@ -24,7 +24,7 @@ ALSO_READS = {"prompt_learning": ["stages/engine/prompts.py"], "evaluation": [],
 NOT_CONFIG = {
     "prompt_learning": {"step", "identity", "global_step", "rng", "history", "promptlaunch", "epoch_batches", "epoch",
                         "epoch_steps", "fit_loop", "loops", "zero_grad", "attention_mask", "position_ids", "train", "val"},
-    "evaluation": {"id", "drafted", "baseline", "question", "per_task", "f1_ci95"},
+    "evaluation": {"id", "drafted", "baseline", "question", "per_task", "f1_ci95", "context"},
     "data_preparation": set(),
 }
 
