@@ -27,6 +27,7 @@ import pytest
 from stages.engine.nemo import prompts as nemo_prompts
 from tests.support import nemo
 from tests.support.cluster import FAKE_BIN
+from tests.support.data_preparation import MAIN_OVERRIDES
 from tests.support.launcher import undigest
 from tests.support.paths import ROOT
 
@@ -134,9 +135,7 @@ CPU = ["prompt_learning.trainer.accelerator=cpu", "prompt_learning.trainer.devic
        "prompt_learning.model.data.max_seq_length=512", "prompt_learning.model.data.num_workers=0",
        "evaluation.trainer.accelerator=cpu", "evaluation.data.max_examples=2", "evaluation.data.batch_size=2",
        "evaluation.inference.tokens_to_generate=4", "evaluation.inference.progress=false",
-       "data_preparation.source=local", f"data_preparation.local_dir={ROOT}/tests/fixtures/squad_tiny",
-       "data_preparation.expected_counts.train=null", "data_preparation.expected_counts.dev=null",
-       "data_preparation.sha256.train=null", "data_preparation.sha256.dev=null"]
+       *MAIN_OVERRIDES]
 
 
 @pytest.mark.slow

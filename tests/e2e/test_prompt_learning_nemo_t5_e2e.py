@@ -11,15 +11,14 @@ import json
 
 import pytest
 
-from tests.support.launcher import ROOT, run_main
+from tests.support.data_preparation import MAIN_OVERRIDES
+from tests.support.launcher import OFFLINE_ENV, run_main
 
 pytest.importorskip("torch")
 pytest.importorskip("sentencepiece")
 
-FIXTURE = ROOT / "tests" / "fixtures" / "squad_tiny"
-DATA_PREP = ["data_preparation.source=local", f"data_preparation.local_dir={FIXTURE}", "data_preparation.sha256.train=null",
-             "data_preparation.sha256.dev=null", "data_preparation.expected_counts.train=7", "data_preparation.expected_counts.dev=5"]
-ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+DATA_PREP = MAIN_OVERRIDES
+ENV = OFFLINE_ENV
 
 
 @pytest.fixture(scope="module")

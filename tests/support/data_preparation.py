@@ -12,6 +12,10 @@ from tests.support.paths import FIXTURES
 FIXTURE = FIXTURES / "squad_tiny"
 UNREACHABLE = "http://127.0.0.1:1"  # connection refused at once: no test waits on a network
 SHA = {split: hashlib.sha256((FIXTURE / f"{split}-v1.1.json").read_bytes()).hexdigest() for split in ("train", "dev")}
+# main.py overrides that prepare the fixture instead of the real SQuAD, offline, checksums and counts checked
+MAIN_OVERRIDES = ["data_preparation.source=local", f"data_preparation.local_dir={FIXTURE}",
+                  *(f"data_preparation.sha256.{split}={SHA[split]}" for split in ("train", "dev")),
+                  "data_preparation.expected_counts.train=7", "data_preparation.expected_counts.dev=5"]
 
 
 def make_cfg(tmp_path: Path, **overrides: Any) -> DictConfig:

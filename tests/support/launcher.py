@@ -28,6 +28,10 @@ def undigest(text: str) -> str:
     return re.sub(r"_hydra-[0-9a-f]{10}\.yaml", "_hydra-<digest>.yaml", text)
 
 
+# what a job needs to run offline with one thread (no hub access, no tokenizer thread pool)
+OFFLINE_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run_main(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``python3 main.py args`` in a subprocess and capture its output."""
     full_env = dict(os.environ, **(env or {}))
