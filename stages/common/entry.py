@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Callable, MutableMapping, Sequence
@@ -97,6 +98,24 @@ def init_distributed_env(environ: MutableMapping[str, str] | None = None) -> dic
     return added
 
 
+def describe_rank(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """One line saying where this process sits in its world: rank, host and its address, node and local rank, and
+    the rendezvous address every rank uses; None for a single process. Every rank prints it first thing, so a
+    multi-node job's log shows each rank's host (Slurm's logs merge every task's output)."""
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    host = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(host)
+    except OSError:
+        addr = "unresolved"
+    return (f"promptlaunch: rank {env.get('RANK', '?')}/{world} on host {host} ({addr}), node rank "
+            f"{env.get('NODE_RANK', '?')}, local rank {env.get('LOCAL_RANK', '?')}, master "
+            f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}")
+
+
 def setup_logging() -> None:
     """Plain timestamped log lines on stdout; only rank 0 logs at INFO so multi-process logs stay readable."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -111,6 +130,9 @@ def setup_logging() -> None:
 def run_stage(main: Callable[[DictConfig], None], argv: Sequence[str] | None = None) -> int:
     """Load the config, run ``main``; a UserError becomes one ``error:`` line and exit code 2."""
     init_distributed_env()  # first: logging, Lightning and torch.distributed read the ranks it sets
+    where = describe_rank()
+    if where:
+        print(where, flush=True)
     setup_logging()
     try:
         cfg = load_stage_config(argv)
