@@ -138,6 +138,7 @@ def run_stage(main: Callable[[DictConfig], None], argv: Sequence[str] | None = N
         cfg = load_stage_config(argv)
         main(cfg)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr, flush=True)
         return 2
     return 0
