@@ -1,0 +1,120 @@
+"""Faults of a two-node prompt_learning job on the cluster of .ci/slurm/start-multinode.sh, through main.py:
+
+* preemption: ``scancel --signal=USR1`` (what ``#SBATCH --signal=USR1@<secs>`` sends before the time limit) reaches
+  the tasks on both nodes; they checkpoint at the same step, the job requeues itself and resumes on two nodes to the
+  prompt of the same stage config run as one process here (1e-5);
+* a node killed mid-run (its slurmd and every process on it, as when a node loses power): the job ends with a clear
+  state and message, its dependant (evaluation) is cancelled, and rerunning the same command once the node is back
+  resumes from the last checkpoint to the same prompt.
+
+The job's "python" is the stage under tests/support/fault_runner.py, slowed to ~1 s per step so that the signal and
+the kill land mid-training.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from tests.support.launcher import ROOT, run_main  # noqa: E402
+from tests.support.multinode import (RANK_LINE, assert_same_run, one_process_reference, prompt_learning_args,  # noqa: E402
+                                     stage_outputs, wait_for)
+from tests.support.paths import SUPPORT  # noqa: E402
+from tests.support.tiny_models import build  # noqa: E402
+
+pytestmark = pytest.mark.multinode
+STEPS = 10
+
+
+def _slow_python(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec nice -n 19 {sys.executable} {SUPPORT / 'fault_runner.py'} --step-sleep 1 \"$@\"\n")
+    python.chmod(0o755)
+    return python
+
+
+def _args(tmp_path, *extra):
+    model = build("llama", tmp_path / "llama")
+    return prompt_learning_args(tmp_path, model, nodes=2, devices=1, steps=STEPS, extra=[
+        f"python={_slow_python(tmp_path)}", "prompt_learning.trainer.val_check_interval=4", *extra])
+
+
+def _log(stage_dir, job_id):
+    return next(iter(stage_dir.glob(f"log-*_{job_id}.out")), None)
+
+
+STAGE_DIR = ("results", "tiny_llama", "prompt_learning_squad")
+
+
+def test_usr1_preempts_the_two_node_job_which_requeues_and_resumes_to_the_same_prompt(multinode_cluster, tmp_path):
+    proc = run_main(_args(tmp_path, "cluster.signal=USR1@60"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stage_dir = tmp_path.joinpath(*STAGE_DIR)
+    job_id = multinode_cluster.job_id(stage_dir)
+    wait_for("step 3 of the first run", lambda: _log(stage_dir, job_id) and "optimizer step 3 done" in
+             _log(stage_dir, job_id).read_text(), 240)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30)
+    wait_for("the requeue", lambda: multinode_cluster.job(job_id).get("Restarts") == "1", 120)
+    states = multinode_cluster.wait([job_id], timeout=420)
+    text = _log(stage_dir, job_id).read_text()
+    assert states[job_id].state == "COMPLETED", text[-3000:]
+
+    saved = re.search(r"SIGUSR1: checkpoint saved at step (\d+) to .*; the job script requeues the job", text)
+    assert saved, text[-3000:]
+    step = int(saved.group(1))
+    assert 3 <= step < STEPS
+    assert f"promptlaunch: requeueing job {job_id}; it resumes from its checkpoint" in text
+    assert re.search(rf"resuming from \S+/checkpoints/last\.ckpt \(step {step}\); Slurm restart 1", text), text[-3000:]
+    err = _log(stage_dir, job_id).with_suffix(".err").read_text()
+    assert err.count("received SIGUSR1; checkpointing at the next step boundary") == 2, err[-3000:]   # both nodes' ranks
+    # both runs were spread over both hosts
+    runs = text.split(f"promptlaunch: job {job_id} starts (restart 1)")
+    assert len(runs) == 2
+    for run in runs:
+        assert sorted((m[0], m[2]) for m in RANK_LINE.findall(run)) == [("0", "pln1"), ("1", "pln2")], run[-2000:]
+
+    cfg = OmegaConf.load(next(stage_dir.glob("*_hydra-*.yaml")))
+    assert_same_run(stage_outputs(cfg), one_process_reference(stage_dir, tmp_path / "reference"), "preempted", STEPS)
+
+
+def test_a_killed_node_fails_the_job_cancels_its_dependant_and_a_rerun_resumes(multinode_cluster, tmp_path):
+    args = _args(tmp_path, "stages=[prompt_learning,evaluation]", "cluster.wait=true", "cluster.poll_seconds=1",
+                 "evaluation.data.offset=0", "evaluation.data.max_examples=2", "evaluation.inference.tokens_to_generate=2",
+                 f"evaluation.data.test_ds={tmp_path}/val.jsonl")
+    stage_dir = tmp_path.joinpath(*STAGE_DIR)
+    launch = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("the job id", lambda: (stage_dir / "job_id").exists(), 120)
+        job_id = multinode_cluster.job_id(stage_dir)
+        wait_for("step 3", lambda: _log(stage_dir, job_id) and "optimizer step 3 done" in _log(stage_dir, job_id).read_text(), 240)
+        node = multinode_cluster.job(job_id)["NodeList"]
+        assert node == "pln[1-2]"
+        t0 = time.monotonic()
+        multinode_cluster.kill_node("pln2")
+        out, err = launch.communicate(timeout=300)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    print(f"\nlaunch after the kill ({time.monotonic() - t0:.0f} s):\n{out}\n{err}")
+    text = _log(stage_dir, job_id).read_text() + _log(stage_dir, job_id).with_suffix(".err").read_text()
+    print(text[-3000:])
+    assert launch.returncode == 1
+    eval_id = multinode_cluster.job_id(tmp_path / "results" / "tiny_llama" / "evaluation_squad")
+    assert f"job {eval_id}: CANCELLED (never ran: dependency never satisfied, job {job_id} ended" in out, out
+
+    multinode_cluster.start_nodes()
+    rerun = run_main([a for a in args])
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    new_id = multinode_cluster.job_id(stage_dir)
+    text = _log(stage_dir, new_id).read_text()
+    assert re.search(r"resuming from \S+/checkpoints/last\.ckpt \(step [1-9]\d*\)", text), text[-3000:]
+    cfg = OmegaConf.load(next(stage_dir.glob("*_hydra-*.yaml")))
+    assert_same_run(stage_outputs(cfg), one_process_reference(stage_dir, tmp_path / "reference"), "node killed", STEPS)
