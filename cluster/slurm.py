@@ -386,6 +386,7 @@ def wait_for_chain(job_ids: Sequence[str], poll_seconds: float = 10.0, timeout: 
     """
     final: dict[str, JobState] = {}
     unseen: dict[str, int] = {}
+    started: set[str] = set()   # seen RUNNING: PENDING again means Slurm requeued it (node failure, preemption)
     deadline = None if timeout is None else time.monotonic() + timeout
     polled = False
     while len(final) < len(job_ids):
@@ -415,6 +416,12 @@ def wait_for_chain(job_ids: Sequence[str], poll_seconds: float = 10.0, timeout: 
                 why = f"job {broken.job_id} ended {broken.state}" if broken else st.reason
                 final[jid] = JobState(jid, "CANCELLED", f"never ran: dependency never satisfied, {why}")
             else:
+                if st.state == "RUNNING":
+                    started.add(jid)
+                elif st.state == "PENDING" and jid in started:
+                    started.discard(jid)
+                    report(f"job {jid}: requeued by Slurm (a node failed or the job was preempted), pending again "
+                           f"({st.reason}); it resumes from its checkpoint when it starts again, its dependants wait")
                 continue
             report(f"job {jid}: {final[jid].describe()}")
             if broken is None and final[jid].state != "COMPLETED":

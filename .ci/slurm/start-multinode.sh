@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a two-node Slurm cluster on this one machine for the @pytest.mark.multinode tests (idempotent).
+# Start a three-node Slurm cluster on this one machine for the @pytest.mark.multinode tests (idempotent).
 #
 # Usage:
 #   bash .ci/slurm/start-multinode.sh                # installs slurm-wlm + munge if missing, starts the cluster
@@ -7,8 +7,8 @@
 #   python3 -m pytest -m multinode
 #   bash .ci/slurm/stop-multinode.sh                 # stops what this script started
 #
-# Each node is a slurmd in its own namespaces (unshare --uts --mount --pid): its own hostname (pln1, pln2, ...),
-# its own loopback address (127.0.0.11, 127.0.0.12, ...: the whole 127.0.0.0/8 is local, no interface is
+# Each node is a slurmd in its own namespaces (unshare --uts --mount --pid): its own hostname (pln1, pln2, pln3),
+# its own loopback address (127.0.0.11, 127.0.0.12, 127.0.0.13: the whole 127.0.0.0/8 is local, no interface is
 # configured), its own spool, pid and log folder, and a hosts file mounted over /etc/hosts inside the node only
 # (nothing in /etc is changed). Debian's slurmd is built without --enable-multiple-slurmd, hence the namespaces.
 # Killing a node's namespace (stop-multinode.sh --node plnN) kills its slurmd and every task on it, like a
@@ -18,7 +18,8 @@
 set -euo pipefail
 
 DIR=${PROMPTLAUNCH_SLURM_MN_DIR:-/tmp/promptlaunch-slurm-mn}
-NODES=${PROMPTLAUNCH_SLURM_MN_NODES:-2}
+# three nodes: the two-node jobs of the tests, and a spare that takes over when a test kills one of them
+NODES=${PROMPTLAUNCH_SLURM_MN_NODES:-3}
 CTLD_PORT=${PROMPTLAUNCH_SLURM_MN_CTLD_PORT:-6827}
 NODE_PORT=${PROMPTLAUNCH_SLURM_MN_NODE_PORT:-6831}   # node i listens on NODE_PORT + i - 1
 CONF=$DIR/slurm.conf

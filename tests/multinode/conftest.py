@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from typing import Iterator
 
 import pytest
 
@@ -17,7 +19,9 @@ def _multinode_conf() -> str:
 
 
 @pytest.fixture
-def multinode_cluster(_multinode_conf: str, monkeypatch: pytest.MonkeyPatch) -> MultinodeCluster:
-    """The multi-node cluster, with SLURM_CONF pointing at it for this test only (the one-node tests keep theirs)."""
+def multinode_cluster(_multinode_conf: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[MultinodeCluster]:
+    """The multi-node cluster, with SLURM_CONF pointing at it for this test only (the one-node tests keep theirs).
+    The cluster serves these tests alone: whatever a test left queued (it failed half-way) is cancelled after it."""
     monkeypatch.setenv("SLURM_CONF", _multinode_conf)
-    return MultinodeCluster(_multinode_conf)
+    yield MultinodeCluster(_multinode_conf)
+    subprocess.run(["scancel", f"--user={os.getuid()}"], capture_output=True, timeout=60)

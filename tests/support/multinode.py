@@ -1,4 +1,4 @@
-"""The two-node Slurm of ``.ci/slurm/start-multinode.sh`` as the tests marked ``multinode`` see it: is it up, which
+"""The multi-node Slurm (three nodes) of ``.ci/slurm/start-multinode.sh`` as the tests marked ``multinode`` see it: is it up, which
 nodes it has, following jobs, pulling a node's plug and starting it again."""
 from __future__ import annotations
 
@@ -80,6 +80,18 @@ class MultinodeCluster:
         out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
+    @staticmethod
+    def hostnames(node_list: str) -> list[str]:
+        """``pln[1-2]`` -> ``[pln1, pln2]`` (Slurm's own expansion)."""
+        return subprocess.run(["scontrol", "show", "hostnames", node_list], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.split()
+
+    @staticmethod
+    def node_addr(name: str) -> str:
+        """The address slurm.conf gives a node (NodeAddr)."""
+        out = subprocess.run(["scontrol", "show", "node", name], capture_output=True, text=True, check=True, timeout=30).stdout
+        return re.search(r"NodeAddr=(\S+)", out).group(1)
+
     def kill_node(self, name: str) -> None:
         """Pull the plug: the node's slurmd and every process on it die at once (its PID namespace ends)."""
         subprocess.run(["bash", str(STOP), "--node", name], check=True, timeout=60, env=self._env())
@@ -108,7 +120,7 @@ def prompt_learning_args(tmp: Path, model: Path, *, nodes: int, devices: int, tp
     world = nodes * devices
     return [
         "stages=[prompt_learning]", "cluster_type=slurm", "cluster.exclusive=false", "cluster.mem=null",
-        f"cluster.job_name_prefix=pl-{tmp.name}-", f"base_results_dir={tmp}/results", f"data_dir={tmp}/data",
+        f"cluster.job_name_prefix=pl-{os.getpid()}-{tmp.name}-", f"base_results_dir={tmp}/results", f"data_dir={tmp}/data",
         "env_vars.OMP_NUM_THREADS=1", "env_vars.HF_HUB_OFFLINE=1", "prompt_learning.run.model_train_name=tiny_llama",
         f"prompt_learning.model.language_model_path={model}", f"prompt_learning.model.data.train_ds=[{train}]",
         f"prompt_learning.model.data.validation_ds=[{val}]", f"prompt_learning.trainer.num_nodes={nodes}",
