@@ -306,3 +306,21 @@ def test_plan_mismatch_is_one_line_each_before_anything_is_written(cluster, layo
 ])
 def test_a_consistent_plan_passes(cluster, layout):
     assert SlurmExecutor(cluster).plan_mismatches(_spec(**layout)) == []
+
+
+def test_wait_says_when_slurm_requeues_a_running_job(fake_slurm):
+    """RUNNING -> PENDING is a requeue (node failure or preemption): said once per requeue; the dependant waits."""
+    from cluster.slurm import wait_for_chain
+
+    fake_command(fake_slurm / "bin", "squeue", 'n=$(cat "$FAKE_DIR/n" 2>/dev/null || echo 0)\n'
+                 'cat "$FAKE_DIR/squeue.$n"\necho $((n < 3 ? n + 1 : n)) > "$FAKE_DIR/n"\n')
+    for n, text in enumerate(["7|RUNNING|None\n8|PENDING|Dependency\n", "7|PENDING|BeginTime\n8|PENDING|Dependency\n",
+                              "7|RUNNING|None\n8|PENDING|Dependency\n", "7|COMPLETED|None\n8|COMPLETED|None\n"]):
+        (fake_slurm / f"squeue.{n}").write_text(text)
+    seen: list[str] = []
+    states = wait_for_chain(["7", "8"], poll_seconds=0, timeout=5, report=seen.append)
+    assert [states[j].state for j in "78"] == ["COMPLETED", "COMPLETED"]
+    assert seen == ["job 7: requeued by Slurm (a node failed or the job was preempted), pending again (BeginTime); it "
+                    "resumes from its checkpoint when it starts again, its dependants wait",
+                    "job 7: COMPLETED", "job 8: COMPLETED"]
+    assert not (fake_slurm / "cancelled").exists()
