@@ -128,7 +128,8 @@ def setup_logging() -> None:
 
 
 def run_stage(main: Callable[[DictConfig], None], argv: Sequence[str] | None = None) -> int:
-    """Load the config, run ``main``; a UserError becomes one ``error:`` line and exit code 2."""
+    """Load the config, run ``main``; a UserError becomes one ``error:`` line (one per mismatch it holds) and exit
+    code 2. A process of a multi-process run first prints where it runs (:func:`describe_rank`)."""
     init_distributed_env()  # first: logging, Lightning and torch.distributed read the ranks it sets
     where = describe_rank()
     if where:

@@ -196,7 +196,7 @@ def check_nodes(sc: Any, trainer: Trainer) -> ParallelLayout:
     try:
         layout = layout_from_config(sc.model, trainer.world_size, prefix=f"{STAGE}.")
     except UserError as exc:
-        lines.append(str(exc))
+        lines.extend(exc.lines)
     if layout is not None and trainer.num_nodes > 1 and trainer.devices % layout.tp:
         lines.append(f"{KEY}.tensor_model_parallel_size: {layout.tp} does not divide {STAGE}.trainer.devices="
                      f"{trainer.devices} (processes per node), so with {trainer.num_nodes} nodes a tensor-parallel group "
