@@ -116,6 +116,23 @@ def describe_rank(environ: MutableMapping[str, str] | None = None) -> str | None
             f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}")
 
 
+# what torch.distributed says when another rank's process (or its node) is gone: gloo's pair and the TCP store
+_PEER_LOST = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe")
+
+
+def peer_lost(exc: BaseException, environ: MutableMapping[str, str] | None = None) -> str | None:
+    """The one line for a collective that failed because another rank died (its process or its node), instead of a
+    long traceback from deep inside torch.distributed; None for any other error."""
+    text = str(exc)
+    env = os.environ if environ is None else environ
+    if int(env.get("WORLD_SIZE", "1") or 1) <= 1 or not _PEER_LOST.search(text):
+        return None
+    first = " ".join(text.split("\n")[0].split())
+    return (f"rank {env.get('RANK', '?')} on host {socket.gethostname()} lost contact with another rank of this job "
+            f"({first[:200]}): a process or node of the job failed, see the other ranks' lines in this log; a requeued "
+            f"or rerun job resumes from its last checkpoint")
+
+
 def setup_logging() -> None:
     """Plain timestamped log lines on stdout; only rank 0 logs at INFO so multi-process logs stay readable."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -142,4 +159,10 @@ def run_stage(main: Callable[[DictConfig], None], argv: Sequence[str] | None = N
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as exc:
+        lost = peer_lost(exc)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr, flush=True)
+        return 1
     return 0

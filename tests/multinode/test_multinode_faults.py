@@ -98,9 +98,9 @@ def test_a_killed_node_requeues_the_job_which_resumes_on_the_spare_node(multinod
                               stderr=subprocess.PIPE, text=True)
     killed = None
     try:
-        wait_for("the job id", lambda: (stage_dir / "job_id").exists(), 120)
-        job_id = multinode_cluster.job_id(stage_dir)
-        eval_id = multinode_cluster.job_id(tmp_path / "results" / "tiny_llama" / "evaluation_squad")
+        eval_dir = tmp_path / "results" / "tiny_llama" / "evaluation_squad"
+        wait_for("both job ids", lambda: (stage_dir / "job_id").exists() and (eval_dir / "job_id").exists(), 120)
+        job_id, eval_id = multinode_cluster.job_id(stage_dir), multinode_cluster.job_id(eval_dir)
         # step 5: the step-4 validation has written checkpoints/last.ckpt
         wait_for("step 5", lambda: _log(stage_dir, job_id) and "optimizer step 5 done" in _log(stage_dir, job_id).read_text(), 240)
         first = multinode_cluster.hostnames(multinode_cluster.job(job_id)["NodeList"])
@@ -121,7 +121,9 @@ def test_a_killed_node_requeues_the_job_which_resumes_on_the_spare_node(multinod
     assert killed not in second and len(second) == 2, (first, second)
     text = _log(stage_dir, job_id).read_text()
     err_log = _log(stage_dir, job_id).with_suffix(".err").read_text()
-    # what the first run's log says (Slurm's words): the node failed, the job was cancelled for it, then requeued
+    # what the first run's log says: the rank left on the live node lost its peer (one line, no traceback), and
+    # Slurm's words: the node failed, the job was cancelled for it, then requeued
+    assert re.search(rf"error: rank 0 on host {first[0]} lost contact with another rank of this job", err_log), err_log[-3000:]
     assert f"srun: error: Node failure on {killed}" in err_log or "DUE TO NODE FAILURE" in err_log, err_log[-3000:]
     assert f"promptlaunch: job {job_id} starts (restart 1)" in text, text[-3000:]
     after = text.split(f"promptlaunch: job {job_id} starts (restart 1)")[1]
