@@ -127,7 +127,7 @@ def peer_lost(exc: BaseException, environ: MutableMapping[str, str] | None = Non
     env = os.environ if environ is None else environ
     if int(env.get("WORLD_SIZE", "1") or 1) <= 1 or not _PEER_LOST.search(text):
         return None
-    first = " ".join(text.split("\n")[0].split())
+    first = " ".join(text.split("\n")[0].split(". ")[0].split())   # gloo: "[pair.cc:553] Connection closed by peer [addr]:port"
     return (f"rank {env.get('RANK', '?')} on host {socket.gethostname()} lost contact with another rank of this job "
             f"({first[:200]}): a process or node of the job failed, see the other ranks' lines in this log; a requeued "
             f"or rerun job resumes from its last checkpoint")
