@@ -126,6 +126,43 @@ class SlurmExecutor:
                 if "," in m:
                     raise UserError(f"container_mounts: '{m}' contains ',', which pyxis reads as a mount separator; "
                                     f"rename the folder")
+        mismatches = self.plan_mismatches(job)
+        if mismatches:
+            raise UserError(*mismatches)
+
+    def plan_mismatches(self, job: JobSpec) -> list[str]:
+        """The multi-node planning check of what this executor asks of Slurm, one line per mismatch: processes per
+        node, nodes and tasks that ``cluster.srun_args`` would re-set against the stage's plan (``--ntasks-per-node``
+        = processes per node = the stage's trainer.devices), and the GPUs per node asked of Slurm against one GPU
+        per process of a GPU stage."""
+        c, lines = self.cfg, []
+        planned = {"ntasks-per-node": (job.tasks_per_node, "processes per node", "trainer.devices"),
+                   "nodes": (job.nodes, "node(s)", "trainer.num_nodes"),
+                   "ntasks": (job.world_size, "processes in all", "trainer.num_nodes x trainer.devices")}
+        for name, value in srun_layout_flags(c.srun_args).items():
+            want, what, key = planned[name]
+            if value != str(want):
+                lines.append(f"cluster.srun_args: --{name}={value} but the {job.stage} job plans {want} {what} "
+                             f"({job.stage}.{key}); remove --{name} from cluster.srun_args: the launcher sets it "
+                             f"from {job.stage}.{key}")
+        if job.gpus_per_node <= 0:   # a CPU stage: no GPU plan to compare with
+            return lines
+        n = job.tasks_per_node
+        if c.gpus_per_task and c.gpus_per_task != 1:
+            lines.append(f"cluster.gpus_per_task: {c.gpus_per_task} GPUs asked of Slurm per task, but each {job.stage} "
+                         f"process drives one GPU, so {c.gpus_per_task - 1} of each task's would sit idle; set "
+                         f"cluster.gpus_per_task=1 or null")
+        if c.gpus_per_node and c.gpus_per_task and c.gpus_per_node != c.gpus_per_task * n:
+            lines.append(f"cluster.gpus_per_node: {c.gpus_per_node} but cluster.gpus_per_task={c.gpus_per_task} x {n} "
+                         f"processes per node ({job.stage}.trainer.devices) = {c.gpus_per_task * n}, and only "
+                         f"gpus_per_task is asked of Slurm; set cluster.gpus_per_node=null")
+        elif c.gpus_per_node and not c.gpus_per_task and c.gpus_per_node != n:
+            effect = (f"{n - c.gpus_per_node} of them would have no GPU" if c.gpus_per_node < n
+                      else f"{c.gpus_per_node - n} GPUs per node would sit idle")
+            lines.append(f"cluster.gpus_per_node: {c.gpus_per_node} GPUs per node asked of Slurm, but {job.stage} starts "
+                         f"{n} processes per node ({job.stage}.trainer.devices), one per GPU, so {effect}; set "
+                         f"cluster.gpus_per_node={n} or null (null: the stage's trainer.devices)")
+        return lines
 
     def directives(self, job: JobSpec) -> dict[str, str | None]:
         """``#SBATCH`` options (name -> value, None for a bare flag); dependencies are added at submit time."""
@@ -255,6 +292,32 @@ class SlurmExecutor:
         return 0
 
 
+_SRUN_LAYOUT = {"--ntasks-per-node": "ntasks-per-node", "--nodes": "nodes", "-N": "nodes", "--ntasks": "ntasks", "-n": "ntasks"}
+
+
+def srun_layout_flags(args: Sequence[str]) -> dict[str, str]:
+    """The layout options in extra srun arguments (``--ntasks-per-node=4``, ``--nodes 2``, ``-N2``, ``-n 8``): name
+    (``ntasks-per-node``, ``nodes``, ``ntasks``) -> value; srun takes the last one given, as here."""
+    found: dict[str, str] = {}
+    items = [str(a) for a in args]
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        for flag, name in _SRUN_LAYOUT.items():
+            if arg == flag and i + 1 < len(items):
+                found[name] = items[i + 1]
+                i += 1
+                break
+            if flag.startswith("--") and arg.startswith(flag + "="):
+                found[name] = arg[len(flag) + 1:]
+                break
+            if not flag.startswith("--") and arg.startswith(flag) and len(arg) > 2:
+                found[name] = arg[2:].lstrip("=")
+                break
+        i += 1
+    return found
+
+
 def submit(script: str, dependency: str | None = None) -> str:
     """``sbatch --parsable`` one script; return its job id or raise a one-line UserError."""
     cmd = ["sbatch", "--parsable", *([f"--dependency={dependency}"] if dependency else []), script]
@@ -323,6 +386,7 @@ def wait_for_chain(job_ids: Sequence[str], poll_seconds: float = 10.0, timeout: 
     """
     final: dict[str, JobState] = {}
     unseen: dict[str, int] = {}
+    started: set[str] = set()   # seen RUNNING: PENDING again means Slurm requeued it (node failure, preemption)
     deadline = None if timeout is None else time.monotonic() + timeout
     polled = False
     while len(final) < len(job_ids):
@@ -352,6 +416,12 @@ def wait_for_chain(job_ids: Sequence[str], poll_seconds: float = 10.0, timeout: 
                 why = f"job {broken.job_id} ended {broken.state}" if broken else st.reason
                 final[jid] = JobState(jid, "CANCELLED", f"never ran: dependency never satisfied, {why}")
             else:
+                if st.state == "RUNNING":
+                    started.add(jid)
+                elif st.state == "PENDING" and jid in started:
+                    started.discard(jid)
+                    report(f"job {jid}: requeued by Slurm (a node failed or the job was preempted), pending again "
+                           f"({st.reason}); it resumes from its checkpoint when it starts again, its dependants wait")
                 continue
             report(f"job {jid}: {final[jid].describe()}")
             if broken is None and final[jid].state != "COMPLETED":

@@ -133,6 +133,7 @@ def run(cfg: DictConfig, argv: Sequence[str], sweep: SweepJob | None = None) -> 
 
 
 def fail(exc: UserError) -> int:
-    """Print a UserError as the single line users see; return the exit code."""
-    print(f"error: {exc}", file=sys.stderr, flush=True)
+    """Print a UserError as the line users see (one ``error:`` line per mismatch it holds); return the exit code."""
+    for line in exc.lines:
+        print(f"error: {line}", file=sys.stderr, flush=True)
     return 2

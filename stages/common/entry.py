@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Callable, MutableMapping, Sequence
@@ -97,6 +98,41 @@ def init_distributed_env(environ: MutableMapping[str, str] | None = None) -> dic
     return added
 
 
+def describe_rank(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """One line saying where this process sits in its world: rank, host and its address, node and local rank, and
+    the rendezvous address every rank uses; None for a single process. Every rank prints it first thing, so a
+    multi-node job's log shows each rank's host (Slurm's logs merge every task's output)."""
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    host = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(host)
+    except OSError:
+        addr = "unresolved"
+    return (f"promptlaunch: rank {env.get('RANK', '?')}/{world} on host {host} ({addr}), node rank "
+            f"{env.get('NODE_RANK', '?')}, local rank {env.get('LOCAL_RANK', '?')}, master "
+            f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}")
+
+
+# what torch.distributed says when another rank's process (or its node) is gone: gloo's pair and the TCP store
+_PEER_LOST = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe")
+
+
+def peer_lost(exc: BaseException, environ: MutableMapping[str, str] | None = None) -> str | None:
+    """The one line for a collective that failed because another rank died (its process or its node), instead of a
+    long traceback from deep inside torch.distributed; None for any other error."""
+    text = str(exc)
+    env = os.environ if environ is None else environ
+    if int(env.get("WORLD_SIZE", "1") or 1) <= 1 or not _PEER_LOST.search(text):
+        return None
+    first = " ".join(text.split("\n")[0].split(". ")[0].split())   # gloo: "[pair.cc:553] Connection closed by peer [addr]:port"
+    return (f"rank {env.get('RANK', '?')} on host {socket.gethostname()} lost contact with another rank of this job "
+            f"({first[:200]}): a process or node of the job failed, see the other ranks' lines in this log; a requeued "
+            f"or rerun job resumes from its last checkpoint")
+
+
 def setup_logging() -> None:
     """Plain timestamped log lines on stdout; only rank 0 logs at INFO so multi-process logs stay readable."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -109,13 +145,24 @@ def setup_logging() -> None:
 
 
 def run_stage(main: Callable[[DictConfig], None], argv: Sequence[str] | None = None) -> int:
-    """Load the config, run ``main``; a UserError becomes one ``error:`` line and exit code 2."""
+    """Load the config, run ``main``; a UserError becomes one ``error:`` line (one per mismatch it holds) and exit
+    code 2. A process of a multi-process run first prints where it runs (:func:`describe_rank`)."""
     init_distributed_env()  # first: logging, Lightning and torch.distributed read the ranks it sets
+    where = describe_rank()
+    if where:
+        print(where, flush=True)
     setup_logging()
     try:
         cfg = load_stage_config(argv)
         main(cfg)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as exc:
+        lost = peer_lost(exc)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -157,7 +157,7 @@ def check_config(sc: Any) -> Checked:
     if trainer.world_size > 1 and trainer.precision.startswith("16"):
         raise UserError(f"{STAGE}.trainer.precision: {trainer.precision}: fp16 loss scaling is not supported with "
                         f"several processes; use bf16-mixed (GPU) or 32")
-    layout = layout_from_config(m, trainer.world_size, prefix=f"{STAGE}.")
+    layout = check_nodes(sc, trainer)
     result = StageCheck(resources=trainer.resources(), takes_signal=True)   # fault/: checkpoint, requeue
     if trainer.accelerator == "gpu":
         result.here.append(lambda: require_gpu(f"{STAGE}.trainer.accelerator"))
@@ -186,6 +186,33 @@ def check_config(sc: Any) -> Checked:
     if nemo_path is not None:
         _check_nemo_path(str(nemo_path), tasks)
     return Checked(result, trainer, tasks, layout, compile_on, share_prefix, length_bucketing, trackers)
+
+
+def check_nodes(sc: Any, trainer: Trainer) -> ParallelLayout:
+    """The job's plan before launch: ``trainer.num_nodes x trainer.devices`` processes against ``TP x PP x DP``
+    (``layout.make_layout``), ``run.nodes`` against ``trainer.num_nodes``, and, across nodes, tensor-parallel groups
+    within a node. Every mismatch is one line, all of them in one error; returns the layout."""
+    lines = []
+    run_nodes = (sc.get("run") or {}).get("nodes")
+    if run_nodes is not None and run_nodes != trainer.num_nodes:
+        lines.append(f"{STAGE}.run.nodes: {run_nodes} but {STAGE}.trainer.num_nodes={trainer.num_nodes}, which is what "
+                     f"the job asks for ({trainer.num_nodes} x trainer.devices={trainer.devices} processes); set "
+                     f"{STAGE}.trainer.num_nodes={run_nodes}, or {STAGE}.run.nodes={trainer.num_nodes}")
+    layout = None
+    try:
+        layout = layout_from_config(sc.model, trainer.world_size, prefix=f"{STAGE}.")
+    except UserError as exc:
+        lines.extend(exc.lines)
+    if layout is not None and trainer.num_nodes > 1 and trainer.devices % layout.tp:
+        lines.append(f"{KEY}.tensor_model_parallel_size: {layout.tp} does not divide {STAGE}.trainer.devices="
+                     f"{trainer.devices} (processes per node), so with {trainer.num_nodes} nodes a tensor-parallel group "
+                     f"would span two nodes and all-reduce every layer across the network; set "
+                     f"{KEY}.tensor_model_parallel_size to a divisor of {trainer.devices} or trainer.devices to a multiple "
+                     f"of {layout.tp}")
+    if lines:
+        raise UserError(*lines)
+    assert layout is not None
+    return layout
 
 
 def _check_model_layout(path: Any, layout: ParallelLayout) -> None:

@@ -258,3 +258,69 @@ def test_wait_falls_back_to_the_job_completion_log(fake_slurm):
     (fake_slurm / "squeue").write_text("8|COMPLETED|None\n")
     states = wait_for_chain(["7", "8"], poll_seconds=0, report=lambda s: None)
     assert (states["7"].state, states["8"].state) == ("COMPLETED", "COMPLETED")
+
+
+# ---- the multi-node planning check: what is asked of Slurm against what the stage starts ------------------------
+
+PLAN = [  # (cluster settings, job layout, the one line per mismatch)
+    ({"srun_args": ["--ntasks-per-node=4"]}, dict(nodes=2, tasks_per_node=8),
+     ["cluster.srun_args: --ntasks-per-node=4 but the prompt_learning job plans 8 processes per node "
+      "(prompt_learning.trainer.devices); remove --ntasks-per-node from cluster.srun_args: the launcher sets it from "
+      "prompt_learning.trainer.devices"]),
+    ({"srun_args": ["--mpi=pmix", "-N", "1", "-n4"]}, dict(nodes=2, tasks_per_node=1),
+     ["cluster.srun_args: --nodes=1 but the prompt_learning job plans 2 node(s) (prompt_learning.trainer.num_nodes); "
+      "remove --nodes from cluster.srun_args: the launcher sets it from prompt_learning.trainer.num_nodes",
+      "cluster.srun_args: --ntasks=4 but the prompt_learning job plans 2 processes in all (prompt_learning.trainer."
+      "num_nodes x trainer.devices); remove --ntasks from cluster.srun_args: the launcher sets it from "
+      "prompt_learning.trainer.num_nodes x trainer.devices"]),
+    ({"gpus_per_node": 4}, dict(nodes=2, tasks_per_node=8, gpus_per_node=8),
+     ["cluster.gpus_per_node: 4 GPUs per node asked of Slurm, but prompt_learning starts 8 processes per node "
+      "(prompt_learning.trainer.devices), one per GPU, so 4 of them would have no GPU; set cluster.gpus_per_node=8 or "
+      "null (null: the stage's trainer.devices)"]),
+    ({"gpus_per_node": 8}, dict(nodes=2, tasks_per_node=2, gpus_per_node=2),
+     ["cluster.gpus_per_node: 8 GPUs per node asked of Slurm, but prompt_learning starts 2 processes per node "
+      "(prompt_learning.trainer.devices), one per GPU, so 6 GPUs per node would sit idle; set cluster.gpus_per_node=2 "
+      "or null (null: the stage's trainer.devices)"]),
+    ({"gpus_per_task": 2, "gpus_per_node": 8}, dict(nodes=2, tasks_per_node=8, gpus_per_node=8),
+     ["cluster.gpus_per_task: 2 GPUs asked of Slurm per task, but each prompt_learning process drives one GPU, so 1 "
+      "of each task's would sit idle; set cluster.gpus_per_task=1 or null",
+      "cluster.gpus_per_node: 8 but cluster.gpus_per_task=2 x 8 processes per node (prompt_learning.trainer.devices) "
+      "= 16, and only gpus_per_task is asked of Slurm; set cluster.gpus_per_node=null"]),
+]
+
+
+@pytest.mark.parametrize("cluster,layout,lines", PLAN)
+def test_plan_mismatch_is_one_line_each_before_anything_is_written(cluster, layout, lines):
+    executor = SlurmExecutor(cluster)
+    with pytest.raises(UserError) as exc:
+        executor.check(_spec(**layout))
+    assert exc.value.lines == lines
+
+
+@pytest.mark.parametrize("cluster,layout", [
+    ({}, dict(nodes=2, tasks_per_node=8, gpus_per_node=8)),
+    ({"gpus_per_node": 8, "srun_args": ["--ntasks-per-node=8", "--nodes", "2", "--mpi=pmix"]},
+     dict(nodes=2, tasks_per_node=8, gpus_per_node=8)),
+    ({"gpus_per_task": 1, "gpus_per_node": 8}, dict(nodes=4, tasks_per_node=8, gpus_per_node=8)),
+    ({"gpus_per_node": 8}, dict(nodes=1, tasks_per_node=1, gpus_per_node=0)),   # a CPU stage: its GPUs are not planned
+])
+def test_a_consistent_plan_passes(cluster, layout):
+    assert SlurmExecutor(cluster).plan_mismatches(_spec(**layout)) == []
+
+
+def test_wait_says_when_slurm_requeues_a_running_job(fake_slurm):
+    """RUNNING -> PENDING is a requeue (node failure or preemption): said once per requeue; the dependant waits."""
+    from cluster.slurm import wait_for_chain
+
+    fake_command(fake_slurm / "bin", "squeue", 'n=$(cat "$FAKE_DIR/n" 2>/dev/null || echo 0)\n'
+                 'cat "$FAKE_DIR/squeue.$n"\necho $((n < 3 ? n + 1 : n)) > "$FAKE_DIR/n"\n')
+    for n, text in enumerate(["7|RUNNING|None\n8|PENDING|Dependency\n", "7|PENDING|BeginTime\n8|PENDING|Dependency\n",
+                              "7|RUNNING|None\n8|PENDING|Dependency\n", "7|COMPLETED|None\n8|COMPLETED|None\n"]):
+        (fake_slurm / f"squeue.{n}").write_text(text)
+    seen: list[str] = []
+    states = wait_for_chain(["7", "8"], poll_seconds=0, timeout=5, report=seen.append)
+    assert [states[j].state for j in "78"] == ["COMPLETED", "COMPLETED"]
+    assert seen == ["job 7: requeued by Slurm (a node failed or the job was preempted), pending again (BeginTime); it "
+                    "resumes from its checkpoint when it starts again, its dependants wait",
+                    "job 7: COMPLETED", "job 8: COMPLETED"]
+    assert not (fake_slurm / "cancelled").exists()
