@@ -69,9 +69,9 @@ PRELAUNCH = [
      "prompt_learning.model.optim.sched.warmup_steps?"),
     # values caught before submission instead of in the job
     (["prompt_learning.trainer.precision=fp8"],
-     "prompt_learning.trainer.precision: 'fp8' is not one of 32, 32-true, 16-mixed, bf16-mixed, 16, 16-true, bf16, bf16-true, "
-     "64, 64-true; set e.g. prompt_learning.trainer.precision=32"),
-    (["evaluation.trainer.precision=8"], "evaluation.trainer.precision: '8' is not one of 32, 32-true"),
+     "prompt_learning.trainer.precision: 'fp8' is not one of auto, 32, 32-true, bf16-mixed, bf16-true, bf16, 16-mixed, 16, "
+     "16-true; set e.g. prompt_learning.trainer.precision=32"),
+    (["evaluation.trainer.precision=8"], "evaluation.trainer.precision: '8' is not one of auto, 32, 32-true"),
     (["prompt_learning.trainer.val_check_interval=0"],
      "prompt_learning.trainer.val_check_interval: must be an integer >= 1 (train batches between validations) or a fraction "
      "in (0, 1] of an epoch, got 0"),
@@ -92,7 +92,7 @@ PRELAUNCH = [
      "prompt_learning.model.data.max_seq_length: 16 leaves no room for text after the 20 virtual tokens of task 'squad'; "
      "raise it well above 20"),
     (["prompt_learning.model.data.min_seq_length=500"],
-     "prompt_learning.model.data.min_seq_length: 500 is above prompt_learning.model.data.max_seq_length=192, so every example "
+     "prompt_learning.model.data.min_seq_length: 500 is above prompt_learning.model.data.max_seq_length=256, so every example "
      "would be dropped; lower it"),
     (["prompt_learning.model.data.num_workers=-1"],
      "prompt_learning.model.data.num_workers: must be an integer >= 0 (0 = load in the main process), got -1"),

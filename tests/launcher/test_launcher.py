@@ -91,7 +91,7 @@ def test_missing_inputs_warn_in_dry_run_and_fail_otherwise(tmp_path):
         (["prompt_learning.model.task_templates.0.virtual_token_splits=[5,5]"], r"sums to 10 but total_virtual_tokens is 20"),
         (["prompt_learning.model.tensor_model_parallel_size=3", "prompt_learning.trainer.devices=2"], r"3x1 does not divide"),
         (["prompt_learning.model.global_batch_size=12"], r"not a multiple of prompt_learning.model.micro_batch_size"),
-        (["prompt_learning.trainer.precision=bf16-mixed"], r"emulated"),
+        (["prompt_learning.trainer.precision=fp8"], r"precision: .fp8. is not one of auto"),
         (["prompt_learning.model.language_model_path=/x/megatron_gpt.nemo"], r"language_model_path: '/x/megatron_gpt.nemo' does not exist"),
         (["prompt_learning.model.new_tasks=[boolq]"], r"'boolq' has no entry in model.task_templates"),
         (["prompt_learning.model.existing_tasks=[squad]"], r"also in existing_tasks"),

@@ -27,7 +27,7 @@ def offline(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(ev, "load_prompted_model", lambda s: FakeModel([SQUAD_T], str(s.artifact_path)))
+    monkeypatch.setattr(ev, "load_prompted_model", lambda s, precision="32": FakeModel([SQUAD_T], str(s.artifact_path)))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
