@@ -95,7 +95,7 @@ def test_user_tasks_build_on_the_shipped_configs(tmp_path):
     assert first["model"]["data"]["train_ds"] == [f"{tmp_path}/data/winogrande/train.jsonl"]
     # from /prompt_learning/gpt/squad_cpu and, below it, /prompt_learning/gpt/squad
     assert first["model"]["language_model_path"] == "embedded:smollm2-135m-instruct"
-    assert first["trainer"]["max_steps"] == 150 and first["trainer"]["accelerator"] == "cpu"
+    assert first["trainer"]["max_steps"] == 300 and first["trainer"]["accelerator"] == "cpu"
     assert first["exp_manager"]["resume_if_exists"] is True
 
     second = _composed(tmp_path, "rte")
@@ -105,7 +105,7 @@ def test_user_tasks_build_on_the_shipped_configs(tmp_path):
     assert [t["taskname"] for t in second["model"]["task_templates"]] == ["winogrande", "rte"]
     assert second["model"]["task_templates"][0] == first["model"]["task_templates"][0]
     assert second["run"]["name"] == "rte_smollm2_135m"
-    assert second["model"]["data"]["share_prefix"] is False and second["trainer"]["max_steps"] == 150
+    assert second["model"]["data"]["share_prefix"] is False and second["trainer"]["max_steps"] == 300
 
 
 def test_missing_user_config_is_one_line(tmp_path):
