@@ -129,7 +129,9 @@ def prompt_learning_args(tmp: Path, model: Path, *, nodes: int, devices: int, tp
         f"prompt_learning.trainer.max_steps={steps}", "prompt_learning.trainer.val_check_interval=2",
         "prompt_learning.trainer.enable_progress_bar=false", "prompt_learning.model.data.share_prefix=false",
         "prompt_learning.model.data.length_bucketing=false", "prompt_learning.model.data.max_seq_length=256",
-        "prompt_learning.model.task_templates.0.truncate_field=context", *extra,
+        "prompt_learning.model.task_templates.0.truncate_field=context",
+        "prompt_learning.trainer.precision=32",   # the 1e-5 equality with one process is an fp32 claim (auto may pick bf16)
+        *extra,
     ]
 
 
