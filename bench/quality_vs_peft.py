@@ -14,8 +14,8 @@ The sides are interleaved in chunks of --chunk-seconds, each with its own clock 
 the machine's drift hits both. When a side's clock passes a budget its table is kept. Every kept table is then
 scored on the same --eval held-out dev questions (squad_test_ground_truth.jsonl from --eval-offset, all gold
 answers) by the same decoder, the engine's exact greedy decoding, so only training differs. Before training, the
-two losses and prompt gradients on the same batch from the same table must agree (fp32: 1e-4; bf16: the derived
-bound of tests/stages/prompt_learning/test_bf16.py); otherwise no ratio is printed.
+two losses and prompt gradients on the same batch from the same table must agree (fp32: 1e-4; bf16:
+``stages.common.precision.bf16_relative_bound``); otherwise no ratio is printed.
 
 Reports F1 (with its 95 % bootstrap interval) against minutes for both sides as a table and a PNG, and "minutes
 for PEFT to reach our F1 at --reference-minutes" (linear interpolation between PEFT's budgets; "> max" when it
@@ -26,7 +26,6 @@ Writes bench/results/quality_vs_peft.json and .png (override with --out).
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,9 +33,6 @@ from typing import Any
 
 import common as C
 import measure as M
-
-U = 2.0 ** -8   # bf16's unit roundoff
-
 
 class Trainee:
     """One side: its batches, loss, trainable table, AdamW with warm-up, its own clock and kept tables."""
@@ -195,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- agreement on the first batch, from the same table ------------------------------------------------
     (l_p, g_p), (l_o, g_o) = sides["peft"].loss_and_grad(0), sides["ours"].loss_and_grad(0)
-    tol = 1e-4 if chosen.startswith("32") else 2 * U * math.sqrt(2 * setup.model.config.num_hidden_layers + 2)
+    tol = 1e-4 if chosen.startswith("32") else P.bf16_relative_bound(setup.model.config.num_hidden_layers)
     agreement = {"peft_loss": l_p, "ours_loss": l_o, "loss_rel_diff": abs(l_o - l_p) / max(abs(l_p), 1e-12),
                  "grad_rel_diff": float((g_o - g_p).norm() / g_p.norm().clamp(min=1e-30)), "tol": tol,
                  "peft_prompt_dtype": str(peft_param.dtype)}

@@ -145,9 +145,10 @@ def compiled_side(setup: C.Setup, name: str, batches: list[dict[str, Any]], tabl
 
 
 def bf16_tolerance(config: Any) -> float:
-    """The relative loss/gradient bound of bf16 against fp32 derived in tests/stages/prompt_learning/test_bf16.py:
-    2 u sqrt(2L + 2), u = 2^-8."""
-    return 2 * 2.0 ** -8 * (2 * config.num_hidden_layers + 2) ** 0.5
+    """The relative loss/gradient bound of bf16 against fp32 (``stages.common.precision.bf16_relative_bound``)."""
+    from stages.common.precision import bf16_relative_bound
+
+    return bf16_relative_bound(config.num_hidden_layers)
 
 
 def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3, warmup: int = 1,

@@ -94,6 +94,21 @@ def bf16_support(accelerator: str) -> Bf16Support:
     return Bf16Support(device, native, reason, fp32, bf16)
 
 
+UNIT_ROUNDOFF = 2.0 ** -8      # bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-8 of it
+ROUNDINGS_PER_LAYER = 12       # bf16-true, along one pre-norm decoder layer: norm, q/k/v, scores, softmax, attention
+                               # output, o_proj, residual add, norm, gate/up, activation x up, down, residual add
+
+
+def bf16_relative_bound(num_layers: int) -> float:
+    """How far bf16 may move a loss (relative to the largest logit) or the prompt gradient (relative L2) from fp32.
+
+    k = 12 L + 2 roundings in sequence (embedding and head included); independent rounding errors add like a random
+    walk, so the relative error is about u sqrt(k); a loss ``logsumexp(z) - z_y`` moves by at most twice its largest
+    logit's change, and the gradient is rounded once more in the backward pass: 2 u sqrt(k). The tests and benches
+    that compare bf16 with fp32 hold them to it (tests/stages/prompt_learning/test_bf16.py)."""
+    return 2 * UNIT_ROUNDOFF * (ROUNDINGS_PER_LAYER * num_layers + 2) ** 0.5
+
+
 def resolve(precision: str, accelerator: str, key: str) -> str:
     """The precision this job runs with (``auto`` decided, ``bf16`` spelled ``bf16-mixed``); an explicit bf16
     where the device would emulate it is one line with the measured rates."""
