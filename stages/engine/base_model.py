@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 from stages.common.checks import Need, StageCheck
 from stages.common.errors import UserError
@@ -205,16 +205,13 @@ def convert_gguf(gguf: Path) -> Path:
     """De-quantise a GGUF file into a cached plain fp32 safetensors HF folder (once); return the folder."""
     gguf = gguf.resolve()
     target = cache_root() / f"{gguf.stem}-{_file_digest(gguf)}"
-    done = target / "promptlaunch_source.json"
-    if done.is_file():
-        return target
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # several processes on one node: rank 0 converts
-        return _wait_for_rank0(done, gguf, target)
+    return _convert_once(gguf, target, lambda: _write_gguf(gguf, target))
+
+
+def _write_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s -> %s (once; later runs reuse it)", gguf, target)
-    t0 = time.monotonic()
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -232,8 +229,6 @@ def convert_gguf(gguf: Path) -> Path:
         plain.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         write_json(tmp / "promptlaunch_source.json", {"gguf": str(gguf), "converted_to": "fp32 safetensors"})
-    log.info("converted in %.1fs", time.monotonic() - t0)
-    return target
 
 
 def _is_nemo_folder(path: Path) -> bool:
@@ -247,6 +242,22 @@ def _folder_digest(path: Path) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(f"{f.relative_to(path)}:{_file_digest(f)}".encode())
     return h.hexdigest()[:12]
+
+
+def _convert_once(source: Path, target: Path, convert: Callable[[], None]) -> Path:
+    """``target`` (a cache folder named by ``source``'s content), written by ``convert`` unless its
+    ``promptlaunch_source.json`` marker is there; with several processes on one node local rank 0 converts and the
+    others wait for the marker."""
+    done = target / "promptlaunch_source.json"
+    if done.is_file():
+        return target
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return _wait_for_rank0(done, source, target)
+    log.info("converting %s -> %s (once; later runs reuse it)", source, target)
+    t0 = time.monotonic()
+    convert()
+    log.info("converted in %.1fs", time.monotonic() - t0)
+    return target
 
 
 def _wait_for_rank0(done: Path, source: Path, target: Path) -> Path:
@@ -267,16 +278,7 @@ def convert_nemo(source: Path, key: str = "model.language_model_path") -> Path:
     source = source.resolve()
     digest = _folder_digest(source) if source.is_dir() else _file_digest(source)
     target = cache_root() / f"{source.name.removesuffix('.nemo')}-nemo-{digest}"
-    done = target / "promptlaunch_source.json"
-    if done.is_file():
-        return target
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # several processes on one node: rank 0 converts
-        return _wait_for_rank0(done, source, target)
-    log.info("converting %s -> %s (once; later runs reuse it)", source, target)
-    t0 = time.monotonic()
-    to_hf.write(source, key, lambda: atomic_dir(target), scratch=cache_root())
-    log.info("converted in %.1fs", time.monotonic() - t0)
-    return target
+    return _convert_once(source, target, lambda: to_hf.write(source, key, lambda: atomic_dir(target), scratch=cache_root()))
 
 
 def load_tokenizer(location: str, key: str = "model.language_model_path") -> Any:
