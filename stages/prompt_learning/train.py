@@ -181,10 +181,9 @@ class PromptLearningRecipe:
         prompt store stays fp32. Lightning is then handed ``32-true`` (its own bf16-true would cast the prompt too)."""
         from stages.common import precision
 
-        tr = self.cfg.trainer
-        given, accel = str(tr.get("precision", "32")), str(tr.get("accelerator", "cpu"))
-        self.precision = precision.resolve(given, accel, f"{STAGE}.trainer.precision")
-        log.info("%s", precision.explain(given, self.precision, accel))
+        t = self.checked.trainer
+        self.precision = precision.resolve(t.precision, t.accelerator, f"{STAGE}.trainer.precision")
+        log.info("%s", precision.explain(t.precision, self.precision, t.accelerator))
         if self.precision == "bf16-true":
             import torch
 
