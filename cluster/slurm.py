@@ -17,6 +17,13 @@ would signal only the batch shell and need a trap that forwards it while srun ru
 stage saves a checkpoint at its next step boundary, creates ``$PROMPTLAUNCH_REQUEUE_FILE`` and exits; the
 script, seeing the file, runs ``scontrol requeue`` on the host (so it works inside containers too), and the
 requeued job resumes from the checkpoint. ``scancel --signal=USR1 <job id>`` triggers the same path by hand.
+
+A node failure: ``--requeue`` (needed by that self-requeue: Slurm refuses ``scontrol requeue`` of a ``--no-requeue``
+job) also makes Slurm requeue a job whose node failed. ``cluster.node_failure`` decides what then happens: ``fail``
+(the default) -- the script, restarted without having asked for it (no ``.requeue-asked-<job id>`` marker, which
+only the self-requeue leaves), fails at once with one line, and Slurm cancels the dependants
+(``--kill-on-invalid-dep=yes`` on every job); rerunning the same command resumes from the checkpoint --
+or ``requeue``: the restarted job resumes on the nodes left and its dependants keep waiting.
 """
 from __future__ import annotations
 
@@ -41,8 +48,17 @@ _SAFE_DIRECTIVE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _JOB_ID = re.compile(r"^(\d+)(?:;\S+)?$")
 
+NODE_FAILURE = ("fail", "requeue")   # cluster.node_failure
+
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
                       "PREEMPTED", "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT"})
+
+
+NODE_FAILURE_LINE = ("promptlaunch: job $SLURM_JOB_ID was restarted by Slurm, not by the stage: a node of its "
+                     "previous run failed (or an administrator requeued it); cluster.node_failure=fail, so it fails "
+                     "now and Slurm cancels its dependants. Rerun the same command once the nodes are back: "
+                     "prompt_learning resumes from its last checkpoint (cluster.node_failure=requeue restarts on the "
+                     "nodes left instead)")
 
 
 def directive_value(value: str) -> str:
@@ -80,6 +96,7 @@ class SlurmConfig:
     signal: Optional[str] = None
     wait: bool = False
     poll_seconds: float = 10.0
+    node_failure: str = "fail"
 
     @classmethod
     def from_cfg(cls, cluster_cfg: Any) -> "SlurmConfig":
@@ -87,7 +104,12 @@ class SlurmConfig:
         cfg = cluster_cfg if cluster_cfg is not None else {}
         if not OmegaConf.is_config(cfg):
             cfg = OmegaConf.create(dict(cfg))
-        return typed(cls, cfg, "cluster")
+        settings = typed(cls, cfg, "cluster")
+        if settings.node_failure not in NODE_FAILURE:
+            raise UserError(f"cluster.node_failure: '{settings.node_failure}' is not one of {', '.join(NODE_FAILURE)}; "
+                            f"fail: a job whose node failed fails and its dependants are cancelled, requeue: it "
+                            f"restarts on the nodes left")
+        return settings
 
 
 class SlurmExecutor:
@@ -175,7 +197,8 @@ class SlurmExecutor:
             "output": slurm_log(job.results_dir, job.name, "out"),
             "error": slurm_log(job.results_dir, job.name, "err"),
             "open-mode": "append",   # a requeued job keeps the log of its earlier runs
-            "requeue": None,         # after a node failure or a preemption, run again (stages resume or are idempotent)
+            "requeue": None,         # the stage's own preemption requeue needs it; a node failure: cluster.node_failure
+            "kill-on-invalid-dep": "yes",   # a failed predecessor cancels this job instead of leaving it pending
         }
         if c.partition:
             d["partition"] = c.partition
@@ -228,7 +251,19 @@ class SlurmExecutor:
             "# the rendezvous address and port are the ones Lightning's SLURMEnvironment derives.",
             'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
             f"export MASTER_ADDR MASTER_PORT=$(({SLURM_PORT_BASE} + SLURM_JOB_ID % {SLURM_PORT_SPAN}))",
+            'echo "promptlaunch: job $SLURM_JOB_ID starts (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
         ]
+        fail = self.cfg.node_failure == "fail"
+        if fail:
+            lines += [
+                comment("cluster.node_failure=fail: Slurm restarts a --requeue job whose node failed; a restart this "
+                        "script did not ask for (no marker) fails here, and Slurm cancels the dependants."),
+                f"asked={q(job.results_dir + '/.requeue-asked-')}\"$SLURM_JOB_ID\"",
+                'if (( ${SLURM_RESTART_COUNT:-0} > 0 )) && ! rm "$asked" 2>/dev/null; then',
+                f'    echo "{NODE_FAILURE_LINE}" | tee /dev/stderr',   # a constant: nothing in it but $SLURM_JOB_ID expands
+                "    exit 1",
+                "fi",
+            ]
         if not job.signal:
             return "\n".join([*lines, join(self.srun_command(job)), ""])
         name, _, lead = job.signal.partition("@")
@@ -241,12 +276,12 @@ class SlurmExecutor:
             f"export PROMPTLAUNCH_PREEMPT_SIGNAL={q(name)}",
             f"export PROMPTLAUNCH_REQUEUE_FILE={q(job.results_dir + '/.requeue-')}\"$SLURM_JOB_ID\"",
             'rm -f "$PROMPTLAUNCH_REQUEUE_FILE"',
-            'echo "promptlaunch: job $SLURM_JOB_ID starts (restart ${SLURM_RESTART_COUNT:-0})"',
             "rc=0",
             join(self.srun_command(job)) + " || rc=$?",
             'if [[ -e $PROMPTLAUNCH_REQUEUE_FILE ]]; then',
             '    rm -f "$PROMPTLAUNCH_REQUEUE_FILE"',
             '    echo "promptlaunch: requeueing job $SLURM_JOB_ID; it resumes from its checkpoint"',
+            *(['    touch "$asked"'] if fail else []),
             '    scontrol requeue "$SLURM_JOB_ID"',
             "    exit 0",
             "fi",
@@ -278,7 +313,7 @@ class SlurmExecutor:
             return 0
         ids = [i for _, i in submitted]
         try:
-            states = wait_for_chain(ids, poll_seconds=self.cfg.poll_seconds)
+            states = wait_for_chain(ids, poll_seconds=self.cfg.poll_seconds, node_failure=self.cfg.node_failure)
         except KeyboardInterrupt:
             print(f"\nstopped waiting; the jobs keep running: squeue -j {','.join(ids)}", file=sys.stderr, flush=True)
             return 130
@@ -377,7 +412,8 @@ def query_states(job_ids: Sequence[str]) -> dict[str, JobState]:
 
 
 def wait_for_chain(job_ids: Sequence[str], poll_seconds: float = 10.0, timeout: float | None = None,
-                   report: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, JobState]:
+                   report: Callable[[str], None] = lambda s: print(s, flush=True),
+                   node_failure: str = "fail") -> dict[str, JobState]:
     """Poll until every job of an ``afterok`` chain (in submission order) has ended; return the final states.
 
     A job that waits on a failed predecessor would stay PENDING forever, so as soon as one job ends
@@ -420,8 +456,11 @@ def wait_for_chain(job_ids: Sequence[str], poll_seconds: float = 10.0, timeout: 
                     started.add(jid)
                 elif st.state == "PENDING" and jid in started:
                     started.discard(jid)
+                    after = ("it resumes from its checkpoint when it starts again, its dependants wait"
+                             if node_failure == "requeue" else "after its own preemption requeue it resumes from its "
+                             "checkpoint; after a node failure it fails when it starts (cluster.node_failure=fail)")
                     report(f"job {jid}: requeued by Slurm (a node failed or the job was preempted), pending again "
-                           f"({st.reason}); it resumes from its checkpoint when it starts again, its dependants wait")
+                           f"({st.reason}); {after}")
                 continue
             report(f"job {jid}: {final[jid].describe()}")
             if broken is None and final[jid].state != "COMPLETED":

@@ -41,6 +41,7 @@ def test_gpu_stage_directives_sorted_and_complete():
         "#SBATCH --exclusive",
         "#SBATCH --gpus-per-node=8",
         "#SBATCH --job-name=promptlaunch-squad_gpt3_5b",
+        "#SBATCH --kill-on-invalid-dep=yes",
         "#SBATCH --mem=0",
         "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=8",
@@ -57,7 +58,7 @@ def test_gpu_stage_directives_sorted_and_complete():
     assert "export PROMPTLAUNCH_REQUEUE_FILE=/r/gpt3_5b/pl/.requeue-\"$SLURM_JOB_ID\"" in script
     assert " || rc=$?\nif [[ -e $PROMPTLAUNCH_REQUEUE_FILE ]]; then" in script
     assert 'scontrol requeue "$SLURM_JOB_ID"\n    exit 0\nfi\nexit "$rc"\n' in script
-    assert "PROMPTLAUNCH" not in SlurmExecutor().render(_spec())   # no signal: plain srun line
+    assert "PROMPTLAUNCH" not in SlurmExecutor().render(_spec())   # no signal: no requeue marker
     assert "--container" not in script
     assert script.index("#SBATCH") < script.index("set -euo pipefail")  # sbatch stops reading at the first command
 
@@ -308,7 +309,65 @@ def test_a_consistent_plan_passes(cluster, layout):
     assert SlurmExecutor(cluster).plan_mismatches(_spec(**layout)) == []
 
 
-def test_wait_says_when_slurm_requeues_a_running_job(fake_slurm):
+def _run_script(tmp_path, executor: SlurmExecutor, restart: int, srun_body: str = "") -> tuple[Any, Path]:
+    """Run a rendered prompt_learning script under bash with stand-in srun/scontrol (what Slurm runs on a start or
+    a restart); returns the process and the folder the stand-ins log to."""
+    import subprocess
+
+    results = tmp_path / "pl"
+    results.mkdir(exist_ok=True)
+    script = tmp_path / "job.sh"
+    script.write_text(executor.render(_spec(results_dir=str(results), launcher_scripts_path=str(tmp_path),
+                                            signal="USR1@60")))
+    fake_command(tmp_path / "bin", "srun", f'echo srun >> "{tmp_path}/calls"\n{srun_body}')
+    fake_command(tmp_path / "bin", "scontrol", f'echo "scontrol $*" >> "{tmp_path}/calls"\n'
+                 '[[ $1 == show ]] && echo node1 || true\n')
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", SLURM_JOB_ID="41",
+               SLURM_JOB_NODELIST="node[1-2]", SLURM_RESTART_COUNT=str(restart))
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30), results
+
+
+def _calls(tmp_path) -> list[str]:
+    calls = tmp_path / "calls"
+    return [c for c in calls.read_text().splitlines() if not c.startswith("scontrol show")] if calls.exists() else []
+
+
+def test_node_failure_fail_fails_a_restart_the_stage_did_not_ask_for(tmp_path):
+    """cluster.node_failure=fail (the default): a restart with no marker (a node failure) exits 1 with one line on
+    both logs before srun; the stage's own requeue leaves the marker, so its restart runs and removes it."""
+    proc, results = _run_script(tmp_path, SlurmExecutor(), restart=1)
+    assert proc.returncode == 1 and _calls(tmp_path) == []
+    line = ("promptlaunch: job 41 was restarted by Slurm, not by the stage: a node of its previous run failed (or an "
+            "administrator requeued it); cluster.node_failure=fail")
+    assert line in proc.stdout and line in proc.stderr and proc.stderr.count("\n") == 1
+    # first run: srun leaves the requeue file (the stage saw SIGUSR1) -> marker + scontrol requeue
+    proc, _ = _run_script(tmp_path, SlurmExecutor(), restart=0, srun_body='touch "$PROMPTLAUNCH_REQUEUE_FILE"\n')
+    assert proc.returncode == 0 and _calls(tmp_path) == ["srun", "scontrol requeue 41"], proc.stderr
+    assert (results / ".requeue-asked-41").exists()
+    proc, _ = _run_script(tmp_path, SlurmExecutor(), restart=1)   # the restart it asked for runs, once
+    assert proc.returncode == 0 and _calls(tmp_path)[-1] == "srun" and not (results / ".requeue-asked-41").exists()
+    proc, _ = _run_script(tmp_path, SlurmExecutor(), restart=2)   # a node failure after that fails again
+    assert proc.returncode == 1
+
+
+def test_node_failure_requeue_resumes_on_any_restart(tmp_path):
+    proc, results = _run_script(tmp_path, SlurmExecutor({"node_failure": "requeue"}), restart=1)
+    assert proc.returncode == 0 and _calls(tmp_path) == ["srun"], proc.stderr
+    assert "promptlaunch: job 41 starts (restart 1) on node[1-2]" in proc.stdout
+    assert "asked" not in SlurmExecutor({"node_failure": "requeue"}).render(_spec(signal="USR1@60"))
+
+
+def test_node_failure_takes_fail_or_requeue():
+    with pytest.raises(UserError, match=r"^cluster.node_failure: 'retry' is not one of fail, requeue; "):
+        SlurmExecutor({"node_failure": "retry"})
+
+
+@pytest.mark.parametrize("mode, after", [
+    ("requeue", "it resumes from its checkpoint when it starts again, its dependants wait"),
+    ("fail", "after its own preemption requeue it resumes from its checkpoint; after a node failure it fails when it "
+             "starts (cluster.node_failure=fail)"),
+])
+def test_wait_says_when_slurm_requeues_a_running_job(fake_slurm, mode, after):
     """RUNNING -> PENDING is a requeue (node failure or preemption): said once per requeue; the dependant waits."""
     from cluster.slurm import wait_for_chain
 
@@ -318,9 +377,9 @@ def test_wait_says_when_slurm_requeues_a_running_job(fake_slurm):
                               "7|RUNNING|None\n8|PENDING|Dependency\n", "7|COMPLETED|None\n8|COMPLETED|None\n"]):
         (fake_slurm / f"squeue.{n}").write_text(text)
     seen: list[str] = []
-    states = wait_for_chain(["7", "8"], poll_seconds=0, timeout=5, report=seen.append)
+    states = wait_for_chain(["7", "8"], poll_seconds=0, timeout=5, report=seen.append, node_failure=mode)
     assert [states[j].state for j in "78"] == ["COMPLETED", "COMPLETED"]
-    assert seen == ["job 7: requeued by Slurm (a node failed or the job was preempted), pending again (BeginTime); it "
-                    "resumes from its checkpoint when it starts again, its dependants wait",
+    assert seen == [f"job 7: requeued by Slurm (a node failed or the job was preempted), pending again (BeginTime); "
+                    f"{after}",
                     "job 7: COMPLETED", "job 8: COMPLETED"]
     assert not (fake_slurm / "cancelled").exists()

@@ -7,6 +7,7 @@
 #SBATCH --exclusive
 #SBATCH --gpus-per-node=1
 #SBATCH --job-name=promptlaunch-eval_prompt_squad_mt5_390m
+#SBATCH --kill-on-invalid-dep=yes
 #SBATCH --mem=0
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -22,4 +23,11 @@ export TOKENIZERS_PARALLELISM=false
 # the rendezvous address and port are the ones Lightning's SLURMEnvironment derives.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000))
+echo "promptlaunch: job $SLURM_JOB_ID starts (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"
+# cluster.node_failure=fail: Slurm restarts a --requeue job whose node failed; a restart this script did not ask for (no marker) fails here, and Slurm cancels the dependants.
+asked=/mount/results/mt5_390m/evaluation_squad/.requeue-asked-"$SLURM_JOB_ID"
+if (( ${SLURM_RESTART_COUNT:-0} > 0 )) && ! rm "$asked" 2>/dev/null; then
+    echo "promptlaunch: job $SLURM_JOB_ID was restarted by Slurm, not by the stage: a node of its previous run failed (or an administrator requeued it); cluster.node_failure=fail, so it fails now and Slurm cancels its dependants. Rerun the same command once the nodes are back: the stage resumes from its last checkpoint (cluster.node_failure=requeue restarts on the nodes left instead)" | tee /dev/stderr
+    exit 1
+fi
 srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=1 python3 -u /opt/promptlaunch/stages/evaluation/run.py --config /mount/results/mt5_390m/evaluation_squad/eval_prompt_squad_mt5_390m_hydra-<digest>.yaml
