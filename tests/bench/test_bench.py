@@ -218,3 +218,23 @@ def test_cost_growth_bench_runs_on_the_tiny_model(setup: C.Setup, tmp_path: Path
     assert [r["precision"] for r in doc["train"]] == ["32", "bf16-true"]
     assert all(r["step_seconds"] > 0 and r["gflop_per_step"] > 0 for r in doc["train"])
     assert doc["eval"][0]["questions_per_s"] > 0 and "not measured" in doc["gpu_assumption"]
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-true"])
+def test_profile_step_accounts_for_the_step(setup: C.Setup, precision: str) -> None:
+    """bench/profile_step.py on the tiny Llama: the matmul FLOPs torch's profiler counts in one pass are the analytic
+    FLOPs of that pass (train_vs_peft's count, itself checked against FlopCounterMode), the categories cover all the
+    profiled self time, and the explanation line names both reasons."""
+    import profile_step as P
+
+    batches = C.paragraph_batches(fixture_records("train"), n_batches=1, batch_size=3, seed=0)
+    table = C.prompt_table(setup, init="random", seed=0)
+    r = P.run(setup, batches, table, repeats=1, max_seq_length=512, precision=precision, peak_repeats=1)
+    mm = r["categories"]["matmul"]
+    assert mm["flops"] == pytest.approx(r["analytic_flops_per_pass"], rel=0.02)
+    assert sum(v["share"] for v in r["categories"].values()) == pytest.approx(1.0)
+    assert 0 < r["matmul_share_of_time"] < 1 and r["step_pct_of_peak"] > 0 and r["matmul_gflops_per_s"] > 0
+    assert all(o["op"] not in P.MATMUL for o in r["top_non_matmul_ops"])
+    assert "explanation: the matmuls run at" in P.report(r)
+    assert [P.category(n) for n in ("aten::addmm", "aten::_softmax", "aten::silu", "aten::copy_", "MmBackward0")] == [
+        "matmul", "attention softmax", "elementwise and reductions", "copies and layout", "other"]
