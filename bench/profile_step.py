@@ -10,11 +10,14 @@ separates them on the same batches as ``train_vs_peft.py`` (its ``train_batches`
 
 1. the step without the profiler (median of --repeats passes) and the matmul peak of the model's shapes, measured
    in the same run;
-2. one pass under ``torch.profiler`` (CPU, ``with_flops``): every aten op's self time, grouped into matmul,
-   attention softmax, loss, elementwise/reductions, copies/layout and other; the matmuls' own GFLOP/s (torch's FLOP
-   count over their self time);
-3. the reconciliation: % of peak of the whole step = (share of time in matmuls) x (matmul GFLOP/s / peak), up to
-   the profiler's overhead, so the printed explanation says how much each reason costs.
+2. one pass under ``torch.profiler`` (CPU, ``record_shapes``, ``with_flops``): every aten op's self time, grouped
+   into matmul, attention softmax, loss, elementwise/reductions, copies/layout and other, and the shape and count
+   of every matmul it ran;
+3. those matmuls replayed alone, unprofiled (each shape timed, times its count): the seconds the step's matmuls
+   need at their own shapes. The profiler slows a pass (its overhead is reported), so its shares are not used as
+   times: the step's unprofiled time = replayed matmul seconds + the rest, and the rest is apportioned to the
+   other categories by their shares in the profiled pass. % of peak of the step = (matmul share of the step) x
+   (the matmuls' own % of peak): the explanation says how much of the gap each reason costs.
 
 Usage:  python3 bench/profile_step.py [--precision 32|bf16-true --batches 2 --batch-size 8 --max-seq-length 384]
 Writes bench/results/profile_step.json (override with --out).
@@ -88,9 +91,50 @@ def breakdown(events: Iterable[Any]) -> dict[str, Any]:
                                    for n, s, k in top]}
 
 
+def matmul_calls(events: Iterable[Any]) -> list[tuple[str, list[list[int]], int]]:
+    """(op, operand shapes, calls) of every matmul in ``prof.key_averages(group_by_input_shape=True)``; addmm's bias
+    and scalars are dropped (its matrices are the 2nd and 3rd inputs)."""
+    calls = []
+    for e in events:
+        if e.key not in MATMUL or not e.input_shapes:
+            continue
+        shapes = [list(x) for x in e.input_shapes if isinstance(x, (list, tuple)) and len(x) >= 2]
+        if len(shapes) >= 2:
+            calls.append((e.key, shapes[-2:], int(e.count)))
+    return calls
+
+
+def replay(calls: list[tuple[str, list[list[int]], int]], dtype: Any, min_seconds: float = 0.05) -> dict[str, Any]:
+    """Each matmul shape timed alone (best of 3 inner loops of >= ``min_seconds``), times its count: the seconds and
+    FLOPs of the step's matmuls without the rest of the step. ``linear`` = 2-D (the projections, MLP, LM head and
+    their backward), ``attention`` = batched (scores and values, and their backward)."""
+    import torch
+
+    out: dict[str, dict[str, float]] = {"linear": {"seconds": 0.0, "flops": 0.0}, "attention": {"seconds": 0.0, "flops": 0.0}}
+    for _, (sa, sb), count in calls:
+        a, b = torch.randn(*sa).to(dtype), torch.randn(*sb).to(dtype)
+        fn = torch.bmm if len(sa) == 3 else torch.mm
+        fn(a, b)
+        t0 = time.perf_counter()
+        fn(a, b)
+        inner = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn(a, b)
+            best = min(best, (time.perf_counter() - t0) / inner)
+        kind = out["attention" if len(sa) == 3 else "linear"]
+        batch = sa[0] if len(sa) == 3 else 1
+        kind["seconds"] += best * count
+        kind["flops"] += 2.0 * batch * sa[-2] * sa[-1] * sb[-1] * count
+    return out
+
+
 def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *, repeats: int = 3,
         max_seq_length: int = 384, precision: str = "32", peak_repeats: int = 5) -> dict[str, Any]:
-    """The unprofiled step time, the peak and the profiled breakdown of one pass (also used by the tests)."""
+    """The unprofiled step time, the peak, the profiled breakdown of one pass and its matmuls replayed (also used by
+    the tests)."""
     import copy
 
     import torch
@@ -119,37 +163,54 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     sec = M.median(times["step"])
     peak = max(p["peak_gflops"] for p in peaks)
 
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
         t0 = time.perf_counter()
         side.train_pass()
         profiled = time.perf_counter() - t0
     parts = breakdown(prof.key_averages())
-    mm = parts["categories"]["matmul"]
-    step_pct = 100.0 * flops / sec / 1e9 / peak
-    mm_pct = 100.0 * parts["matmul_gflops_per_s"] / peak
+    mm = replay(matmul_calls(prof.key_averages(group_by_input_shape=True)), dtype)
+    mm_sec = sum(v["seconds"] for v in mm.values())
+    mm_flops = sum(v["flops"] for v in mm.values())
+    rest = max(0.0, sec - mm_sec)
+    others = {c: v for c, v in parts["categories"].items() if c != "matmul"}
+    profiled_other = sum(v["seconds"] for v in others.values()) or 1.0
     return {"precision": precision, "batches": len(plain), "padded_shapes": [list(b["input_ids"].shape) for b in plain],
             "pass_seconds": times["step"], "median_pass_seconds": sec, "profiled_pass_seconds": profiled,
             "analytic_flops_per_pass": flops, "step_gflops_per_s": flops / sec / 1e9,
             "matmul_peak_gflops": peak, "matmul_peak_per_round": [p["peak_gflops"] for p in peaks],
-            "step_pct_of_peak": step_pct, "matmul_pct_of_peak": mm_pct, "matmul_share_of_time": mm["share"],
-            "predicted_pct_of_peak": mm["share"] * mm_pct, **parts}
+            "step_pct_of_peak": 100.0 * flops / sec / 1e9 / peak,
+            "replayed_matmuls": {k: {**v, "gflops_per_s": v["flops"] / v["seconds"] / 1e9 if v["seconds"] else 0.0,
+                                     "pct_of_peak": 100.0 * v["flops"] / v["seconds"] / 1e9 / peak if v["seconds"] else 0.0}
+                                 for k, v in mm.items()},
+            "matmul_seconds": mm_sec, "matmul_flops": mm_flops,
+            "matmul_pct_of_peak": 100.0 * mm_flops / mm_sec / 1e9 / peak if mm_sec else 0.0,
+            "matmul_share_of_step": mm_sec / sec, "rest_seconds": rest,
+            "rest_apportioned_seconds": {c: rest * v["seconds"] / profiled_other for c, v in others.items()},
+            "profiled": parts}
 
 
 def report(r: dict[str, Any]) -> str:
-    rows = [[c, v["seconds"], 100.0 * v["share"], v["flops"] / 1e9] for c, v in r["categories"].items()]
-    lines = [M.table(["category (self time, profiled pass)", "s", "% of time", "GFLOP"], rows), "",
-             M.table(["top op outside matmuls", "s", "calls", "% of time"],
-                     [[o["op"], o["seconds"], o["calls"], 100.0 * o["share"]] for o in r["top_non_matmul_ops"]]), ""]
-    non = 100.0 * (1.0 - r["matmul_share_of_time"])
+    p = r["profiled"]
+    rows = [[c, v["seconds"], 100.0 * v["share"], v["flops"] / 1e9] for c, v in p["categories"].items()]
+    mm = r["replayed_matmuls"]
+    lines = [M.table(["category (self time under the profiler)", "s", "% of time", "GFLOP"], rows), "",
+             M.table(["top op outside matmuls (profiled)", "s", "calls", "% of time"],
+                     [[o["op"], o["seconds"], o["calls"], 100.0 * o["share"]] for o in p["top_non_matmul_ops"]]), "",
+             M.table(["the pass, unprofiled", "s", "% of pass", "GFLOP/s", "% of peak"],
+                     [[f"matmuls, {k} (replayed alone)", v["seconds"], 100.0 * v["seconds"] / r["median_pass_seconds"],
+                       v["gflops_per_s"], v["pct_of_peak"]] for k, v in mm.items()]
+                     + [[f"rest: {c} (apportioned)", x, 100.0 * x / r["median_pass_seconds"], "", ""]
+                        for c, x in r["rest_apportioned_seconds"].items()]
+                     + [["whole pass", r["median_pass_seconds"], 100.0, r["step_gflops_per_s"], r["step_pct_of_peak"]]]), ""]
+    top = ", ".join(o["op"] for o in p["top_non_matmul_ops"][:3])
     lines += [
         f"step ({r['precision']}, {r['batches']} batches, padded {r['padded_shapes']}): {r['median_pass_seconds']:.2f} s/pass "
-        f"unprofiled (profiled {r['profiled_pass_seconds']:.2f} s), {r['step_gflops_per_s']:.1f} GFLOP/s = "
+        f"(under the profiler {r['profiled_pass_seconds']:.2f} s), {r['step_gflops_per_s']:.1f} GFLOP/s = "
         f"{r['step_pct_of_peak']:.1f} % of the {r['matmul_peak_gflops']:.1f} GFLOP/s matmul peak measured in this run",
-        f"explanation: the matmuls run at {r['matmul_gflops_per_s']:.1f} GFLOP/s ({r['matmul_pct_of_peak']:.1f} % of peak) "
-        f"and take {100.0 * r['matmul_share_of_time']:.1f} % of the time; the other {non:.1f} % goes to ops that are not "
-        f"matmuls (largest: {', '.join(o['op'] for o in r['top_non_matmul_ops'][:3])}); share x matmul efficiency = "
-        f"{r['predicted_pct_of_peak']:.1f} % of peak predicted vs {r['step_pct_of_peak']:.1f} % measured "
-        f"(the difference: profiler overhead and untimed gaps)",
+        f"explanation: the step's matmuls, replayed alone at their shapes, need {r['matmul_seconds']:.2f} s "
+        f"({r['matmul_pct_of_peak']:.1f} % of peak: linear {mm['linear']['pct_of_peak']:.1f} %, attention "
+        f"{mm['attention']['pct_of_peak']:.1f} %) = {100.0 * r['matmul_share_of_step']:.1f} % of the pass; the other "
+        f"{r['rest_seconds']:.2f} s are ops that are not matmuls (largest under the profiler: {top})",
     ]
     return "\n".join(lines)
 

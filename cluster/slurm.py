@@ -260,7 +260,8 @@ class SlurmExecutor:
                         "script did not ask for (no marker) fails here, and Slurm cancels the dependants."),
                 f"asked={q(job.results_dir + '/.requeue-asked-')}\"$SLURM_JOB_ID\"",
                 'if (( ${SLURM_RESTART_COUNT:-0} > 0 )) && ! rm "$asked" 2>/dev/null; then',
-                f'    echo "{NODE_FAILURE_LINE}" | tee /dev/stderr',   # a constant: nothing in it but $SLURM_JOB_ID expands
+                f'    why="{NODE_FAILURE_LINE}"',   # a constant: nothing in it but $SLURM_JOB_ID expands
+                '    echo "$why"; echo "$why" >&2',   # both logs (tee /dev/stderr would reopen, truncating, the .err log)
                 "    exit 1",
                 "fi",
             ]

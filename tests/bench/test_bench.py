@@ -222,19 +222,22 @@ def test_cost_growth_bench_runs_on_the_tiny_model(setup: C.Setup, tmp_path: Path
 
 @pytest.mark.parametrize("precision", ["32", "bf16-true"])
 def test_profile_step_accounts_for_the_step(setup: C.Setup, precision: str) -> None:
-    """bench/profile_step.py on the tiny Llama: the matmul FLOPs torch's profiler counts in one pass are the analytic
-    FLOPs of that pass (train_vs_peft's count, itself checked against FlopCounterMode), the categories cover all the
-    profiled self time, and the explanation line names both reasons."""
+    """bench/profile_step.py on the tiny Llama: the matmul FLOPs torch's profiler counts in one pass, and those of the
+    matmul shapes it recorded (replayed alone), are the analytic FLOPs of that pass (train_vs_peft's count, itself
+    checked against FlopCounterMode); the categories cover all the profiled self time; replayed matmuls + rest = the
+    unprofiled pass."""
     import profile_step as P
 
     batches = C.paragraph_batches(fixture_records("train"), n_batches=1, batch_size=3, seed=0)
     table = C.prompt_table(setup, init="random", seed=0)
     r = P.run(setup, batches, table, repeats=1, max_seq_length=512, precision=precision, peak_repeats=1)
-    mm = r["categories"]["matmul"]
-    assert mm["flops"] == pytest.approx(r["analytic_flops_per_pass"], rel=0.02)
-    assert sum(v["share"] for v in r["categories"].values()) == pytest.approx(1.0)
-    assert 0 < r["matmul_share_of_time"] < 1 and r["step_pct_of_peak"] > 0 and r["matmul_gflops_per_s"] > 0
-    assert all(o["op"] not in P.MATMUL for o in r["top_non_matmul_ops"])
-    assert "explanation: the matmuls run at" in P.report(r)
+    assert r["profiled"]["categories"]["matmul"]["flops"] == pytest.approx(r["analytic_flops_per_pass"], rel=0.02)
+    assert r["matmul_flops"] == pytest.approx(r["analytic_flops_per_pass"], rel=0.02)
+    assert r["replayed_matmuls"]["attention"]["flops"] > 0 and r["replayed_matmuls"]["linear"]["flops"] > 0
+    assert sum(v["share"] for v in r["profiled"]["categories"].values()) == pytest.approx(1.0)
+    assert r["matmul_seconds"] + r["rest_seconds"] >= r["median_pass_seconds"] * 0.999
+    assert sum(r["rest_apportioned_seconds"].values()) == pytest.approx(r["rest_seconds"])
+    assert all(o["op"] not in P.MATMUL for o in r["profiled"]["top_non_matmul_ops"])
+    assert "explanation: the step's matmuls, replayed alone" in P.report(r)
     assert [P.category(n) for n in ("aten::addmm", "aten::_softmax", "aten::silu", "aten::copy_", "MmBackward0")] == [
         "matmul", "attention softmax", "elementwise and reductions", "copies and layout", "other"]

@@ -350,6 +350,25 @@ def test_node_failure_fail_fails_a_restart_the_stage_did_not_ask_for(tmp_path):
     assert proc.returncode == 1
 
 
+def test_the_node_failure_line_appends_to_the_logs_of_the_earlier_run(tmp_path):
+    """Slurm appends a restart's output to the earlier run's logs (--open-mode=append): the line must not truncate
+    them (``tee /dev/stderr`` reopens the .err file and did)."""
+    import subprocess
+
+    script = tmp_path / "job.sh"
+    script.write_text(SlurmExecutor().render(_spec(results_dir=str(tmp_path), launcher_scripts_path=str(tmp_path))))
+    fake_command(tmp_path / "bin", "scontrol", "echo node1\n")
+    out, err = tmp_path / "job.out", tmp_path / "job.err"
+    out.write_text("first run out\n"), err.write_text("first run err\n")
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", SLURM_JOB_ID="41",
+               SLURM_JOB_NODELIST="node1", SLURM_RESTART_COUNT="1")
+    with out.open("a") as o, err.open("a") as e:
+        assert subprocess.run(["bash", str(script)], env=env, stdout=o, stderr=e, timeout=30).returncode == 1
+    assert err.read_text().startswith("first run err\npromptlaunch: job 41 was restarted by Slurm")
+    assert out.read_text().startswith("first run out\npromptlaunch: job 41 starts (restart 1) on node1\n"
+                                      "promptlaunch: job 41 was restarted by Slurm")
+
+
 def test_node_failure_requeue_resumes_on_any_restart(tmp_path):
     proc, results = _run_script(tmp_path, SlurmExecutor({"node_failure": "requeue"}), restart=1)
     assert proc.returncode == 0 and _calls(tmp_path) == ["srun"], proc.stderr

@@ -26,7 +26,8 @@ echo "promptlaunch: job $SLURM_JOB_ID starts (restart ${SLURM_RESTART_COUNT:-0})
 # cluster.node_failure=fail: Slurm restarts a --requeue job whose node failed; a restart this script did not ask for (no marker) fails here, and Slurm cancels the dependants.
 asked=/mount/results/data_preparation/.requeue-asked-"$SLURM_JOB_ID"
 if (( ${SLURM_RESTART_COUNT:-0} > 0 )) && ! rm "$asked" 2>/dev/null; then
-    echo "promptlaunch: job $SLURM_JOB_ID was restarted by Slurm, not by the stage: a node of its previous run failed (or an administrator requeued it); cluster.node_failure=fail, so it fails now and Slurm cancels its dependants. Rerun the same command once the nodes are back: the stage resumes from its last checkpoint (cluster.node_failure=requeue restarts on the nodes left instead)" | tee /dev/stderr
+    why="promptlaunch: job $SLURM_JOB_ID was restarted by Slurm, not by the stage: a node of its previous run failed (or an administrator requeued it); cluster.node_failure=fail, so it fails now and Slurm cancels its dependants. Rerun the same command once the nodes are back: prompt_learning resumes from its last checkpoint (cluster.node_failure=requeue restarts on the nodes left instead)"
+    echo "$why"; echo "$why" >&2
     exit 1
 fi
 srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=1 python3 -u /opt/promptlaunch/stages/data_preparation/run.py --config /mount/results/data_preparation/download_squad_hydra-<digest>.yaml

@@ -28,7 +28,8 @@ echo "promptlaunch: job $SLURM_JOB_ID starts (restart ${SLURM_RESTART_COUNT:-0})
 # cluster.node_failure=fail: Slurm restarts a --requeue job whose node failed; a restart this script did not ask for (no marker) fails here, and Slurm cancels the dependants.
 asked=/mount/results/gpt3_5b/prompt_learning_squad/.requeue-asked-"$SLURM_JOB_ID"
 if (( ${SLURM_RESTART_COUNT:-0} > 0 )) && ! rm "$asked" 2>/dev/null; then
-    echo "promptlaunch: job $SLURM_JOB_ID was restarted by Slurm, not by the stage: a node of its previous run failed (or an administrator requeued it); cluster.node_failure=fail, so it fails now and Slurm cancels its dependants. Rerun the same command once the nodes are back: the stage resumes from its last checkpoint (cluster.node_failure=requeue restarts on the nodes left instead)" | tee /dev/stderr
+    why="promptlaunch: job $SLURM_JOB_ID was restarted by Slurm, not by the stage: a node of its previous run failed (or an administrator requeued it); cluster.node_failure=fail, so it fails now and Slurm cancels its dependants. Rerun the same command once the nodes are back: prompt_learning resumes from its last checkpoint (cluster.node_failure=requeue restarts on the nodes left instead)"
+    echo "$why"; echo "$why" >&2
     exit 1
 fi
 # Preemption: Slurm sends SIGUSR1 to every srun task 120 s before the time limit (also: scancel --signal=USR1 <job id>). The stage saves a checkpoint at its next step boundary, creates $PROMPTLAUNCH_REQUEUE_FILE and exits; this script then requeues the job, which resumes from the checkpoint (exp_manager.resume_if_exists).
