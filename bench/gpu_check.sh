@@ -78,7 +78,8 @@ if [ "$DRY" = 1 ]; then
   PIPELINE=(data_preparation.source=local "data_preparation.local_dir=$ROOT/tests/fixtures/squad_tiny"
             data_preparation.sha256.train=null data_preparation.sha256.dev=null
             data_preparation.expected_counts.train=null data_preparation.expected_counts.dev=null
-            "prompt_learning.model.language_model_path=$MODEL" prompt_learning.trainer.precision=32
+            "prompt_learning.model.language_model_path=$MODEL" prompt_learning.run.model_train_name=llama_tiny_random
+            prompt_learning.trainer.precision=32
             evaluation.trainer.precision=32 prompt_learning.model.global_batch_size=2 prompt_learning.model.micro_batch_size=2
             prompt_learning.trainer.max_steps=2 prompt_learning.trainer.val_check_interval=2
             evaluation.data.offset=0 evaluation.data.max_examples=5)

@@ -97,6 +97,7 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path: Path) -> None:
     assert results["train_bench"]["agreement_ok"] and results["train_bench"]["device"] == "cpu"
     assert results["eval_bench"]["identical"] and results["eval_bench"]["precision"] == "32"
     assert results["pipeline"]["total"] == 5 and results["pipeline"]["f1"] is not None
+    assert "/llama_tiny_random/evaluation_squad/" in results["pipeline"]["metrics_json"]
     assert doc["machine"]["device"] == "cpu" and doc["machine"]["cpu_count"] >= 1
     assert "--device cpu" in next(s["command"] for s in doc["steps"] if s["name"] == "train_bench")
     assert "prompt_learning.trainer.accelerator=cpu" in next(s["command"] for s in doc["steps"] if s["name"] == "pipeline")
