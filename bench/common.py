@@ -43,6 +43,7 @@ class Setup:
     model_path: str
     init_text: str | None
     lr: float
+    device: str = "cpu"            # where the model, the prompt tables and the batches live (--device)
 
 
 def default_task(config: str | os.PathLike[str] = DEFAULT_CONFIG) -> tuple[list[dict[str, Any]], str | None, float]:
@@ -55,11 +56,15 @@ def default_task(config: str | os.PathLike[str] = DEFAULT_CONFIG) -> tuple[list[
     return m["task_templates"], texts[0], float(m["optim"]["lr"])
 
 
-def arg_parser(description: str, *, name: str, batches: int) -> argparse.ArgumentParser:
-    """The flags every model bench takes (model, data, batches, prompt table, threads, output); each adds its own."""
+def arg_parser(description: str, *, name: str, batches: int, device: bool = False) -> argparse.ArgumentParser:
+    """The flags every model bench takes (model, data, batches, prompt table, threads, output); each adds its own.
+    ``device``: the bench also takes ``--device`` (it puts its batches and tables on the model's device)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--attn", default="eager", help="attention implementation (the CPU config uses eager)")
+    if device:
+        ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the model, prompt tables and batches live (cuda: the first visible GPU)")
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     ap.add_argument("--batches", type=int, default=batches, help="distinct batches per pass")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -76,7 +81,7 @@ def arg_parser(description: str, *, name: str, batches: int) -> argparse.Argumen
 
 
 def setup_from_args(args: argparse.Namespace) -> Setup:
-    """Apply --host-memory and --threads, then ``load_setup`` with --model and --attn."""
+    """Apply --host-memory and --threads, then ``load_setup`` with --model, --attn and --device."""
     from stages.engine.host_memory import reuse_host_memory
 
     reuse_host_memory(args.host_memory == "reuse", "--host-memory")
@@ -84,13 +89,30 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         import torch
 
         torch.set_num_threads(args.threads)
-    return load_setup(args.model, args.attn)
+    return load_setup(args.model, args.attn, device=getattr(args, "device", "cpu"))
+
+
+def accelerator(device: str) -> str:
+    """The stages' ``trainer.accelerator`` spelling of a bench ``--device`` (what stages/common/precision.py takes)."""
+    return "gpu" if device == "cuda" else "cpu"
+
+
+def check_device(device: str) -> None:
+    """``--device cuda`` needs a CUDA device: one line saying why not (bench/gpu_env.py's rule), not a traceback."""
+    if device == "cuda":
+        import torch
+
+        from gpu_env import why_no_cuda
+
+        why = why_no_cuda(torch)
+        if why:
+            raise SystemExit(f"--device cuda: {why}")
 
 
 def load_setup(model_path: str = DEFAULT_MODEL, attn: str | None = "eager", config: str | os.PathLike[str] = DEFAULT_CONFIG,
-               templates: list[dict[str, Any]] | None = None) -> Setup:
+               templates: list[dict[str, Any]] | None = None, device: str = "cpu") -> Setup:
     """Load the base model exactly as the prompt_learning stage does (resolve -> fp32, frozen, attention
-    implementation of the CPU config) and the first task template of ``config`` (or ``templates``)."""
+    implementation of the CPU config) onto ``device``, and the first task template of ``config`` (or ``templates``)."""
     from stages.engine.template import parse_templates
     from stages.engine import examples as D
     from stages.engine.family import family_for
@@ -101,16 +123,23 @@ def load_setup(model_path: str = DEFAULT_MODEL, attn: str | None = "eager", conf
     template = next(iter(parsed.values()))
     resolved = resolve(model_path, "--model")
     tokenizer = load_tokenizer(resolved.location, "--model")
-    model = load_model(resolved.location, attn_implementation=attn)
+    check_device(device)
+    model = load_model(resolved.location, attn_implementation=attn).to(device)
     family = family_for(model.config, tokenizer)
     if family.name != "gpt":
         raise SystemExit(f"--model {model_path}: the benches compare decoder-only prompt tuning with PEFT; got family {family.name}")
-    return Setup(model, tokenizer, D.TokenizerInfo(tokenizer), template, family, model_path, init_text, lr)
+    return Setup(model, tokenizer, D.TokenizerInfo(tokenizer), template, family, model_path, init_text, lr, device)
+
+
+def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    """A collated batch with its tensors on ``device`` (moved before timing, like the collation itself)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def prompt_table(setup: Setup, *, init: str = "text", seed: int = 1234, artifact: str | None = None) -> Any:
-    """The [virtual tokens, hidden] prompt table both sides start from: a trained one from a prompt artifact, or
-    the engine's own initialiser (``init``: text = the CPU config's init sentence, random = seeded Gaussian)."""
+    """The [virtual tokens, hidden] prompt table both sides start from, on the setup's device: a trained one from a
+    prompt artifact, or the engine's own initialiser (``init``: text = the CPU config's init sentence, random = seeded
+    Gaussian, drawn on CPU so a seed gives the same table on every device)."""
     from stages.engine.prompts import init_table
 
     n = setup.template.total_virtual_tokens
@@ -127,9 +156,9 @@ def prompt_table(setup: Setup, *, init: str = "text", seed: int = 1234, artifact
         if tuple(table.shape) != (n, setup.model.config.hidden_size):
             raise SystemExit(f"--artifact {artifact}: table shape {list(table.shape)} does not fit {n} virtual tokens x hidden "
                              f"{setup.model.config.hidden_size} of {setup.model_path}")
-        return table.float().clone()
+        return table.float().clone().to(setup.device)
     return init_table(init, n, setup.model.get_input_embeddings().weight, setup.tokenizer, seed=seed,
-                      task=setup.template.taskname, text=setup.init_text)
+                      task=setup.template.taskname, text=setup.init_text).to(setup.device)
 
 
 def prompt_store(setup: Setup, table: Any, *, trainable: bool) -> Any:

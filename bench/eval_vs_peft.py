@@ -2,7 +2,9 @@
 """Evaluation throughput: our greedy answer generation against PEFT's ``generate``, with identical answers.
 
 Same process, same frozen model object, same prompt table, same real SQuAD dev questions in the same left-padded
-batches (whole paragraphs, about five questions per context), greedy, same max new tokens, same stop rule:
+batches (whole paragraphs, about five questions per context), greedy, same max new tokens, same stop rule; on CPU or
+the GPU (--device), fp32 or, with --precision, the frozen model in bf16 for every side (as the evaluation stage's
+bf16-true: the prompt table stays fp32):
 
   peft          PeftModelForCausalLM.generate(input_ids, attention_mask, greedy GenerationConfig, a stopping
                 criterion implementing the evaluation stage's stop rule); the prompt ids are the engine's own
@@ -92,8 +94,8 @@ def peft_generate(setup: C.Setup, peft: Any, pm: Any, records: Sequence[dict[str
     prompts = [C.without_virtual(*setup.family.build_prompt(tpl, r, info, where=f"records[{i}]", max_len=budget))[0]
                for i, r in enumerate(records)]
     n = max(len(p) for p in prompts)
-    ids = torch.tensor([[info.pad_id] * (n - len(p)) + p for p in prompts], dtype=torch.long)
-    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    ids = torch.tensor([[info.pad_id] * (n - len(p)) + p for p in prompts], dtype=torch.long, device=setup.device)
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=setup.device)
     gc = GenerationConfig(max_new_tokens=tokens_to_generate, do_sample=False, num_beams=1,
                           eos_token_id=info.eos_id, pad_token_id=info.pad_id)
     crit = RowStop(pm.stop_check(tuple(stop)), n, info.eos_id)
@@ -228,7 +230,10 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = C.arg_parser(__doc__.splitlines()[0], name="eval_vs_peft", batches=3)
+    ap = C.arg_parser(__doc__.splitlines()[0], name="eval_vs_peft", batches=3, device=True)
+    ap.add_argument("--precision", default="32", choices=["32", "auto", "bf16-true"],
+                    help="the frozen model's precision for every side (auto and bf16-true decided and refused as in the "
+                         "stages: stages/common/precision.py)")
     ap.add_argument("--tokens-to-generate", type=int, default=32)
     ap.add_argument("--max-prompt-tokens", type=int, default=512, help="paragraphs with a longer prompt are skipped")
     ap.add_argument("--no-engine-batching", dest="engine_batching", action="store_false",
@@ -244,7 +249,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="add a row: PEFT one question at a time (its exact answers, without left padding)")
     args = ap.parse_args(argv)
     default_k, default_budget = default_lookup()
+    C.check_device(args.device)
+    from stages.common import precision
+    from stages.common.errors import UserError
+
+    try:
+        chosen = precision.resolve(args.precision, C.accelerator(args.device), "--precision")
+    except UserError as exc:   # bf16-true where the device would emulate it: one line with the measured rates
+        raise SystemExit(str(exc)) from None
+    print(precision.explain(args.precision, chosen, C.accelerator(args.device)))
     setup = C.setup_from_args(args)
+    if chosen == "bf16-true":   # as PromptedModel.load: the model in bf16, the prompt table stays fp32
+        import torch
+
+        setup.model.to(torch.bfloat16)
     fam, tpl, info = setup.family, setup.template, setup.info
     fits = lambda r: len(fam.build_prompt(tpl, r, info, where="")[0]) <= args.max_prompt_tokens  # noqa: E731
     batches = C.paragraph_batches(C.squad_records("dev", args.data_dir), n_batches=args.batches,
@@ -255,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                  lookup=default_k if args.prompt_lookup_num_tokens is None else args.prompt_lookup_num_tokens,
                  pass_budget=default_budget if args.prompt_lookup_pass_budget is None else (args.prompt_lookup_pass_budget or None))
     result["prompt_table"] = args.artifact or f"init={args.init} seed={args.seed}"
+    result["precision"] = chosen
     print(report(result))
-    M.write_result(args.out, {"bench": "eval_vs_peft", **result})
+    M.write_result(args.out, {"bench": "eval_vs_peft", **result}, device=args.device)
     print(f"written: {args.out}")
     return 0 if result["identical"] else 1
 

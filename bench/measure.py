@@ -15,9 +15,28 @@ from typing import Any, Callable, Iterable, Sequence
 CPU_MATMUL_FLAGS = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8"}
 
 
-def machine_info() -> dict[str, Any]:
-    """What a figure depends on: cores, threads, library versions, CPU model (read where it is cheap)."""
-    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+def cuda_info() -> dict[str, Any]:
+    """The CUDA side of the machine: torch's CUDA and NCCL versions and every visible GPU (name, compute capability,
+    memory). Empty without a CUDA device; the one place the benches and bench/gpu_check.sh describe a GPU."""
+    import torch
+
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return {}
+    nccl = None
+    if torch.distributed.is_available() and torch.distributed.is_nccl_available():
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        gpus.append({"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2 ** 30, 1)})
+    return {"torch_cuda": torch.version.cuda, "nccl": nccl, "gpus": gpus}
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """What a figure depends on: cores, threads, library versions, CPU model (read where it is cheap), the device the
+    model ran on and, on CUDA, the GPUs (:func:`cuda_info`)."""
+    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                            "device": device}
     try:
         info["affinity_cpus"] = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -49,6 +68,8 @@ def machine_info() -> dict[str, Any]:
         for mod in ("transformers", "peft"):
             if mod in sys.modules:
                 info[mod] = getattr(sys.modules[mod], "__version__", "?")
+        if device == "cuda":
+            info.update(cuda_info())
     return info
 
 
@@ -57,11 +78,12 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
-def write_result(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """Atomically write a bench result with the machine, the command and the time it was taken."""
+def write_result(path: str | os.PathLike[str], payload: dict[str, Any], device: str = "cpu") -> Path:
+    """Atomically write a bench result with the machine (``device``: where the model ran), the command and the time
+    it was taken."""
     from stages.common.io import write_json   # the repository root is on sys.path once a bench imported common
 
-    doc = {**payload, "machine": machine_info(), "command": command_line(),
+    doc = {**payload, "machine": machine_info(device), "command": command_line(),
            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(machine_line(doc["machine"]))
     return write_json(path, doc)
@@ -70,9 +92,10 @@ def write_result(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
 def machine_line(m: dict[str, Any]) -> str:
     """The machine a printed figure came from, in one line (the CPU model varies between sessions)."""
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "transformers", "peft") if k in m)
+    gpus = "".join(f"; GPU {g['name']} (capability {g['capability']})" for g in m.get("gpus", []))
     return (f"machine: {m.get('cpu_model', '?')}, {m.get('affinity_cpus', m.get('cpu_count'))} cores, "
             f"torch CPU capability {m.get('cpu_capability', '?')}, flags {' '.join(m.get('cpu_matmul_flags', [])) or '?'}; "
-            f"{versions}; load {m.get('loadavg_1min', float('nan')):.2f}")
+            f"{versions}; load {m.get('loadavg_1min', float('nan')):.2f}{gpus}")
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -186,26 +209,30 @@ def counted_flops(fn: Callable[[], Any]) -> float:
 
 
 def matmul_peak(shapes: Sequence[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.2,
-                dtype: Any = None) -> dict[str, Any]:
-    """Best ``torch.mm`` GFLOP/s (fp32 unless ``dtype``) over ``shapes`` (m, k, n), each timed ``repeats`` times (best
-    of), inner loops long enough to last ``min_seconds``: the practical peak of this machine for the model's own
-    matmul sizes."""
+                dtype: Any = None, device: str = "cpu") -> dict[str, Any]:
+    """Best ``torch.mm`` GFLOP/s (fp32 unless ``dtype``) on ``device`` over ``shapes`` (m, k, n), each timed ``repeats``
+    times (best of), inner loops long enough to last ``min_seconds``: the practical peak of this machine for the
+    model's own matmul sizes (on CUDA every timing waits for the GPU)."""
     import torch
 
     dtype = dtype or torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     per: dict[str, float] = {}
     for m, k, n in shapes:
-        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-        out = torch.empty(m, n, dtype=dtype)
+        a, b = torch.randn(m, k).to(device, dtype), torch.randn(k, n).to(device, dtype)
+        out = torch.empty(m, n, dtype=dtype, device=device)
         torch.mm(a, b, out=out)
+        sync()
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)
+        sync()
         inner = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(inner):
                 torch.mm(a, b, out=out)
+            sync()
             best = min(best, (time.perf_counter() - t0) / inner)
         per[f"{m}x{k}x{n}"] = 2.0 * m * k * n / best / 1e9
     key = max(per, key=per.get)

@@ -2,7 +2,8 @@
 """Training throughput of our prompt-tuning step against Hugging Face PEFT prompt tuning, and its efficiency.
 
 Same process, same frozen model object, same real SQuAD questions (batches of whole paragraphs, about five
-questions per context), same prompt table, same tokens and labels (answer only), fp32 on CPU:
+questions per context), same prompt table, same tokens and labels (answer only), fp32 on CPU (or on the GPU with
+--device cuda: model, tables, batches and the matmul peak there):
 
   peft          get_peft_model(model, PromptTuningConfig(CAUSAL_LM, same virtual tokens)); model(input_ids,
                 attention_mask, labels).loss; backward; AdamW on the prompt embedding
@@ -168,7 +169,9 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
 
     peft = C.peft_prompt_model(setup, table)
     peft_param = peft.prompt_encoder[peft.active_adapter].embedding.weight
-    sides["peft"] = Side("peft", [peft_batch(exs, info.pad_id) for exs in examples],
+    dev = setup.device
+    plain = [C.to_device(b, dev) for b in plain]
+    sides["peft"] = Side("peft", [C.to_device(peft_batch(exs, info.pad_id), dev) for exs in examples],
                          lambda b: peft(**b).loss, peft_param, setup.lr)
 
     sides["ours-plain"] = ours_side(setup, "ours-plain", plain, table)
@@ -177,11 +180,12 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
 
         check_compiler("ours-plain-compiled", fix="run the bench with --no-compile")
         sides["ours-plain-compiled"] = compiled_side(setup, "ours-plain-compiled", plain, table)
-    sides["ours-shared"] = ours_side(setup, "ours-shared", [collate_shared(exs, task_ids, info.pad_id) for exs in examples], table)
+    sides["ours-shared"] = ours_side(setup, "ours-shared", [C.to_device(collate_shared(exs, task_ids, info.pad_id), dev)
+                                                             for exs in examples], table)
     # the same questions, batches formed by the engine's sampler
     bucketed = bucketed_batches([e for exs in examples for e in exs], len(examples[0]))
     sides["ours-shared-bucketed"] = ours_side(setup, "ours-shared-bucketed",
-                                              [collate_shared(b, task_ids, info.pad_id) for b in bucketed], table)
+                                              [C.to_device(collate_shared(b, task_ids, info.pad_id), dev) for b in bucketed], table)
     if bf16:
         import copy
 
@@ -233,12 +237,12 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
             import torch
 
             def both_peaks() -> None:
-                peaks.append(M.matmul_peak(shapes, repeats=peak_repeats))
-                peaks16.append(M.matmul_peak(shapes, repeats=peak_repeats, dtype=torch.bfloat16))
+                peaks.append(M.matmul_peak(shapes, repeats=peak_repeats, device=dev))
+                peaks16.append(M.matmul_peak(shapes, repeats=peak_repeats, dtype=torch.bfloat16, device=dev))
 
             timed[PEAK] = both_peaks
         else:
-            timed[PEAK] = lambda: peaks.append(M.matmul_peak(shapes, repeats=peak_repeats))
+            timed[PEAK] = lambda: peaks.append(M.matmul_peak(shapes, repeats=peak_repeats, device=dev))
     times = M.interleaved_timing(timed, repeats)
     times.pop(PEAK, None)
 
@@ -341,19 +345,20 @@ def train_batches(setup: C.Setup, args: Any) -> list[list[dict[str, Any]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = C.arg_parser(__doc__.splitlines()[0], name="train_vs_peft", batches=2)
+    ap = C.arg_parser(__doc__.splitlines()[0], name="train_vs_peft", batches=2, device=True)
     ap.add_argument("--warmup", type=int, default=1, help="untimed passes per side over all batches before timing (>= 1; the first step counts FLOPs)")
     ap.add_argument("--max-seq-length", type=int, default=384, help="paragraphs with a longer question are skipped")
     ap.add_argument("--tol", type=float, default=1e-4, help="relative loss agreement required")
     ap.add_argument("--no-compile", action="store_true", help="leave out the ours-plain-compiled side (needs a C++ compiler)")
     ap.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
-                    help="add the bf16-true sides (auto: where this CPU computes bf16 natively, stages/common/precision.py)")
+                    help="add the bf16-true sides (auto: where the device computes bf16 natively, stages/common/precision.py)")
     args = ap.parse_args(argv)
     import torch
 
     from stages.common.precision import bf16_support
 
-    support = bf16_support("cpu")
+    C.check_device(args.device)
+    support = bf16_support(C.accelerator(args.device))
     print(f"bf16: {support.describe()}")
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and support.native)
 
@@ -364,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(setup, batches, table, repeats=args.repeats, warmup=max(1, args.warmup),
                  max_seq_length=args.max_seq_length, tol=args.tol, compile_plain=not args.no_compile, bf16=bf16)
     print(report(result))
-    M.write_result(args.out, {"bench": "train_vs_peft", **result})
+    M.write_result(args.out, {"bench": "train_vs_peft", **result}, device=args.device)
     print(f"written: {args.out}")
     return 0 if result["agreement"]["ok"] else 1
 

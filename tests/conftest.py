@@ -8,7 +8,8 @@ import pytest
 MARKERS = {  # name -> description; append new markers here
     "slurm": "needs a running Slurm (bash .ci/slurm/start.sh && source /tmp/promptlaunch-slurm/env.sh); "
              "skipped when SLURM_CONF is unset or sinfo fails",
-    "slow": "loads the real SmolLM2-135M model (GGUF conversion on first use); a few minutes on CPU",
+    "slow": "loads the real SmolLM2-135M model (GGUF conversion on first use), or runs bench/gpu_check.sh --dry-run "
+            "end to end; a few minutes on CPU",
     "multinode": "needs the two-node Slurm of .ci/slurm/start-multinode.sh (then source /tmp/promptlaunch-slurm-mn/env.sh); "
                  "skipped with the reason when PROMPTLAUNCH_MULTINODE_SLURM_CONF is unset or its nodes are not up",
     "dist": "forks 2-8 gloo CPU processes (torch.distributed): TP/PP/DP prompt-learning equivalence; "

@@ -12,7 +12,8 @@ the ``conftest.py`` nearest to their users; everything else lives here, one modu
     evaluation.py        the evaluation stage with a fake PromptedModel
     data_preparation.py  the data_preparation stage on tests/fixtures/squad_tiny
     peft.py              the PEFT hand-off as a user runs it
-    dist.py              the multi-process (gloo) runner and the parallel-engine batches and reference
+    dist.py              the test device (PROMPTLAUNCH_TEST_DEVICE: gloo/CPU or NCCL/CUDA), the multi-process runner and the
+                         parallel-engine batches and reference
     cluster.py           job specs and scripts for the executor tests, fake commands, the fake bcprun
     fault_runner.py      a stage run with faults injected at exact points (run as a script)
     fake_bcprun/bcprun   the test double of NVIDIA's bcprun

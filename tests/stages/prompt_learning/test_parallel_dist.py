@@ -1,5 +1,8 @@
 """TP / PP (GPipe, 1F1B) / DP prompt learning on 2 gloo processes == one process on the full batch.
 
+Under ``PROMPTLAUNCH_TEST_DEVICE=cuda`` (tests/support/dist.py) the ranks run on NCCL, one GPU each, against the same
+CPU reference; with one GPU only the 1-process layout runs (NCCL and the sharded engine on CUDA), the others skip.
+
 One start of 2 processes (forked from the pytest process, which has already imported torch and
 transformers: ~10 s per process saved on a busy CPU) runs every layout in turn; the per-layout
 tests then compare its results with the single-process reference computed in the pytest process
@@ -13,9 +16,12 @@ import time
 import pytest
 import torch
 
-from tests.support.dist import GBS, LR, MBS, N_VIRTUAL, TOL, prompt_init, reference, run_distributed, step_batches
+from tests.support.dist import (GBS, LR, MBS, N_VIRTUAL, TOL, prompt_init, rank_device, reference, require_ranks,
+                                run_distributed, step_batches)
 from tests.support.tiny_models import tiny_llama
 
+# one process: the sharded engine with nothing to shard (its process group, device placement and reductions)
+LAYOUTS_1 = {"one_rank": dict()}
 LAYOUTS = {
     "tp2": dict(tensor_model_parallel_size=2),
     "pp2_gpipe": dict(pipeline_model_parallel_size=2, pipeline_schedule="gpipe"),
@@ -29,6 +35,7 @@ LAYOUTS_4 = {
     "pp2_dp2": dict(pipeline_model_parallel_size=2, pipeline_schedule="gpipe"),
 }
 LAYOUTS_8 = {"tp2_pp2_dp2": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, pipeline_schedule="1f1b")}
+GROUPS = ((1, LAYOUTS_1), (2, LAYOUTS), (4, LAYOUTS_4), (8, LAYOUTS_8))   # (processes, layouts run in one start)
 
 
 def _ref_eval(state_dict, table):
@@ -39,7 +46,7 @@ def _ref_eval(state_dict, table):
 
 
 def _worker(rank: int, world: int, state_dict, ref_table, layouts=LAYOUTS):
-    """Runs in each rank: every layout, N AdamW steps; with 2 ranks also eval, artifact round trip
+    """Runs in each rank: every layout, N AdamW steps; with 1 or 2 ranks also eval, artifact round trip
     and gradient accumulation."""
     from stages.prompt_learning.parallel import ShardedPromptModel, SoftPrompt, check_prompt_in_sync, make_layout
 
@@ -48,7 +55,8 @@ def _worker(rank: int, world: int, state_dict, ref_table, layouts=LAYOUTS):
     for name, sizes in layouts.items():
         t0 = time.perf_counter()
         layout = make_layout(world_size=world, global_batch_size=GBS, micro_batch_size=MBS, **sizes)
-        sharded = ShardedPromptModel(tiny_llama(state_dict), SoftPrompt(N_VIRTUAL, 64, prompt_init()), layout, device="cpu")
+        sharded = ShardedPromptModel(tiny_llama(state_dict), SoftPrompt(N_VIRTUAL, 64, prompt_init()), layout,
+                                     device=rank_device(rank))
         opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
         losses, grads = [], []
         for batch in train:
@@ -63,7 +71,7 @@ def _worker(rank: int, world: int, state_dict, ref_table, layouts=LAYOUTS):
         shard = {k: v[sharded.data_parallel_rank * rows : (sharded.data_parallel_rank + 1) * rows] for k, v in held_out.items()}
         artifact = sharded.prompt_state_dict()
         eval_loss = eval_ref_table = accum = None
-        if world == 2:  # the extra checks run on the 2-process layouts only (time budget)
+        if world <= 2:  # the extra checks run on the 1- and 2-process layouts only (time budget)
             eval_loss = sharded.eval_step(shard).item()
             # reverse direction: a table trained on 1 process, evaluated under this layout
             sharded.load_prompt_state_dict({"weight": ref_table})
@@ -78,6 +86,7 @@ def _worker(rank: int, world: int, state_dict, ref_table, layouts=LAYOUTS):
         out[name] = dict(
             losses=losses, grads=grads, artifact=artifact, eval_loss=eval_loss, eval_ref_table=eval_ref_table,
             sync=sync, accum=accum, frozen_grads=frozen_grads, seconds=time.perf_counter() - t0,
+            artifact_device=artifact["weight"].device.type, device=str(sharded.device),   # results reach us on CPU anyway
             dtensor=any(type(p).__name__ == "DTensor" for p in sharded.stage.parameters()),
         )
     return out
@@ -113,12 +122,13 @@ def _run(world: int, layouts: dict):
 
 @pytest.fixture(scope="module")
 def runs():
-    """name -> per-rank results, for the 2-process layouts and the composed 4/8-process ones
-    (the latter started lazily, only when their tests are selected)."""
+    """name -> per-rank results, for the 1- and 2-process layouts and the composed 4/8-process ones
+    (each group started lazily, only when its tests are selected and its processes can run)."""
     groups: dict = {}  # world size -> results or the exception of its run (not retried per test)
 
     def get(name: str):
-        world, layouts = next((w, lay) for w, lay in ((2, LAYOUTS), (4, LAYOUTS_4), (8, LAYOUTS_8)) if name in lay)
+        world, layouts = next((w, lay) for w, lay in GROUPS if name in lay)
+        require_ranks(world)
         if world not in groups:
             try:
                 groups[world] = _run(world, layouts)
@@ -133,7 +143,7 @@ def runs():
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", list(LAYOUTS) + list(LAYOUTS_4) + list(LAYOUTS_8))
+@pytest.mark.parametrize("name", [name for _, lay in GROUPS for name in lay])
 def test_layout_matches_single_process(runs, name):
     ref, per_rank, state_dict = runs(name)
     for rank, r in enumerate(per_rank):
@@ -145,14 +155,15 @@ def test_layout_matches_single_process(runs, name):
         assert r["sync"] == 0.0, f"{name}: rank {rank} prompt differs from rank 0 by {r['sync']}"
         assert r["frozen_grads"] == 0, f"{name}: frozen weights received gradients"
         assert r["accum"] is None or r["accum"] < 1e-7, f"{name}: accumulating two train_step calls is off by {r['accum']}"
-        assert type(r["artifact"]["weight"]) is torch.Tensor and r["artifact"]["weight"].device.type == "cpu"
+        assert type(r["artifact"]["weight"]) is torch.Tensor and r["artifact_device"] == "cpu"
+        assert r["device"] == str(rank_device(rank)), f"{name}: rank {rank} computed on {r['device']}"
     assert per_rank[0]["dtensor"] == name.startswith("tp2")
     # losses actually move (the comparison is not trivially between constants)
     assert ref["losses"][0] != ref["losses"][-1]
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(LAYOUTS_1) + list(LAYOUTS))
 def test_prompt_artifact_is_layout_independent(runs, name):
     """Trained under the layout -> evaluated on 1 process, and trained on 1 process -> evaluated
     under the layout: same held-out loss either way."""

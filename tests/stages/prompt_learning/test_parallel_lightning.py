@@ -1,7 +1,7 @@
 """The engine-facing recipe: ShardedPromptModel inside a LightningModule (manual optimisation,
 ``ModelParallelStrategy`` only for process-group setup and rank-0 checkpointing) on 2 gloo
 processes gives the single-process losses and prompt table, and a checkpoint holding only the
-plain prompt tensor."""
+plain prompt tensor. Under ``PROMPTLAUNCH_TEST_DEVICE=cuda``: NCCL, ``accelerator="gpu"``, 2 GPUs (skipped with fewer)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from tests.support.dist import GBS, LR, MBS, N_VIRTUAL, STEPS, TOL, make_batch, prompt_init, reference, run_distributed
+from tests.support.dist import (GBS, LR, MBS, N_VIRTUAL, STEPS, TOL, accelerator, make_batch, prompt_init, reference,
+                                needs_ranks, run_distributed)
 from tests.support.tiny_models import tiny_llama
 
 
@@ -67,7 +68,7 @@ def _lightning_worker(rank, world, state_dict, tmp):
         module = _module_class()(state_dict, sizes, rows)
         module.losses = []
         trainer = pl.Trainer(
-            accelerator="cpu", devices=world, max_steps=STEPS, use_distributed_sampler=False,
+            accelerator=accelerator(), devices=world, max_steps=STEPS, use_distributed_sampler=False,
             strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=False),
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             default_root_dir=tmp,
@@ -82,6 +83,7 @@ def _lightning_worker(rank, world, state_dict, tmp):
 
 
 @pytest.mark.dist
+@needs_ranks(2)
 def test_lightning_manual_optimisation_recipe(tmp_path):
     import pytorch_lightning  # noqa: F401 - imported before the fork
     import stages.prompt_learning.parallel.sharded_model  # noqa: F401

@@ -14,6 +14,9 @@ last global batch short and the 6 validation examples leave a short validation t
 
 ``test_main_py_runs_tensor_parallel_through_torchrun`` goes through ``python3 main.py ...`` (launcher -> local
 executor -> ``python -m torch.distributed.run --nproc_per_node=2``).
+
+Under ``PROMPTLAUNCH_TEST_DEVICE=cuda`` (tests/support/dist.py) every run, the reference included, uses
+``trainer.accelerator=gpu`` and NCCL; the 2-process tests need 2 GPUs and skip with fewer.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ pytest.importorskip("transformers")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+from tests.support.dist import TOL, accelerator, needs_ranks  # noqa: E402
+
 STEPS = 4
 SQUAD_T = {"taskname": "squad", "total_virtual_tokens": 4, "virtual_token_splits": [4], "truncate_field": "context",
            "prompt_template": "<|VIRTUAL_PROMPT_0|>Context: {context} Question: {question} Answer: {answer}",
@@ -96,7 +100,7 @@ def make_cfg(tmp: Path, model_dir: str, data: tuple[str, str], *, devices: int =
     results = tmp / "results"
     cfg = {
         "run": {"name": "tp_test", "results_dir": str(results)},
-        "trainer": {"accelerator": "cpu", "devices": devices, "num_nodes": 1, "precision": "32", "max_epochs": -1,
+        "trainer": {"accelerator": accelerator(), "devices": devices, "num_nodes": 1, "precision": "32", "max_epochs": -1,
                     "max_steps": max_steps, "log_every_n_steps": 1, "val_check_interval": 2, "limit_val_batches": 1.0,
                     "gradient_clip_val": 1.0, "accumulate_grad_batches": 1, "enable_progress_bar": False},
         "exp_manager": {"explicit_log_dir": str(results / "log"), "resume_if_exists": True,
@@ -184,6 +188,7 @@ def _worker(rank, world, jobs):
 
 
 @pytest.mark.dist
+@needs_ranks(2)
 def test_tp_pp_dp_stage_equals_single_process(tmp_path, tiny_llama, data):
     from stages.prompt_learning.train import train
     from tests.support.dist import run_distributed
@@ -243,6 +248,7 @@ def test_tp_pp_dp_stage_equals_single_process(tmp_path, tiny_llama, data):
 
 
 @pytest.mark.dist
+@needs_ranks(2)
 def test_p_tuning_tp2_equals_single_process(tmp_path, tiny_llama, data):
     """P-tuning (MLP encoder, dropout 0) under TP=2, two tasks (two encoders in one stacked table)."""
     from stages.prompt_learning.train import train
@@ -272,11 +278,12 @@ def _main_args(tmp_path: Path, model_dir: str, *extra: str) -> list[str]:
 
 
 @pytest.mark.dist
+@needs_ranks(2)
 def test_main_py_runs_tensor_parallel_through_torchrun(tmp_path, tiny_llama):
     from tests.support.launcher import run_main
 
     args = _main_args(tmp_path, tiny_llama, "prompt_learning.model.tensor_model_parallel_size=2",
-                      "prompt_learning.trainer.devices=2")
+                      "prompt_learning.trainer.devices=2", f"prompt_learning.trainer.accelerator={accelerator()}")
     t0 = time.monotonic()
     p = run_main(args, env={"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     took = time.monotonic() - t0
@@ -345,6 +352,7 @@ def test_embedded_smollm2_cannot_use_tp2(tmp_path):
 
 
 @pytest.mark.dist
+@needs_ranks(2)
 def test_t5_data_parallel_equals_single_process(tmp_path, data):
     """DP=2 is architecture-agnostic (the family's own loss, sums all-reduced): a tiny random T5 too."""
     from tests.support.tiny_models import build
