@@ -273,7 +273,8 @@ class PromptLearningRecipe:
             set_aside(self.log_dir, [Path(str(cfg.model.artifact_path))])
         self.log_dir.mkdir(parents=True, exist_ok=True)
         derived = {"train_examples": len(self.train_ex), "batching": batching_kind(self.share, self.bucket),
-                   "restored_prompts": self.restored_digest}
+                   "restored_prompts": self.restored_digest,
+                   "trainer.precision": self.precision}   # as resolved: `auto` decides per machine
         self.identity = run_identity(cfg, style=self.tasks.style, base_fingerprint=self.fingerprint["weights_sha256"],
                                      data_files={"model.data.train_ds": _files(d.get("train_ds")),
                                                  "model.data.validation_ds": self.val_files},

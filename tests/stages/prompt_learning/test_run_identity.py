@@ -122,3 +122,22 @@ def test_starting_over_sets_the_previous_outputs_aside(tmp_path, tiny):
     assert (old_log / "checkpoints" / "last.ckpt").is_file() and (old_log / "prompt_learning_summary.json").is_file()
     assert meta(cfg)["training"]["lr"] == 0.01                  # the new run's outputs, nothing of the old mixed in
     assert json.loads((Path(cfg.exp_manager.explicit_log_dir) / "loss_history.json").read_text())["train"][0][0] == 1
+
+
+def test_auto_precision_resolved_otherwise_on_resume_is_refused(tmp_path, tiny, monkeypatch):
+    """``trainer.precision=auto`` is decided on the machine that runs the job: a resume where it resolves to another
+    precision (bf16-true where the run began, 32 here) would silently continue in it, so the resolved precision is
+    part of the identity (faked capability: the same on every CI machine)."""
+    from stages.common import precision as P
+
+    cfg = make_cfg(tmp_path, tiny, max_steps=2)
+    cfg.trainer.precision = "auto"
+    monkeypatch.setattr(P, "bf16_support", lambda accelerator: P.Bf16Support("cpu", True, "faked", 100.0, 200.0))
+    train(cfg)
+    assert meta(cfg)["training"]["identity"]["prompt_learning.trainer.precision (derived)"] == "bf16-true"
+    monkeypatch.setattr(P, "bf16_support", lambda accelerator: P.Bf16Support("cpu", False, "faked", 100.0, 1.0))
+    cfg.trainer.max_steps = 4
+    with pytest.raises(UserError) as err:
+        train(cfg)
+    assert "other settings (prompt_learning.trainer.precision (derived))" in str(err.value)
+    assert str(err.value).endswith("prompt_learning.exp_manager.resume_ignore_changes=[trainer.precision]")
