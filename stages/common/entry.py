@@ -164,5 +164,8 @@ def run_stage(main: Callable[[DictConfig], None], argv: Sequence[str] | None = N
         if lost is None:
             raise
         print(f"error: {lost}", file=sys.stderr, flush=True)
-        return 1
+        sys.stdout.flush()
+        # no interpreter teardown: with its peer gone, gloo's threads abort the process at exit ("terminate called
+        # without an active exception", exit -6 instead of 1, seen in CI); nothing is left to save at this point
+        os._exit(1)
     return 0
