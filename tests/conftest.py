@@ -17,9 +17,28 @@ MARKERS = {  # name -> description; append new markers here
 }
 
 
+_SECONDS: dict[str, float] = {name: 0.0 for name in MARKERS}   # wall time of the tests of each marker
+_COUNT: dict[str, int] = {name: 0 for name in MARKERS}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
+    """Adds setup, call and teardown time (a session fixture's start-up counts in its first test) to each marker."""
+    for name in MARKERS:
+        if item.get_closest_marker(name):
+            _SECONDS[name] += call.duration
+            _COUNT[name] += call.when == "call"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line: how long each marker's tests took in this run (CI's log says what the cluster tests cost)."""
+    ran = [f"{name} {_COUNT[name]} tests {_SECONDS[name]:.0f} s" for name in MARKERS if _COUNT[name]]
+    if ran:
+        terminalreporter.write_line("time per marker: " + "; ".join(ran))
 
 
 @pytest.fixture(scope="session")
