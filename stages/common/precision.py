@@ -3,7 +3,7 @@
 Why measured and not assumed: bf16 is a different bargain on every machine. On a CPU with AMX or AVX512-BF16 a
 bf16 matmul runs 2.4x (AVX512-BF16) to 6x (AMX) faster than fp32; on an AVX2-only CPU torch emulates it, about
 two orders of magnitude slower. So the decision reads the capability torch reports for the device and measures
-both rates with a short probe (a few hundred milliseconds, once per process), and says both in the log line and
+both rates with a short probe (1-2 s in a fresh process, once per process), and says both in the log line and
 in any refusal. The decision is taken on the machine that runs the job (a Slurm node may not be the login node).
 
 What each value means here (the frozen model is never trained, so its weights need no fp32 master copy):
@@ -51,21 +51,37 @@ class Bf16Support:
         return f"{self.device}: bf16 {'native' if self.native else 'emulated'} ({self.reason}); {self.rates()}"
 
 
-def _probe(device: str, n: int = 512, reps: int = 3) -> tuple[float, float]:
-    """(fp32, bf16) GFLOP/s of an n x n x n matmul: small, so an emulated bf16 still costs well under a second."""
+def _probe(device: str, n: int = 512, rounds: int = 5, min_seconds: float = 0.03,
+           warmup_seconds: float = 0.15) -> tuple[float, float]:
+    """(fp32, bf16) GFLOP/s of an n x n x n matmul: after ``warmup_seconds`` of products per dtype, the best of
+    ``rounds`` timed loops per dtype, interleaved so a machine's drift hits both, each lasting ``min_seconds``.
+
+    Why loops and not a few calls: one 512^3 product takes ~1 ms at these rates, so three calls timed once measured
+    the timer and a fresh process's first products more than the matmul (a fresh-clone run saw bf16 at 0.5x fp32 on
+    an AMX machine and chose fp32; fresh processes also saw fp32 at 30-110 GFLOP/s against ~300 warm). Small, so an
+    emulated bf16 (~0.2 s a product) still costs about a second."""
     import torch
 
-    rates = []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    pairs = {}
     for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        (a @ b).sum().item()                            # warm-up (and kernel selection)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            c = a @ b
-        c.sum().item()                                  # waits for a GPU
-        rates.append(2 * n ** 3 * reps / max(time.perf_counter() - t0, 1e-9) / 1e9)
-    return rates[0], rates[1]
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+        calls, t0 = 0, time.perf_counter()
+        while calls < 2 or time.perf_counter() - t0 < warmup_seconds:   # thread pool, kernel selection, AMX setup
+            a @ b
+            sync()
+            calls += 1
+        one = max((time.perf_counter() - t0) / calls, 1e-9)
+        pairs[dtype] = (a, b, max(1, int(min_seconds / one)), float("inf"))
+    for _ in range(rounds):
+        for dtype, (a, b, inner, best) in pairs.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                a @ b
+            sync()
+            pairs[dtype] = (a, b, inner, min(best, (time.perf_counter() - t0) / inner))
+    fp32, bf16 = (2 * n ** 3 / pairs[d][3] / 1e9 for d in (torch.float32, torch.bfloat16))
+    return fp32, bf16
 
 
 def _capability(device: str) -> tuple[bool, str]:
