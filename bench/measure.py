@@ -208,6 +208,25 @@ def counted_flops(fn: Callable[[], Any]) -> float:
     return float(counter.get_total_flops())
 
 
+def best_seconds(fn: Callable[[], Any], repeats: int, min_seconds: float, sync: Callable[[], Any] = lambda: None) -> float:
+    """Seconds of one ``fn()``: best of ``repeats`` loops, each of enough calls to last ``min_seconds`` (the count from
+    one call after a warm-up call); ``sync`` waits for a GPU."""
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    inner = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
 def matmul_peak(shapes: Sequence[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.2,
                 dtype: Any = None, device: str = "cpu") -> dict[str, Any]:
     """Best ``torch.mm`` GFLOP/s (fp32 unless ``dtype``) on ``device`` over ``shapes`` (m, k, n), each timed ``repeats``
@@ -221,19 +240,7 @@ def matmul_peak(shapes: Sequence[tuple[int, int, int]], repeats: int = 5, min_se
     for m, k, n in shapes:
         a, b = torch.randn(m, k).to(device, dtype), torch.randn(k, n).to(device, dtype)
         out = torch.empty(m, n, dtype=dtype, device=device)
-        torch.mm(a, b, out=out)
-        sync()
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        sync()
-        inner = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                torch.mm(a, b, out=out)
-            sync()
-            best = min(best, (time.perf_counter() - t0) / inner)
+        best = best_seconds(lambda: torch.mm(a, b, out=out), repeats, min_seconds, sync)
         per[f"{m}x{k}x{n}"] = 2.0 * m * k * n / best / 1e9
     key = max(per, key=per.get)
     return {"peak_gflops": per[key], "peak_shape": key, "per_shape_gflops": per, "repeats": repeats}

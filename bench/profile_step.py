@@ -114,16 +114,7 @@ def replay(calls: list[tuple[str, list[list[int]], int]], dtype: Any, min_second
     for _, (sa, sb), count in calls:
         a, b = torch.randn(*sa).to(dtype), torch.randn(*sb).to(dtype)
         fn = torch.bmm if len(sa) == 3 else torch.mm
-        fn(a, b)
-        t0 = time.perf_counter()
-        fn(a, b)
-        inner = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn(a, b)
-            best = min(best, (time.perf_counter() - t0) / inner)
+        best = M.best_seconds(lambda: fn(a, b), repeats=3, min_seconds=min_seconds)
         kind = out["attention" if len(sa) == 3 else "linear"]
         batch = sa[0] if len(sa) == 3 else 1
         kind["seconds"] += best * count
@@ -141,6 +132,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     from torch.profiler import ProfilerActivity, profile
 
     import train_vs_peft as T
+    from stages.engine.examples import IGNORE
 
     model, dtype = setup.model, torch.float32
     if precision == "bf16-true":
@@ -150,7 +142,7 @@ def run(setup: C.Setup, batch_records: list[list[dict[str, Any]]], table: Any, *
     plain = [setup.family.collate(exs, task_ids, setup.info.pad_id) for exs in examples]
     side = T.ours_side(setup, "ours-plain", plain, table, model=model)
     cfg = setup.model.config
-    flops = sum(M.batch_flops(cfg, b, int((b["labels"][:, 1:] != -100).sum())) for b in plain)
+    flops = sum(M.batch_flops(cfg, b, int((b["labels"][:, 1:] != IGNORE).sum())) for b in plain)
 
     side.train_pass()                                          # warm-up: every batch shape once
     h, ffn = cfg.hidden_size, cfg.intermediate_size
